@@ -1,0 +1,105 @@
+"""Shared set-up for ``tools/train.py`` and ``tools/test.py``.
+
+Both tools accept any OpenMMLab 2.x config (mmpretrain, mmdet, mmseg, kiv).
+The config's ``default_scope`` picks the toolbox; :mod:`kiv` is always
+imported so ``type='kiv.<Name>'`` resolves from every scope.
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+import sys
+from typing import NoReturn
+
+import torch
+from mmengine.config import Config, DictAction
+
+__all__ = [
+    'DictAction', 'die', 'load_config', 'require_file', 'setup_work_dir',
+    'setup_cpu_distributed', 'config_scope'
+]
+
+
+def die(message: str, code: int = 2) -> NoReturn:
+    """Print one line to stderr and exit non-zero."""
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(code)
+
+
+def require_file(path: str, what: str) -> str:
+    """Return ``path`` if it is an existing file (or a URL), else exit.
+
+    Args:
+        path (str): the path given on the command line.
+        what (str): what the file is, for the error message.
+    """
+    if '://' in path or osp.isfile(osp.expanduser(path)):
+        return path
+    die(f'{what} not found: {path}')
+
+
+def load_config(path: str, cfg_options: dict | None = None) -> Config:
+    """Load an OpenMMLab config file and merge ``--cfg-options``.
+
+    Args:
+        path (str): config file (``.py``).
+        cfg_options (dict, optional): overrides from ``--cfg-options``.
+
+    Returns:
+        Config: the merged config.
+    """
+    require_file(path, 'config file')
+    try:
+        cfg = Config.fromfile(path)
+    except (FileNotFoundError, ImportError, SyntaxError, KeyError) as err:
+        die(f'cannot load config {path}: {type(err).__name__}: {err}')
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def config_scope(cfg: Config) -> str:
+    """The toolbox scope a config runs in (``default_scope``, else mmengine).
+    """
+    return cfg.get('default_scope', None) or 'mmengine'
+
+
+def setup_work_dir(cfg: Config, config_path: str,
+                   work_dir: str | None) -> None:
+    """Set ``cfg.work_dir``: CLI > config > ``./work_dirs/<config name>``."""
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(config_path))[0])
+
+
+def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
+    """Make ``--launcher pytorch`` work on machines without a GPU.
+
+    mmengine's ``init_dist`` calls ``torch.cuda.set_device`` and its Runner
+    wraps models with ``device_ids=[LOCAL_RANK]``; both fail on CPU. When
+    there is no GPU we initialise the gloo process group from the variables
+    torchrun sets (the Runner then skips its own initialisation) and use
+    :class:`~kiv.engine.model_wrappers.CPUDistributedDataParallel`. On GPU
+    machines nothing changes.
+
+    Args:
+        cfg (Config): the run's config, modified in place.
+        launcher (str): ``none``, ``pytorch`` or ``slurm``.
+    """
+    if launcher == 'none' or torch.cuda.is_available():
+        return
+    import torch.distributed as dist
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = \
+        'gloo'
+    if cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(type='kiv.CPUDistributedDataParallel')
+    if not dist.is_initialized():
+        if launcher == 'slurm':
+            die('--launcher slurm needs GPUs; use --launcher pytorch '
+                '(torchrun) for CPU runs')
+        dist.init_process_group(
+            backend='gloo',
+            rank=int(os.environ['RANK']),
+            world_size=int(os.environ['WORLD_SIZE']))

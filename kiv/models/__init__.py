@@ -1,0 +1,4 @@
+"""kiv models: teachers, the adapter backbone, the latent space, losses and
+the distiller. Importing this package registers them all in ``kiv.MODELS``.
+"""
+from . import backbones, distillers, losses, necks, teachers  # noqa: F401

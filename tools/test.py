@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Test (evaluate) a checkpoint with any OpenMMLab 2.x config.
+
+Prints the metrics, then one summary table (task, dataset, metric, value,
+checkpoint). Examples::
+
+    python tools/test.py <mmdet config> <ckpt> --out preds.pkl
+    python tools/test.py <mmseg config> <ckpt> --show-dir vis/
+    bash tools/dist_test.sh <config> <ckpt> 8
+"""
+import argparse
+import os
+
+import kiv  # noqa: F401  (registers kiv.*, safe checkpoint loading)
+from kiv.engine.launch import (DictAction, config_scope, die, load_config,
+                               require_file, setup_cpu_distributed,
+                               setup_work_dir)
+from kiv.engine.summary import format_summary_table
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Test a checkpoint with an OpenMMLab config')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='directory for the test logs')
+    parser.add_argument('--out', help='dump raw predictions to this pickle')
+    parser.add_argument('--show-dir',
+                        help='save visualised predictions in this directory '
+                        '(relative to the run\'s log dir for mmdet/mmseg)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config settings, key=value (xxx=yyy format)')
+    parser.add_argument('--launcher', default='none',
+                        choices=['none', 'pytorch', 'slurm'],
+                        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def enable_visualization(cfg, scope: str, show_dir: str) -> None:
+    """Turn on the toolbox's visualisation hook and direct it to show_dir.
+    """
+    hooks = cfg.get('default_hooks', {})
+    if 'visualization' not in hooks:
+        die('--show-dir needs default_hooks.visualization in the config '
+            f'(scope {scope!r})')
+    hook = hooks['visualization']
+    if scope == 'mmpretrain':
+        hook['enable'] = True
+        hook['out_dir'] = show_dir
+    elif scope == 'mmdet':
+        hook['draw'] = True
+        hook['test_out_dir'] = show_dir
+    else:  # mmseg and others: the visualizer's save_dir
+        hook['draw'] = True
+        cfg.visualizer['save_dir'] = show_dir
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.launcher = args.launcher
+    setup_work_dir(cfg, args.config, args.work_dir)
+    cfg.load_from = require_file(args.checkpoint, 'checkpoint')
+    scope = config_scope(cfg)
+    if args.show_dir:
+        enable_visualization(cfg, scope, args.show_dir)
+    if args.out and not args.out.endswith(('.pkl', '.pickle')):
+        die(f'--out must end with .pkl or .pickle: {args.out}')
+    setup_cpu_distributed(cfg, args.launcher)
+
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
+        else RUNNERS.build(cfg)
+    if args.out:
+        if scope == 'mmdet':
+            from mmdet.evaluation import DumpDetResults as Dump
+        else:
+            from mmengine.evaluator import DumpResults as Dump
+        runner.test_evaluator.metrics.append(Dump(out_file_path=args.out))
+    metrics = runner.test()
+    if runner.rank == 0:
+        dataset = cfg.test_dataloader.dataset
+        print(format_summary_table(scope, dataset.get('type', '?'), metrics,
+                                   args.checkpoint))
+
+
+if __name__ == '__main__':
+    main()

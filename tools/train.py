@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Train with any OpenMMLab 2.x config: mmpretrain, mmdet, mmseg or kiv.
+
+Examples::
+
+    python tools/train.py configs/distill/<config>.py --work-dir work_dirs/x
+    python tools/train.py <config> --resume              # latest in work_dir
+    python tools/train.py <config> --resume work_dirs/x/iter_2.pth
+    bash tools/dist_train.sh <config> 8                  # torchrun, 8 GPUs
+"""
+import argparse
+import os
+import os.path as osp
+
+import kiv  # noqa: F401  (registers kiv.*, safe checkpoint loading)
+from kiv.engine.launch import (DictAction, load_config, require_file,
+                               setup_cpu_distributed, setup_work_dir)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Train a model from an OpenMMLab config')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='directory for logs and models')
+    parser.add_argument('--amp', action='store_true',
+                        help='automatic mixed precision (AmpOptimWrapper)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the lr by the real total batch size')
+    parser.add_argument(
+        '--resume', nargs='?', type=str, const='auto',
+        help='resume from CKPT, or without a value from the latest '
+        'checkpoint in the work dir')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config settings, key=value (xxx=yyy format)')
+    parser.add_argument('--launcher', default='none',
+                        choices=['none', 'pytorch', 'slurm'],
+                        help='job launcher')
+    # torch.distributed.launch passes --local-rank
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.launcher = args.launcher
+    setup_work_dir(cfg, args.config, args.work_dir)
+
+    if args.amp:
+        optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+        if optim_wrapper != 'AmpOptimWrapper':
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if args.auto_scale_lr:
+        if 'auto_scale_lr' not in cfg or 'base_batch_size' not in \
+                cfg.auto_scale_lr:
+            raise SystemExit('error: --auto-scale-lr needs '
+                             'auto_scale_lr.base_batch_size in the config')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = require_file(args.resume, 'resume checkpoint')
+    elif cfg.get('load_from'):
+        require_file(cfg.load_from, 'load_from checkpoint')
+
+    setup_cpu_distributed(cfg, args.launcher)
+
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
