@@ -10,12 +10,21 @@ checkpoint). Examples::
 """
 import argparse
 import os
+import warnings
 
-import kiv  # noqa: F401  (registers kiv.*, safe checkpoint loading)
-from kiv.engine.launch import (DictAction, config_scope, die, load_config,
-                               require_file, setup_cpu_distributed,
-                               setup_work_dir)
-from kiv.engine.summary import format_summary_table
+# mmengine 0.10 and mmcv import pkg_resources, which warns on every start.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+
+import kiv  # noqa: F401,E402  (registers kiv.*, safe checkpoint loading)
+from kiv.engine.launch import (  # noqa: E402
+    DictAction,
+    config_scope,
+    die,
+    load_config,
+    require_file,
+    setup_cpu_distributed,
+    setup_work_dir)
+from kiv.engine.summary import format_summary_table  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,14 +50,25 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+#: each toolbox's visualisation hook, used when a config has none
+VIS_HOOKS = {
+    'mmpretrain': 'VisualizationHook',
+    'mmdet': 'DetVisualizationHook',
+    'mmseg': 'SegVisualizationHook',
+}
+
+
 def enable_visualization(cfg, scope: str, show_dir: str) -> None:
     """Turn on the toolbox's visualisation hook and direct it to show_dir.
     """
-    hooks = cfg.get('default_hooks', {})
+    hooks = cfg.setdefault('default_hooks', {})
     if 'visualization' not in hooks:
-        die('--show-dir needs default_hooks.visualization in the config '
-            f'(scope {scope!r})')
+        if scope not in VIS_HOOKS:
+            die(f'--show-dir: config scope {scope!r} has no visualization '
+                'hook; add default_hooks.visualization to the config')
+        hooks['visualization'] = dict(type=VIS_HOOKS[scope])
     hook = hooks['visualization']
+    hook['interval'] = 1  # every test image, like the toolboxes' own tools
     if scope == 'mmpretrain':
         hook['enable'] = True
         hook['out_dir'] = show_dir

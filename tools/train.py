@@ -10,11 +10,19 @@ Examples::
 """
 import argparse
 import os
-import os.path as osp
+import warnings
 
-import kiv  # noqa: F401  (registers kiv.*, safe checkpoint loading)
-from kiv.engine.launch import (DictAction, load_config, require_file,
-                               setup_cpu_distributed, setup_work_dir)
+# mmengine 0.10 and mmcv import pkg_resources, which warns on every start.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+
+import kiv  # noqa: F401,E402  (registers kiv.*, safe checkpoint loading)
+from kiv.engine.launch import (  # noqa: E402
+    DictAction,
+    add_safe_checkpoint_hook,
+    load_config,
+    require_file,
+    setup_cpu_distributed,
+    setup_work_dir)
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,6 +78,7 @@ def main() -> None:
     elif cfg.get('load_from'):
         require_file(cfg.load_from, 'load_from checkpoint')
 
+    add_safe_checkpoint_hook(cfg)
     setup_cpu_distributed(cfg, args.launcher)
 
     from mmengine.registry import RUNNERS

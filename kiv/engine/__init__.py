@@ -1,8 +1,9 @@
-from .checkpoint import (RUNNER_CHECKPOINT_GLOBALS, UnsafeCheckpointError,
-                         safe_torch_load)
+from .checkpoint import SAFE_GLOBALS, UnsafeCheckpointError, safe_torch_load
+from .checkpoint_hook import SafeCheckpointHook
+from . import hooks  # noqa: F401  registers kiv.BadImageReportHook
 from .model_wrappers import CPUDistributedDataParallel
 
 __all__ = [
-    'RUNNER_CHECKPOINT_GLOBALS', 'UnsafeCheckpointError', 'safe_torch_load',
-    'CPUDistributedDataParallel'
+    'SAFE_GLOBALS', 'UnsafeCheckpointError', 'safe_torch_load',
+    'SafeCheckpointHook', 'CPUDistributedDataParallel'
 ]

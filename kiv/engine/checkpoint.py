@@ -13,16 +13,15 @@ code.
 Plain weights (``load_from``, ``init_cfg=dict(type='Pretrained')``, teacher
 checkpoints, exported students) are state dicts and need nothing more. The
 checkpoints mmengine's ``Runner`` writes for ``--resume`` also contain the
-``MessageHub`` state: :class:`~mmengine.logging.HistoryBuffer` objects whose
-data are NumPy arrays and scalars. We allowlist exactly those data-only types
-(:data:`RUNNER_CHECKPOINT_GLOBALS`): ``HistoryBuffer`` has no custom
-``__setstate__``/``__reduce__`` (unpickling only fills its ``__dict__``), and
-the NumPy entries rebuild arrays, dtypes and scalars from raw bytes. That is
-the smallest set with which resume works, and none of it executes code.
-
-We chose an allowlist over *sanitising what we save* because resume must also
-work for checkpoints written by plain mmengine runs (e.g. upstream mmdet
-configs trained with ``tools/train.py``), which kiv does not control.
+``MessageHub`` state, whose ``HistoryBuffer`` objects pickle their statistics
+methods through ``builtins.getattr``; allowlisting ``getattr`` would let a
+crafted file reach attributes of any allowlisted object, so we do not.
+Instead we *sanitise what we save*: :class:`~kiv.engine.checkpoint_hook.
+SafeCheckpointHook` (added to every run by ``tools/train.py``) stores the
+message hub as plain tensors and numbers and rebuilds it on load. The only
+globals we allowlist (:data:`SAFE_GLOBALS`) are NumPy's array, scalar and
+dtype reconstructors, which rebuild values from raw bytes and run no code:
+metadata written by other hooks or toolboxes may contain NumPy values.
 
 A file that needs anything else is refused with
 :class:`UnsafeCheckpointError`, naming the file and the offending global.
@@ -35,7 +34,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
 
@@ -67,17 +65,17 @@ def _numpy_globals() -> list[Any]:
     return items
 
 
-#: Data-only globals needed to resume a checkpoint written by mmengine's
-#: Runner (message hub history buffers and the NumPy values inside them).
-RUNNER_CHECKPOINT_GLOBALS: list[Any] = [HistoryBuffer] + _numpy_globals()
+#: Data-only globals allowed in checkpoints besides torch's own: NumPy
+#: arrays, scalars and dtypes (metadata of runs and toolboxes).
+SAFE_GLOBALS: list[Any] = _numpy_globals()
 
 
 def register_safe_globals() -> None:
-    """Add :data:`RUNNER_CHECKPOINT_GLOBALS` to torch's weights-only allowlist.
+    """Add :data:`SAFE_GLOBALS` to torch's weights-only allowlist.
 
     Idempotent; called once when :mod:`kiv` is imported.
     """
-    torch.serialization.add_safe_globals(RUNNER_CHECKPOINT_GLOBALS)
+    torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
 
 def safe_torch_load(filename: str,

@@ -16,7 +16,7 @@ from mmengine.config import Config, DictAction
 
 __all__ = [
     'DictAction', 'die', 'load_config', 'require_file', 'setup_work_dir',
-    'setup_cpu_distributed', 'config_scope'
+    'setup_cpu_distributed', 'config_scope', 'add_safe_checkpoint_hook'
 ]
 
 
@@ -103,3 +103,17 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
             backend='gloo',
             rank=int(os.environ['RANK']),
             world_size=int(os.environ['WORLD_SIZE']))
+
+
+def add_safe_checkpoint_hook(cfg: Config) -> None:
+    """Add :class:`~kiv.engine.checkpoint_hook.SafeCheckpointHook` to a run.
+
+    Checkpoints of the run then load with ``weights_only=True`` (see
+    :mod:`kiv.engine.checkpoint`), so ``--resume`` works without unpickling
+    arbitrary objects. No-op if the config already has it.
+    """
+    hooks = list(cfg.get('custom_hooks', None) or [])
+    names = ('SafeCheckpointHook', 'kiv.SafeCheckpointHook')
+    if not any(h.get('type') in names for h in hooks):
+        hooks.append(dict(type='kiv.SafeCheckpointHook'))
+    cfg.custom_hooks = hooks

@@ -1,0 +1,4 @@
+"""kiv training hooks."""
+from .bad_image_report_hook import BadImageReportHook, skipped_files_in_batch
+
+__all__ = ['BadImageReportHook', 'skipped_files_in_batch']
