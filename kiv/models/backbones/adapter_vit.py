@@ -1,0 +1,474 @@
+"""``kiv.AdapterViT``: the student backbone of knowledge inheritance.
+
+Knowledge preservation: the student is the general-purpose teacher's ViT
+(DINOv2 ViT-B/14 with 4 registers in the real recipe) with its weights,
+frozen; a trainable ViT-Adapter (see :mod:`.adapter_modules`) learns the
+purpose-specific teachers' knowledge and turns the single-scale ViT into a
+4-level pyramid plus a global vector. All injections are scaled by
+zero-initialised ``gamma`` s, so at initialisation the ViT token stream, and
+therefore the summary, are exactly the base model's.
+
+One class serves the distiller (:meth:`AdapterViT.forward_features`) and, by
+``type='kiv.AdapterViT'``, mmpretrain, mmdet and mmseg configs
+(:meth:`AdapterViT.forward`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn import build_norm_layer
+from mmcv.ops import MultiScaleDeformableAttention
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import (constant_init, normal_init,
+                                        trunc_normal_init)
+from timm.layers import AttentionPoolLatent
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+from kiv.registry import MODELS
+from kiv.structures import FeatureOutput
+from .adapter_modules import (GlobalToken, InteractionBlock,
+                              SpatialPriorModule, TokenNorm,
+                              make_deform_inputs, tokens_to_maps)
+from .base_vit import BaseViT, build_base_vit
+
+__all__ = ['AdapterViT']
+
+_OUT_TYPES = ('pyramid', 'global', 'both')
+
+
+@MODELS.register_module()
+class AdapterViT(BaseModule):
+    """Frozen base ViT + zero-initialised ViT-Adapter.
+
+    Data flow for images ``(B, 3, H, W)`` (``H, W`` multiples of the patch
+    size ``p``), ``C`` = base width:
+
+    1. spatial prior ``c1..c4`` (strides 4/8/16/32, ``C`` channels);
+       ``c2..c4`` (+ a learnable level embedding) are flattened into ``c``;
+    2. base ``embed``: prefix tokens + patch tokens on the ``H/p x W/p``
+       grid with interpolated position embeddings;
+    3. per interaction block: injector (``c`` -> patch tokens, scaled by
+       ``gamma``), the block's group of base blocks, extractor(s) (patch
+       tokens -> ``c``);
+    4. pyramid: ``c2..c4`` back to maps, ``c1 += up(c2)``; each level adds
+       the LayerNorm-ed patch tokens of one interaction stage (bilinearly
+       resized to the level), then an output norm;
+    5. summary: the base CLS token after the base's final norm (mean patch
+       token if the base has no CLS token) plus, with
+       ``with_global_token``, ``gamma * GlobalToken(...)``: a learnable
+       latent token attending over the final base tokens and ``c`` (see
+       :class:`.GlobalToken`; it is not appended to the ViT stream, which
+       would change what the frozen base computes).
+
+    Stages for ``frozen_stages`` (``N = len(interaction_indexes)``):
+    stage 0 = spatial prior module + level embedding; stage ``i`` in
+    ``1..N`` = interaction block ``i``; stage ``N + 1`` = output layers
+    (``up``, per-stage token norms, output norms, global token).
+    ``frozen_stages=k`` freezes stages ``0..k`` (parameters without grad,
+    modules in eval mode); ``-1`` freezes none, ``N + 1`` (or
+    :attr:`num_stages` - 1) freezes the whole adapter (linear probing).
+
+    Args:
+        base (dict): the base ViT. ``dict(type='timm', model_name=...,
+            checkpoint=None, model_kwargs=dict(...))`` or
+            ``dict(type='mmpretrain', arch=..., patch_size=...,
+            checkpoint=None, **VisionTransformer kwargs)``; see
+            :class:`~kiv.models.backbones.base_vit.TimmBaseViT` and
+            :class:`~kiv.models.backbones.base_vit.MMPretrainBaseViT`.
+            ``checkpoint`` is loaded strictly at construction.
+        interaction_indexes (Sequence[Sequence[int]]): ``[start, end]``
+            (inclusive) base block ranges of the interaction blocks; must
+            tile ``0..depth-1`` in order. Defaults to
+            ``[[0, 2], [3, 5], [6, 8], [9, 11]]``.
+        conv_inplane (int): spatial prior stem width. Defaults to 64.
+        deform_num_heads (int): heads of the deformable attentions and of
+            the global token. Must divide ``C``. Defaults to 6.
+        n_points (int): sampling points per head and level. Defaults to 4.
+        deform_ratio (float): value projection ratio of the deformable
+            attentions. Defaults to 1.0.
+        with_cffn (bool): ConvFFN in the extractors. Defaults to True.
+        cffn_ratio (float): ConvFFN hidden ratio. Defaults to 0.25.
+        init_values (float): initial ``gamma`` of the injectors and of the
+            global token. Keep 0 for knowledge preservation.
+            Defaults to 0.0.
+        drop_path_rate (float): stochastic depth of the extractor ConvFFNs.
+            Defaults to 0.0.
+        with_global_token (bool): add the learnable global token to the
+            summary. Defaults to True.
+        freeze_base (bool): freeze the base ViT (no grad, always in eval
+            mode). Defaults to True.
+        frozen_stages (int): adapter stages to freeze, see above.
+            Defaults to -1.
+        out_indices (Sequence[int]): pyramid levels (0..3 = strides
+            4/8/16/32) returned by :meth:`forward`. Defaults to
+            ``(0, 1, 2, 3)``.
+        out_type (str): what :meth:`forward` returns: ``'pyramid'`` (maps at
+            ``out_indices``, for mmdet necks / mmseg heads), ``'global'``
+            (``(summary,)``, for mmpretrain heads), or ``'both'``.
+            Defaults to ``'pyramid'``.
+        with_cp (bool): gradient checkpointing of the interaction blocks in
+            training. Defaults to False.
+        use_extra_extractor (bool): two more extractors in the last
+            interaction block (as ViT-Adapter). Defaults to True.
+        add_vit_feature (bool): add the per-stage ViT tokens to the pyramid
+            (needs 4 interaction blocks). Defaults to True.
+        norm_cfg (dict): norm of the spatial prior convs and the output
+            maps. Defaults to ``dict(type='BN')``; use
+            ``dict(type='SyncBN')`` for multi-GPU training.
+        init_cfg (dict, optional): mmengine init config, e.g.
+            ``dict(type='Pretrained', checkpoint='student.pth')`` for a
+            student exported from a distillation run (the state dict of this
+            module). Defaults to None.
+
+    Note:
+        The adapter is initialised at construction (ViT-Adapter scheme:
+        truncated-normal linears, fan-out normal convs, mmcv's deformable
+        attention init, ``gamma = init_values``); the base gets its weights
+        from ``base.checkpoint``. :meth:`init_weights` only applies
+        ``init_cfg``: it re-initialises neither the base nor the gammas.
+        When ``init_cfg`` loads a full student, ``base.checkpoint`` may be
+        ``None`` to skip reading the base weights twice.
+
+        ``forward`` runs only what ``out_type`` returns: with
+        ``'pyramid'`` the global token is skipped, with ``'global'`` the
+        pyramid output layers are. When fine-tuning with DDP, freeze the
+        unused part, drop it (``with_global_token=False``) or set
+        ``find_unused_parameters=True``.
+    """
+
+    def __init__(self,
+                 base: dict,
+                 interaction_indexes: Sequence[Sequence[int]] = ((0, 2),
+                                                                 (3, 5),
+                                                                 (6, 8),
+                                                                 (9, 11)),
+                 conv_inplane: int = 64,
+                 deform_num_heads: int = 6,
+                 n_points: int = 4,
+                 deform_ratio: float = 1.0,
+                 with_cffn: bool = True,
+                 cffn_ratio: float = 0.25,
+                 init_values: float = 0.0,
+                 drop_path_rate: float = 0.0,
+                 with_global_token: bool = True,
+                 freeze_base: bool = True,
+                 frozen_stages: int = -1,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_type: str = 'pyramid',
+                 with_cp: bool = False,
+                 use_extra_extractor: bool = True,
+                 add_vit_feature: bool = True,
+                 norm_cfg: dict = dict(type='BN'),
+                 init_cfg: dict | list[dict] | None = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if out_type not in _OUT_TYPES:
+            raise ValueError(f"AdapterViT: out_type='{out_type}' is not one "
+                             f'of {_OUT_TYPES}')
+        out_indices = tuple(out_indices)
+        if not out_indices or any(i not in range(4) for i in out_indices):
+            raise ValueError(f'AdapterViT: out_indices={out_indices} must be '
+                             'a non-empty subset of the levels 0..3')
+        self.out_type = out_type
+        self.out_indices = out_indices
+        self.freeze_base = freeze_base
+        self.with_cp = with_cp
+        self.add_vit_feature = add_vit_feature
+
+        self.base: BaseViT = build_base_vit(base)
+        self.interaction_indexes = self._check_interaction_indexes(
+            interaction_indexes, self.base.depth, add_vit_feature)
+        num_interactions = len(self.interaction_indexes)
+        if not -1 <= frozen_stages <= num_interactions + 1:
+            raise ValueError(
+                f'AdapterViT: frozen_stages={frozen_stages} must be in '
+                f'[-1, {num_interactions + 1}] (-1: none, '
+                f'{num_interactions + 1}: the whole adapter)')
+        self.frozen_stages = frozen_stages
+        embed_dim = self.base.embed_dim
+        #: Width ``C`` of the summary and of every pyramid level.
+        self.embed_dim = embed_dim
+        #: Patch size of the base: inputs must be multiples of it.
+        self.patch_size = self.base.patch_size
+        if embed_dim % deform_num_heads:
+            raise ValueError(
+                f'AdapterViT: deform_num_heads={deform_num_heads} must '
+                f'divide the base width {embed_dim}')
+
+        self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
+        self.spm = SpatialPriorModule(
+            conv_inplane, embed_dim, norm_cfg=norm_cfg)
+        self.interactions = nn.ModuleList([
+            InteractionBlock(
+                embed_dim,
+                num_heads=deform_num_heads,
+                num_points=n_points,
+                deform_ratio=deform_ratio,
+                with_cffn=with_cffn,
+                cffn_ratio=cffn_ratio,
+                init_values=init_values,
+                drop_path=drop_path_rate,
+                extra_extractor=use_extra_extractor
+                and i == num_interactions - 1)
+            for i in range(num_interactions)
+        ])
+        self.up = nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2)
+        if add_vit_feature:
+            self.vit_norms = nn.ModuleList(
+                [TokenNorm(embed_dim) for _ in range(4)])
+        self.out_norms = nn.ModuleList(
+            [build_norm_layer(norm_cfg, embed_dim)[1] for _ in range(4)])
+        self.global_token = GlobalToken(
+            embed_dim, num_heads=deform_num_heads,
+            init_values=init_values) if with_global_token else None
+
+        self._init_adapter_weights()
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        if frozen_stages >= 0:
+            self.level_embed.requires_grad_(False)
+        self.train()
+
+    # ------------------------------------------------------------------
+    # construction helpers
+    @staticmethod
+    def _check_interaction_indexes(indexes: Sequence[Sequence[int]],
+                                   depth: int, add_vit_feature: bool
+                                   ) -> tuple[tuple[int, int], ...]:
+        """Check that the ``[start, end]`` ranges tile ``0..depth-1``."""
+        pairs = tuple(tuple(int(i) for i in pair) for pair in indexes)
+        tiles = bool(pairs) and all(
+            len(p) == 2 and p[0] <= p[1] for p in pairs) and [
+                p[0] for p in pairs
+            ] == [0] + [p[1] + 1 for p in pairs[:-1]] \
+            and pairs[-1][1] == depth - 1
+        shown = [list(p) for p in pairs]
+        if not tiles:
+            raise ValueError(
+                f'AdapterViT: interaction_indexes={shown} must be [start, '
+                f'end] block ranges that tile 0..{depth - 1} (the {depth} '
+                'blocks of the base ViT) in order, e.g. '
+                '[[0, 2], [3, 5], [6, 8], [9, 11]] for 12 blocks')
+        if add_vit_feature and len(pairs) != 4:
+            raise ValueError(
+                'AdapterViT: add_vit_feature=True needs 4 interaction blocks '
+                f'(one per pyramid level), got interaction_indexes={shown}')
+        return pairs
+
+    def _adapter_modules(self) -> list[nn.Module]:
+        return [m for name, m in self.named_children() if name != 'base']
+
+    def _init_adapter_weights(self) -> None:
+        """ViT-Adapter initialisation of every adapter module (not the base).
+
+        Linear: truncated normal (std 0.02), zero bias; norms: 1 / 0;
+        convs: normal with std ``sqrt(2 / fan_out)``; then mmcv's deformable
+        attention init and timm's latent init; level embedding: N(0, 1).
+        Parameters that are not module weights (``gamma``) are untouched.
+        """
+
+        def init(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                trunc_normal_init(m, std=0.02, bias=0.0)
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm, _BatchNorm)):
+                if m.weight is not None:
+                    constant_init(m, 1.0, bias=0.0)
+            elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] \
+                    * m.out_channels // m.groups
+                normal_init(m, std=math.sqrt(2.0 / fan_out), bias=0.0)
+
+        for module in self._adapter_modules():
+            module.apply(init)
+            for m in module.modules():
+                if isinstance(m, (MultiScaleDeformableAttention,
+                                  AttentionPoolLatent)):
+                    m.init_weights()
+        nn.init.normal_(self.level_embed)
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        """Channels of the maps :meth:`forward` returns at ``out_indices``
+        (all ``embed_dim``), e.g. for an FPN's ``in_channels``."""
+        return (self.embed_dim, ) * len(self.out_indices)
+
+    @property
+    def num_stages(self) -> int:
+        """Number of adapter stages (``frozen_stages`` ranges to this - 1).
+        """
+        return len(self.interactions) + 2
+
+    def _stage_modules(self, stage: int) -> list[nn.Module]:
+        if stage == 0:
+            return [self.spm]
+        if stage <= len(self.interactions):
+            return [self.interactions[stage - 1]]
+        outputs = [self.up, self.out_norms]
+        if self.add_vit_feature:
+            outputs.append(self.vit_norms)
+        if self.global_token is not None:
+            outputs.append(self.global_token)
+        return outputs
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        modules = [self.base] if self.freeze_base else []
+        for stage in range(self.frozen_stages + 1):
+            modules.extend(self._stage_modules(stage))
+        return modules
+
+    def train(self, mode: bool = True) -> 'AdapterViT':
+        """Set the train mode; frozen parts (base, frozen stages) stay in eval.
+        """
+        super().train(mode)
+        if mode:
+            for module in self._frozen_modules():
+                module.eval()
+        return self
+
+    # ------------------------------------------------------------------
+    # forward
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError('AdapterViT expects images (B, C, H, W), got a '
+                             f'tensor of shape {tuple(x.shape)}')
+        H, W = x.shape[-2:]
+        p = self.base.patch_size
+        if H % p or W % p:
+            raise ValueError(
+                f'AdapterViT: input size {H}x{W} is not a multiple of the '
+                f'base ViT patch size {p}; resize or pad the images to a '
+                f'multiple of {p} (e.g. pad_size_divisor={p} in the data '
+                'preprocessor)')
+
+    def _interact(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor,
+                                            Tensor, list[tuple[int, int]],
+                                            tuple[int, int]]:
+        """Run the spatial prior, the base blocks and the interactions.
+
+        Args:
+            x (Tensor): images ``(B, 3, H, W)``.
+
+        Returns:
+            tuple: ``tokens (B, P + N_p, C)`` after the last base block
+            (before the final norm); per-stage patch tokens
+            ``[(B, N_p, C)] * N``; adapter tokens ``c (B, N_c, C)``; ``c1
+            (B, C, h1, w1)``; the ``(h, w)`` of ``c2..c4``; the patch grid.
+        """
+        self._check_input(x)
+        p = self.base.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        n_prefix = self.base.num_prefix_tokens
+
+        c1, *levels = self.spm(x)
+        level_shapes = [tuple(c.shape[-2:]) for c in levels]
+        c = torch.cat([
+            c.flatten(2).transpose(1, 2) + self.level_embed[i]
+            for i, c in enumerate(levels)
+        ], dim=1)
+        injector_inputs = make_deform_inputs([grid], level_shapes, x.device)
+        extractor_inputs = make_deform_inputs(level_shapes, [grid], x.device)
+
+        tokens = self.base.embed(x)
+        blocks = self.base.blocks
+        use_cp = self.with_cp and self.training and torch.is_grad_enabled()
+        stage_tokens = []
+        for block, (start, end) in zip(self.interactions,
+                                       self.interaction_indexes):
+            args = (tokens, c, blocks[start:end + 1], n_prefix,
+                    injector_inputs, extractor_inputs, level_shapes)
+            if use_cp:
+                tokens, c = checkpoint(block, *args, use_reentrant=False)
+            else:
+                tokens, c = block(*args)
+            stage_tokens.append(tokens[:, n_prefix:])
+        return tokens, stage_tokens, c, c1, level_shapes, grid
+
+    def _pyramid(self, c: Tensor, c1: Tensor, stage_tokens: list[Tensor],
+                 level_shapes: list[tuple[int, int]],
+                 grid: tuple[int, int]) -> tuple[Tensor, ...]:
+        """Four NCHW maps ``(B, C, ceil(H/s), ceil(W/s))``, s = 4/8/16/32.
+        """
+        c2, c3, c4 = tokens_to_maps(c, level_shapes)
+        c1 = c1 + self.up(c2)[..., :c1.shape[-2], :c1.shape[-1]]
+        maps = [c1, c2, c3, c4]
+        if self.add_vit_feature:
+            for i, (norm, tokens) in enumerate(zip(self.vit_norms,
+                                                   stage_tokens)):
+                vit = tokens_to_maps(norm(tokens), [grid])[0]
+                maps[i] = maps[i] + F.interpolate(
+                    vit, size=maps[i].shape[-2:], mode='bilinear',
+                    align_corners=False)
+        return tuple(norm(m) for norm, m in zip(self.out_norms, maps))
+
+    def _summary(self, tokens: Tensor, c: Tensor) -> Tensor:
+        """``(B, C)`` summary from the last base tokens and adapter tokens.
+        """
+        tokens = self.base.norm(tokens)
+        if self.base.has_class_token:
+            summary = tokens[:, 0]
+        else:
+            summary = tokens[:, self.base.num_prefix_tokens:].mean(1)
+        if self.global_token is not None:
+            summary = self.global_token(summary, tokens, c)
+        return summary
+
+    def forward_base_tokens(self, x: Tensor) -> Tensor:
+        """The base token stream inside the adapter backbone.
+
+        Args:
+            x (Tensor): images ``(B, 3, H, W)``.
+
+        Returns:
+            Tensor: ``(B, P + H/p * W/p, C)`` tokens after the last base
+            block (with the injections, before the final norm). With zero
+            gammas this equals the bare base model's stream exactly.
+        """
+        return self._interact(x)[0]
+
+    def forward_features(self, x: Tensor) -> FeatureOutput:
+        """Summary and full pyramid (used by the distiller).
+
+        Args:
+            x (Tensor): images ``(B, 3, H, W)``, ``H, W`` multiples of the
+                patch size.
+
+        Returns:
+            FeatureOutput: ``summary (B, C)`` and ``features`` =
+            ``(f1, f2, f3, f4)``, ``f_l`` of shape
+            ``(B, C, ceil(H / s_l), ceil(W / s_l))`` with strides
+            ``s = 4, 8, 16, 32``.
+        """
+        tokens, stage_tokens, c, c1, level_shapes, grid = self._interact(x)
+        features = self._pyramid(c, c1, stage_tokens, level_shapes, grid)
+        return FeatureOutput(self._summary(tokens, c), features)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Toolbox interface.
+
+        Args:
+            x (Tensor): images ``(B, 3, H, W)``.
+
+        Returns:
+            tuple[Tensor, ...]: ``out_type='pyramid'``: the maps of
+            :meth:`forward_features` at ``out_indices``; ``'global'``:
+            ``(summary (B, C),)``; ``'both'``: the maps then the summary.
+        """
+        tokens, stage_tokens, c, c1, level_shapes, grid = self._interact(x)
+        outs: tuple[Tensor, ...] = ()
+        if self.out_type != 'global':
+            maps = self._pyramid(c, c1, stage_tokens, level_shapes, grid)
+            outs = tuple(maps[i] for i in self.out_indices)
+        if self.out_type != 'pyramid':
+            outs = outs + (self._summary(tokens, c), )
+        return outs
+
+    def extra_repr(self) -> str:
+        return (f'interaction_indexes={list(self.interaction_indexes)}, '
+                f'out_type={self.out_type!r}, out_indices={self.out_indices}, '
+                f'freeze_base={self.freeze_base}, '
+                f'frozen_stages={self.frozen_stages}')
