@@ -60,7 +60,8 @@ def _save(obj: dict, path: str) -> None:
 
 
 def create_tiny_teachers(out_dir: str, seed: int = 0) -> dict[str, str]:
-    """Write ``dinov2_tiny.pth``, ``clip_tiny.pth`` and ``retinanet_tiny.pth``.
+    """Write ``dinov2_tiny.pth``, ``clip_tiny.pth``, ``retinanet_tiny.pth``
+    and the detector's mmdet config ``retinanet_tiny.py``.
 
     Args:
         out_dir (str): output directory (created).
@@ -84,6 +85,10 @@ def create_tiny_teachers(out_dir: str, seed: int = 0) -> dict[str, str]:
     import mmdet.models  # noqa: F401  registers mmdet modules
     with DefaultScope.overwrite_default_scope('mmdet'):
         det = DET_MODELS.build(DETECTOR_TINY)
+    from mmengine.config import Config
+    cfg_path = osp.join(out_dir, 'retinanet_tiny.py')
+    Config(dict(default_scope='mmdet', model=DETECTOR_TINY)).dump(cfg_path)
+    paths['retinanet_tiny_config'] = cfg_path
     paths['retinanet_tiny'] = osp.join(out_dir, 'retinanet_tiny.pth')
     _save({'state_dict': det.state_dict(), 'meta': {'note': 'tiny random'}},
           paths['retinanet_tiny'])

@@ -1,0 +1,85 @@
+# Tiny CPU version of the knowledge-inheritance recipe (same structure as the
+# real-scale config, small sizes). Teachers are random tiny models written by
+# ``python tools/misc/create_tiny_teachers.py`` (data/tiny_teachers) and
+# loaded through the real loading paths; images come from the tiny COCO
+# layout (``kiv.testing.make_tiny_coco('data/coco')``), labels ignored.
+_base_ = [
+    '../_base_/default_runtime.py',
+    '../_base_/datasets/tiny_coco_images.py',
+]
+teacher_dir = 'data/tiny_teachers/'
+imagenet_norm = dict(mean=[123.675, 116.28, 103.53],
+                     std=[58.395, 57.12, 57.375])
+clip_norm = dict(mean=[122.771, 116.746, 104.094],
+                 std=[68.501, 66.632, 70.323])
+# the knowledge base: a DINOv2-like ViT (patch 14, 4 registers)
+dinov2 = dict(
+    model_name='vit_small_patch14_reg4_dinov2',
+    checkpoint=teacher_dir + 'dinov2_tiny.pth',
+    model_kwargs=dict(img_size=56, embed_dim=64, depth=4, num_heads=2))
+
+model = dict(
+    type='kiv.KnowledgeInheritance',
+    base_teacher='dinov2',
+    student=dict(
+        type='kiv.AdapterViT',
+        base=dict(type='timm', **dinov2),
+        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
+        conv_inplane=16,
+        deform_num_heads=2,
+        n_points=2,
+        cffn_ratio=0.25,
+        with_global_token=True),
+    **{f'student_{k}': v for k, v in imagenet_norm.items()},
+    teachers=dict(
+        dinov2=dict(
+            type='kiv.Teacher',
+            source=dict(type='timm', **dinov2),
+            input_size=56, pad_to_multiple=14,
+            forward_method='forward_features',
+            summary=dict(type='cls'),
+            **imagenet_norm),
+        clip=dict(
+            type='kiv.Teacher',
+            source=dict(
+                type='timm',
+                model_name='vit_base_patch16_clip_224',
+                checkpoint=teacher_dir + 'clip_tiny.pth',
+                model_kwargs=dict(img_size=64, embed_dim=48, depth=2,
+                                  num_heads=2, num_classes=0)),
+            input_size=64, pad_to_multiple=16,
+            forward_method='forward_features',
+            summary=dict(type='cls'),
+            **clip_norm),
+        detector=dict(
+            type='kiv.Teacher',
+            source=dict(
+                type='mm',
+                config=teacher_dir + 'retinanet_tiny.py',
+                checkpoint=teacher_dir + 'retinanet_tiny.pth',
+                part='backbone+neck'),
+            input_size=64,
+            summary=dict(type='avg'),
+            **imagenet_norm),
+    ),
+    latent=dict(
+        type='kiv.SharedLatentSpace',
+        standardize='phis',
+        hidden_dim=64,
+        teachers=dict(detector=dict(student_levels=[1, 2, 3]))),
+    grad_share_interval=5,
+)
+
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
+    clip_grad=dict(max_norm=1.0))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=5),
+]
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=20)
+default_hooks = dict(
+    logger=dict(interval=5),
+    checkpoint=dict(interval=20))
+log_processor = dict(window_size=5)
+env_cfg = dict(dist_cfg=dict(backend='gloo'))

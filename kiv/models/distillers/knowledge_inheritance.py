@@ -1,0 +1,341 @@
+"""The distiller: frozen teachers -> shared latent space -> adapter student.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from mmengine.model import BaseModel
+from torch import Tensor
+
+from kiv.registry import MODELS
+from kiv.structures import FeatureOutput
+
+#: default distillation losses (AM-RADIO): cosine summary, 0.9 cos + 0.1 L1
+DEFAULT_LOSSES = dict(
+    summary=dict(type='kiv.FeatureMatchingLoss', cosine_weight=1.0),
+    features=dict(type='kiv.FeatureMatchingLoss', cosine_weight=0.9,
+                  smooth_l1_weight=0.1))
+
+
+_TEACHER_PREFIX = 'teachers.'
+
+
+def _drop_teacher_state(module: nn.Module, state_dict: dict, prefix: str,
+                        local_metadata: dict) -> dict:
+    """state_dict hook: leave the frozen teachers out of checkpoints."""
+    for key in [k for k in state_dict
+                if k.startswith(prefix + _TEACHER_PREFIX)]:
+        del state_dict[key]
+    return state_dict
+
+
+def _ignore_missing_teachers(module: nn.Module, incompatible) -> None:
+    """load_state_dict hook: teachers are not expected in checkpoints."""
+    incompatible.missing_keys[:] = [
+        k for k in incompatible.missing_keys
+        if not k.startswith(_TEACHER_PREFIX)
+    ]
+
+
+@MODELS.register_module()
+class KnowledgeInheritance(BaseModel):
+    """Inherit a student from several frozen teachers (mmrazor-style split:
+    teachers, connectors = the shared latent space, losses).
+
+    The student is :class:`~kiv.models.backbones.AdapterViT`: the frozen
+    general-purpose teacher's ViT plus a zero-initialised adapter. Each
+    teacher's targets are standardised in the shared latent space and the
+    student's summary and dense features are projected onto every teacher
+    by its student-to-teacher heads.
+
+    Logged every iteration: ``loss_<teacher>_summary``,
+    ``loss_<teacher>_features`` (weighted). Every ``grad_share_interval``
+    training iterations also ``grad_share/<teacher>``: the share of the
+    gradient norm each teacher's loss sends into the shared (adapter)
+    parameters, the measure of imbalanced transfer.
+
+    Checkpoints hold the student, the latent space (heads and standardiser
+    statistics) and the task heads, not the frozen teachers: teachers are
+    rebuilt from their own weight files, so a ViT-B run with three teachers
+    does not write their ~0.6 GB into every checkpoint.
+
+    Args:
+        student (dict): backbone config with ``forward_features`` returning
+            :class:`~kiv.structures.FeatureOutput` (e.g. ``kiv.AdapterViT``).
+        teachers (dict[str, dict]): teacher name -> ``kiv.Teacher`` config.
+        base_teacher (str, optional): the general-purpose teacher whose
+            architecture and weights the student inherits (recorded in the
+            exported student's meta).
+        latent (dict): ``kiv.SharedLatentSpace`` config without the
+            dimensions, which are filled from the student and teachers.
+        student_mean (Sequence[float]): student normalisation mean, 0-255
+            RGB scale. Defaults to ImageNet's.
+        student_std (Sequence[float]): student normalisation std.
+        losses (dict, optional): ``summary`` and ``features`` loss configs
+            used for every teacher. Defaults to :data:`DEFAULT_LOSSES`.
+        teacher_losses (dict[str, dict], optional): per-teacher overrides of
+            ``losses`` (same keys).
+        teacher_weights (dict[str, float], optional): weight of each
+            teacher's losses. Defaults to 1 for every teacher.
+        task_heads (dict[str, dict], optional): multi-task heads trained on
+            labelled samples jointly with distillation. Each entry:
+            ``dict(head=<mmpretrain/mmseg/mmdet head cfg>, inputs='summary'
+            | 'pyramid', gt_field='gt_label' | 'gt_sem_seg' |
+            'gt_instances', loss_kwargs=dict(), weight=1.0)``.
+        grad_share_interval (int): compute per-teacher gradient shares every
+            this many training iterations (0 disables). Costs one extra
+            backward pass per teacher on those iterations.
+        data_preprocessor (dict, optional): defaults to stacking images as
+            float RGB in [0, 255] (teachers and student normalise
+            themselves).
+        init_cfg (dict, optional): mmengine init config.
+    """
+
+    def __init__(self,
+                 student: dict,
+                 teachers: dict[str, dict],
+                 latent: dict,
+                 base_teacher: Optional[str] = None,
+                 student_mean: Sequence[float] = (123.675, 116.28, 103.53),
+                 student_std: Sequence[float] = (58.395, 57.12, 57.375),
+                 losses: Optional[dict] = None,
+                 teacher_losses: Optional[dict[str, dict]] = None,
+                 teacher_weights: Optional[dict[str, float]] = None,
+                 task_heads: Optional[dict[str, dict]] = None,
+                 grad_share_interval: int = 50,
+                 data_preprocessor: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None) -> None:
+        if data_preprocessor is None:
+            data_preprocessor = dict(type='ImgDataPreprocessor',
+                                     bgr_to_rgb=True)
+        super().__init__(data_preprocessor=data_preprocessor,
+                         init_cfg=init_cfg)
+        if not teachers:
+            raise ValueError('KnowledgeInheritance: `teachers` is empty')
+        if base_teacher is not None and base_teacher not in teachers:
+            raise KeyError(f'base_teacher {base_teacher!r} is not one of the '
+                           f'teachers {sorted(teachers)}')
+        self.base_teacher = base_teacher
+        self.student = MODELS.build(student)
+        self.teachers = nn.ModuleDict(
+            {name: MODELS.build(cfg) for name, cfg in teachers.items()})
+        self.register_buffer('student_mean',
+                             torch.tensor(student_mean).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer('student_std',
+                             torch.tensor(student_std).view(1, 3, 1, 1),
+                             persistent=False)
+
+        latent = copy.deepcopy(latent)
+        latent.update(
+            student_summary_dim=self.student.embed_dim,
+            student_feature_dims=[self.student.embed_dim] * 4,
+            teachers={
+                name: dict(summary_dim=t.summary_dim,
+                           feature_dims=list(t.feature_dims),
+                           **latent.get('teachers', {}).get(name, {}))
+                for name, t in self.teachers.items()
+            })
+        self.latent = MODELS.build(latent)
+
+        unknown = set(teacher_weights or {}) | set(teacher_losses or {})
+        unknown -= set(self.teachers)
+        if unknown:
+            raise KeyError(f'teacher_weights/teacher_losses name unknown '
+                           f'teachers {sorted(unknown)}; teachers are '
+                           f'{sorted(self.teachers)}')
+        self.teacher_weights = {
+            name: float((teacher_weights or {}).get(name, 1.0))
+            for name in self.teachers
+        }
+        self.summary_losses = nn.ModuleDict()
+        self.feature_losses = nn.ModuleDict()
+        for name in self.teachers:
+            cfg = copy.deepcopy(losses or DEFAULT_LOSSES)
+            cfg.update((teacher_losses or {}).get(name, {}))
+            self.summary_losses[name] = MODELS.build(cfg['summary'])
+            self.feature_losses[name] = MODELS.build(cfg['features'])
+
+        self.task_cfgs: dict[str, dict] = {}
+        self.task_heads = nn.ModuleDict()
+        for name, cfg in (task_heads or {}).items():
+            cfg = copy.deepcopy(cfg)
+            self.task_heads[name] = MODELS.build(cfg.pop('head'))
+            cfg.setdefault('inputs', 'summary')
+            cfg.setdefault('weight', 1.0)
+            cfg.setdefault('loss_kwargs', {})
+            if 'gt_field' not in cfg:
+                raise KeyError(f'task_heads.{name} needs `gt_field` (e.g. '
+                               "'gt_label', 'gt_sem_seg', 'gt_instances')")
+            self.task_cfgs[name] = cfg
+        self.grad_share_interval = int(grad_share_interval)
+        self._train_iter = 0
+        self._register_state_dict_hook(_drop_teacher_state)
+        self.register_load_state_dict_post_hook(_ignore_missing_teachers)
+
+    # ------------------------------------------------------------------ #
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Trainable student parameters every teacher's loss reaches."""
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def extract_student(self, images: Tensor) -> FeatureOutput:
+        """Student features of raw RGB images in [0, 255].
+
+        Args:
+            images (Tensor): ``(B, 3, H, W)`` float.
+
+        Returns:
+            FeatureOutput: global token ``(B, C)`` and the 4-level pyramid.
+        """
+        return self.student.forward_features(
+            (images - self.student_mean) / self.student_std)
+
+    @torch.no_grad()
+    def extract_teachers(self, images: Tensor) -> dict[str, FeatureOutput]:
+        """Every teacher's raw (not standardised) output."""
+        return {name: t(images) for name, t in self.teachers.items()}
+
+    def teacher_losses(self, images: Tensor
+                       ) -> tuple[dict[str, Tensor], FeatureOutput]:
+        """Per-teacher weighted distillation losses.
+
+        Returns:
+            tuple: ``{f'loss_{t}_summary': ..., f'loss_{t}_features': ...}``
+            and the student output (reused by task heads).
+        """
+        targets = self.extract_teachers(images)
+        student = self.extract_student(images)
+        aligned = self.latent(student, targets)
+        losses = {}
+        for name, pair in aligned.items():
+            pred, target = pair['pred'], pair['target']
+            w = self.teacher_weights[name]
+            losses[f'loss_{name}_summary'] = w * self.summary_losses[name](
+                pred.summary, target.summary)
+            dense = [self.feature_losses[name](p, t)
+                     for p, t in zip(pred.features, target.features)]
+            losses[f'loss_{name}_features'] = w * torch.stack(dense).mean()
+        return losses, student
+
+    def gradient_shares(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Share of the shared-parameter gradient norm per teacher.
+
+        Args:
+            losses (dict): output of :meth:`teacher_losses`.
+
+        Returns:
+            dict: ``grad_share/<t>`` in [0, 1] (sums to 1) and
+            ``grad_norm/<t>``. ``torch.autograd.grad`` does not accumulate
+            into ``.grad`` nor trigger DDP's reducer, so the training step
+            is unchanged.
+        """
+        params = self.shared_parameters()
+        norms = {}
+        for name in self.teachers:
+            total = losses[f'loss_{name}_summary'] + \
+                losses[f'loss_{name}_features']
+            grads = torch.autograd.grad(total, params, retain_graph=True,
+                                        allow_unused=True)
+            sq = [g.detach().float().pow(2).sum() for g in grads
+                  if g is not None]
+            norms[name] = torch.stack(sq).sum().sqrt() if sq else \
+                total.new_zeros(())
+        denom = torch.stack(list(norms.values())).sum().clamp_min(1e-12)
+        out = {}
+        for name, n in norms.items():
+            out[f'grad_share/{name}'] = n / denom
+            out[f'grad_norm/{name}'] = n
+        return out
+
+    def task_losses(self, student: FeatureOutput,
+                    data_samples: Optional[list]) -> dict[str, Tensor]:
+        """Losses of the multi-task heads on the labelled samples only."""
+        losses: dict[str, Tensor] = {}
+        if not self.task_heads or not data_samples:
+            return losses
+        for name, head in self.task_heads.items():
+            cfg = self.task_cfgs[name]
+            idx = [i for i, s in enumerate(data_samples)
+                   if cfg['gt_field'] in s]
+            if not idx:
+                continue
+            sel = torch.as_tensor(idx, device=student.summary.device)
+            if cfg['inputs'] == 'summary':
+                feats = (student.summary.index_select(0, sel), )
+            else:
+                feats = tuple(f.index_select(0, sel)
+                              for f in student.features)
+            head_losses = head.loss(feats, [data_samples[i] for i in idx],
+                                    **cfg['loss_kwargs'])
+            for key, value in head_losses.items():
+                if 'loss' in key:
+                    value = value * cfg['weight']
+                losses[f'{name}.{key}'] = value
+        return losses
+
+    # ------------------------------------------------------------------ #
+    def loss(self, inputs: Tensor,
+             data_samples: Optional[list] = None) -> dict[str, Tensor]:
+        losses, student = self.teacher_losses(inputs)
+        self._train_iter += 1
+        if (self.grad_share_interval > 0 and self.training
+                and torch.is_grad_enabled()
+                and self._train_iter % self.grad_share_interval == 0):
+            losses.update(self.gradient_shares(losses))
+        losses.update(self.task_losses(student, data_samples))
+        return losses
+
+    def forward(self,
+                inputs: Tensor,
+                data_samples: Optional[list] = None,
+                mode: str = 'tensor') -> Union[dict, list, FeatureOutput]:
+        """mmengine entry point.
+
+        Args:
+            inputs (Tensor): ``(B, 3, H, W)`` float RGB in [0, 255] (after
+                the data preprocessor).
+            data_samples (list, optional): per-image data samples; labelled
+                ones feed the task heads.
+            mode (str): ``'loss'`` (dict of losses), ``'tensor'`` (student
+                :class:`FeatureOutput`) or ``'predict'`` (a list with one
+                dict per image: student summary and the teachers' and the
+                student's projected summaries, for agreement metrics).
+        """
+        if mode == 'loss':
+            return self.loss(inputs, data_samples)
+        if mode == 'tensor':
+            return self.extract_student(inputs)
+        if mode == 'predict':
+            return self.predict(inputs, data_samples)
+        raise ValueError(f"mode must be 'loss', 'tensor' or 'predict', "
+                         f'got {mode!r}')
+
+    @torch.no_grad()
+    def predict(self, inputs: Tensor,
+                data_samples: Optional[list] = None) -> list[dict[str, Any]]:
+        """Student projections next to teacher targets, per image.
+
+        Returns:
+            list[dict]: for each image, ``{teacher: {'pred': FeatureOutput,
+            'target': FeatureOutput}}`` in the (standardised) latent space,
+            with batch dimension 1, plus ``data_sample``.
+        """
+        targets = self.extract_teachers(inputs)
+        student = self.extract_student(inputs)
+        aligned = self.latent(student, targets)
+        results = []
+        for i in range(inputs.shape[0]):
+            item = {}
+            for name, pair in aligned.items():
+                item[name] = {
+                    k: FeatureOutput(v.summary[i:i + 1],
+                                     tuple(f[i:i + 1] for f in v.features))
+                    for k, v in pair.items()
+                }
+            if data_samples is not None:
+                item['data_sample'] = data_samples[i]
+            results.append(item)
+        return results
