@@ -77,7 +77,9 @@ optim_wrapper = dict(
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=5),
 ]
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=20)
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=20, val_interval=20)
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
 default_hooks = dict(
     logger=dict(interval=5),
     checkpoint=dict(interval=20))

@@ -1,0 +1,3 @@
+from .teacher_agreement import TeacherAgreementMetric
+
+__all__ = ['TeacherAgreementMetric']

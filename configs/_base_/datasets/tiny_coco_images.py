@@ -19,3 +19,23 @@ train_dataloader = dict(
         ann_file='annotations/instances_train2017.json',
         data_prefix=dict(img_path='train2017/'),
         pipeline=train_pipeline))
+val_pipeline = [
+    dict(type='kiv.LoadImageFromFileSafe'),
+    dict(type='mmcv.Resize', scale=(56, 56), keep_ratio=False),
+    dict(type='kiv.PackImageInputs'),
+]
+val_dataloader = dict(
+    batch_size=2,
+    num_workers=0,
+    persistent_workers=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    collate_fn=dict(type='pseudo_collate'),
+    dataset=dict(
+        type='kiv.UnlabeledImageDataset',
+        data_root=data_root,
+        ann_file='annotations/instances_val2017.json',
+        data_prefix=dict(img_path='val2017/'),
+        pipeline=val_pipeline))
+val_evaluator = dict(type='kiv.TeacherAgreementMetric')
+test_dataloader = val_dataloader
+test_evaluator = val_evaluator

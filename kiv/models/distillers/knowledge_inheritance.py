@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from mmengine.model import BaseModel
 from torch import Tensor
 
@@ -300,9 +301,9 @@ class KnowledgeInheritance(BaseModel):
             data_samples (list, optional): per-image data samples; labelled
                 ones feed the task heads.
             mode (str): ``'loss'`` (dict of losses), ``'tensor'`` (student
-                :class:`FeatureOutput`) or ``'predict'`` (a list with one
-                dict per image: student summary and the teachers' and the
-                student's projected summaries, for agreement metrics).
+                :class:`FeatureOutput`) or ``'predict'`` (per-image agreement
+                of the inherited models with their teachers, see
+                :meth:`predict`; consumed by ``kiv.TeacherAgreementMetric``).
         """
         if mode == 'loss':
             return self.loss(inputs, data_samples)
@@ -314,28 +315,72 @@ class KnowledgeInheritance(BaseModel):
                          f'got {mode!r}')
 
     @torch.no_grad()
-    def predict(self, inputs: Tensor,
-                data_samples: Optional[list] = None) -> list[dict[str, Any]]:
-        """Student projections next to teacher targets, per image.
+    def inherit(self, images: Tensor,
+                teacher: str) -> tuple[FeatureOutput, FeatureOutput]:
+        """The inherited model of one teacher next to the teacher itself.
+
+        Student -> s2t heads -> inverse standardisation gives features in the
+        teacher's own raw space, so the teacher's own task head
+        (:meth:`~kiv.models.teachers.Teacher.forward_head`) runs on them
+        with no downstream training ("inherited heads").
+
+        Args:
+            images (Tensor): ``(B, 3, H, W)`` float RGB in [0, 255].
+            teacher (str): teacher name.
 
         Returns:
-            list[dict]: for each image, ``{teacher: {'pred': FeatureOutput,
-            'target': FeatureOutput}}`` in the (standardised) latent space,
-            with batch dimension 1, plus ``data_sample``.
+            tuple[FeatureOutput, FeatureOutput]: (inherited, teacher) outputs
+            in the teacher's raw feature space, same shapes.
         """
-        targets = self.extract_teachers(inputs)
-        student = self.extract_student(inputs)
-        aligned = self.latent(student, targets)
+        if teacher not in self.teachers:
+            raise KeyError(f'unknown teacher {teacher!r}; teachers are '
+                           f'{sorted(self.teachers)}')
+        target = self.teachers[teacher](images)
+        student = self.extract_student(images)
+        sizes = [tuple(f.shape[-2:]) for f in target.features]
+        pred = self.latent.project(student, teacher, sizes)
+        return self.latent.to_teacher_space(pred, teacher), target
+
+    @torch.no_grad()
+    def predict(self, inputs: Tensor,
+                data_samples: Optional[list] = None) -> list[dict[str, Any]]:
+        """Agreement of every inherited model with its teacher, per image.
+
+        Returns:
+            list[dict]: per image ``{teacher: {'summary_cos': float,
+            'feature_cos': [float per level], 'top1': (teacher class,
+            inherited class)}}``; ``top1`` only for teachers with a
+            classification head kept (``head=dict(...)``). Cosine
+            similarities are over channels, averaged over positions, in the
+            teacher's raw feature space.
+        """
+        per_teacher = {}
+        for name, teacher in self.teachers.items():
+            inherited, target = self.inherit(inputs, name)
+            item = dict(
+                summary_cos=F.cosine_similarity(
+                    inherited.summary, target.summary, dim=1),
+                feature_cos=[
+                    F.cosine_similarity(p, t, dim=1).flatten(1).mean(1)
+                    for p, t in zip(inherited.features, target.features)
+                ])
+            if teacher.head_layer is not None:
+                head_in = 'summary' if teacher.head_input == 'summary' \
+                    else 'features'
+                item['top1'] = (
+                    teacher.forward_head(getattr(target, head_in)).argmax(1),
+                    teacher.forward_head(getattr(inherited,
+                                                 head_in)).argmax(1))
+            per_teacher[name] = item
         results = []
         for i in range(inputs.shape[0]):
-            item = {}
-            for name, pair in aligned.items():
-                item[name] = {
-                    k: FeatureOutput(v.summary[i:i + 1],
-                                     tuple(f[i:i + 1] for f in v.features))
-                    for k, v in pair.items()
-                }
-            if data_samples is not None:
-                item['data_sample'] = data_samples[i]
-            results.append(item)
+            out = {}
+            for name, item in per_teacher.items():
+                out[name] = dict(
+                    summary_cos=float(item['summary_cos'][i]),
+                    feature_cos=[float(c[i]) for c in item['feature_cos']])
+                if 'top1' in item:
+                    out[name]['top1'] = (int(item['top1'][0][i]),
+                                         int(item['top1'][1][i]))
+            results.append(out)
         return results
