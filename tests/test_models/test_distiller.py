@@ -166,3 +166,50 @@ def test_inherited_head_wiring_and_agreement_metric(trained):
     for key, value in ideal.items():
         if key.endswith('_cos'):
             assert value > 0.999, key
+
+
+def test_multi_task_heads_train_on_labelled_samples(workdir):
+    """mmpretrain / mmseg / mmdet heads learn jointly with distillation,
+    each only on the samples that carry its labels."""
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData, PixelData
+    from mmpretrain.structures import DataSample
+    from mmseg.structures import SegDataSample
+    cfg = Config.fromfile(TINY_CFG)
+    cfg.model.task_heads = dict(
+        cls=dict(head=dict(type='mmpretrain.LinearClsHead', num_classes=3,
+                           in_channels=64),
+                 inputs='summary', gt_field='gt_label'),
+        seg=dict(head=dict(type='mmseg.FCNHead', in_channels=64, channels=16,
+                           num_convs=1, in_index=0, num_classes=2,
+                           norm_cfg=dict(type='BN')),
+                 inputs='pyramid', gt_field='gt_sem_seg',
+                 loss_kwargs=dict(train_cfg=dict()), weight=0.5),
+        det=dict(head=dict(type='mmdet.FCOSHead', num_classes=2,
+                           in_channels=64, feat_channels=32, stacked_convs=1,
+                           strides=[4, 8, 16, 32],
+                           regress_ranges=((-1, 16), (16, 32), (32, 64),
+                                           (64, 1e8))),
+                 inputs='pyramid', gt_field='gt_instances'))
+    model = MODELS.build(cfg.model)
+    images = torch.rand(3, 3, 56, 56) * 255
+    cls_sample = DataSample().set_gt_label(1)
+    seg_sample = SegDataSample(
+        gt_sem_seg=PixelData(data=torch.randint(0, 2, (1, 56, 56))),
+        metainfo=dict(img_shape=(56, 56), pad_shape=(56, 56)))
+    det_sample = DetDataSample(metainfo=dict(img_shape=(56, 56),
+                                             pad_shape=(56, 56)))
+    det_sample.gt_instances = InstanceData(
+        bboxes=torch.tensor([[4., 4., 30., 40.]]), labels=torch.tensor([1]))
+    losses = model.loss(images, [cls_sample, seg_sample, det_sample])
+    assert 'cls.loss' in losses
+    assert 'seg.loss_ce' in losses
+    assert {'det.loss_cls', 'det.loss_bbox'} <= set(losses)
+    total = sum(v for k, v in losses.items() if 'loss' in k)
+    total.backward()
+    for name in ('cls', 'seg', 'det'):
+        grads = [p.grad for p in model.task_heads[name].parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+    # unlabelled batches: distillation losses only
+    losses = model.loss(images, [None, None, None])
+    assert not any(k.startswith(('cls.', 'seg.', 'det.')) for k in losses)

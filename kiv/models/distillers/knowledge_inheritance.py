@@ -24,6 +24,21 @@ DEFAULT_LOSSES = dict(
 _TEACHER_PREFIX = 'teachers.'
 
 
+def in_own_scope(cfg: dict) -> dict:
+    """Build ``type='mmdet.X'`` heads inside mmdet's scope.
+
+    A scoped type name finds the class, but the modules the class builds
+    itself (its losses, coders, samplers) are looked up in the *current*
+    default scope. Setting ``_scope_`` makes mmengine switch to the head's
+    own toolbox for the whole build.
+    """
+    cfg = dict(cfg)
+    type_ = cfg.get('type')
+    if isinstance(type_, str) and '.' in type_ and '_scope_' not in cfg:
+        cfg['_scope_'] = type_.split('.', 1)[0]
+    return cfg
+
+
 def _drop_teacher_state(module: nn.Module, state_dict: dict, prefix: str,
                         local_metadata: dict) -> dict:
     """state_dict hook: leave the frozen teachers out of checkpoints."""
@@ -164,7 +179,8 @@ class KnowledgeInheritance(BaseModel):
         self.task_heads = nn.ModuleDict()
         for name, cfg in (task_heads or {}).items():
             cfg = copy.deepcopy(cfg)
-            self.task_heads[name] = MODELS.build(cfg.pop('head'))
+            self.task_heads[name] = MODELS.build(
+                in_own_scope(cfg.pop('head')))
             cfg.setdefault('inputs', 'summary')
             cfg.setdefault('weight', 1.0)
             cfg.setdefault('loss_kwargs', {})
@@ -214,8 +230,9 @@ class KnowledgeInheritance(BaseModel):
         for name, pair in aligned.items():
             pred, target = pair['pred'], pair['target']
             w = self.teacher_weights[name]
-            losses[f'loss_{name}_summary'] = w * self.summary_losses[name](
-                pred.summary, target.summary)
+            if target.summary is not None:  # teachers without a summary
+                losses[f'loss_{name}_summary'] = w * self.summary_losses[
+                    name](pred.summary, target.summary)
             dense = [self.feature_losses[name](p, t)
                      for p, t in zip(pred.features, target.features)]
             losses[f'loss_{name}_features'] = w * torch.stack(dense).mean()
@@ -236,8 +253,9 @@ class KnowledgeInheritance(BaseModel):
         params = self.shared_parameters()
         norms = {}
         for name in self.teachers:
-            total = losses[f'loss_{name}_summary'] + \
-                losses[f'loss_{name}_features']
+            total = sum(losses[k] for k in (f'loss_{name}_summary',
+                                            f'loss_{name}_features')
+                        if k in losses)
             grads = torch.autograd.grad(total, params, retain_graph=True,
                                         allow_unused=True)
             sq = [g.detach().float().pow(2).sum() for g in grads
@@ -260,7 +278,7 @@ class KnowledgeInheritance(BaseModel):
         for name, head in self.task_heads.items():
             cfg = self.task_cfgs[name]
             idx = [i for i, s in enumerate(data_samples)
-                   if cfg['gt_field'] in s]
+                   if s is not None and cfg['gt_field'] in s]
             if not idx:
                 continue
             sel = torch.as_tensor(idx, device=student.summary.device)

@@ -1,0 +1,123 @@
+"""Student-to-teacher heads: ``Linear-LN-GELU-Linear`` (AM-RADIO)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch.nn.functional as F
+from mmcv.cnn import build_activation_layer, build_norm_layer
+from mmengine.model import BaseModule
+from torch import Tensor, nn
+
+from kiv.registry import MODELS
+
+__all__ = ['S2THead', 'DenseS2THead']
+
+
+@MODELS.register_module()
+class S2THead(BaseModule):
+    """MLP from the student's space to one teacher output's space.
+
+    ``fc1 -> norm -> act -> fc2`` over the last dim (channel-last), i.e.
+    ``Linear-LN-GELU-Linear`` with the defaults. Used as it is for summaries.
+
+    Args:
+        in_dim (int): student channels.
+        out_dim (int): teacher channels.
+        hidden_dim (int): hidden channels (1280 for a ViT-B student in the
+            authors' fork). Defaults to 1280.
+        norm_cfg (dict): mmcv norm layer config. Defaults to
+            ``dict(type='LN')``.
+        act_cfg (dict): mmcv activation config. Defaults to
+            ``dict(type='GELU')``.
+        init_cfg (dict | list[dict], optional): mmengine init config.
+            Defaults to truncated normal (std 0.02) Linear weights, zero bias.
+    """
+
+    def __init__(self,
+                 in_dim: int,
+                 out_dim: int,
+                 hidden_dim: int = 1280,
+                 norm_cfg: Optional[dict] = None,
+                 act_cfg: Optional[dict] = None,
+                 init_cfg: Optional[dict | list[dict]] = None) -> None:
+        if init_cfg is None:
+            init_cfg = dict(type='TruncNormal', layer='Linear', std=0.02,
+                            bias=0.)
+        super().__init__(init_cfg=init_cfg)
+        for key, value in (('in_dim', in_dim), ('out_dim', out_dim),
+                           ('hidden_dim', hidden_dim)):
+            if value < 1:
+                raise ValueError(f'{type(self).__name__}: {key} must be >= 1, '
+                                 f'got {value}')
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.norm = build_norm_layer(norm_cfg or dict(type='LN'),
+                                     hidden_dim)[1]
+        self.act = build_activation_layer(act_cfg or dict(type='GELU'))
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+
+    def _tail(self, hidden: Tensor) -> Tensor:
+        """``fc2(act(norm(hidden)))`` over the last dim."""
+        return self.fc2(self.act(self.norm(hidden)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Project channel-last input.
+
+        Args:
+            x (Tensor): ``(..., in_dim)``, e.g. a summary ``(B, in_dim)``.
+
+        Returns:
+            Tensor: ``(..., out_dim)``.
+        """
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f'{type(self).__name__}: expected {self.in_dim} '
+                             f'channels in the last dim, got shape '
+                             f'{tuple(x.shape)}')
+        return self._tail(self.fc1(x))
+
+
+@MODELS.register_module()
+class DenseS2THead(S2THead):
+    """:class:`S2THead` for NCHW maps, resized to the teacher's grid.
+
+    The output is ``MLP(interpolate(x, size))`` with bilinear interpolation
+    (``align_corners=False``), computed on the cheaper side: bilinear
+    interpolation takes convex combinations of pixels (weights sum to 1), so
+    it commutes with the affine ``fc1``. When the teacher grid has fewer
+    pixels the input is resized first; when it has more, ``fc1`` runs on the
+    student grid and its output is resized. The MLP runs channel-last.
+
+    Args: see :class:`S2THead`.
+    """
+
+    def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
+        """Project a student map onto a teacher grid.
+
+        Args:
+            x (Tensor): student map ``(B, in_dim, H, W)``.
+            size (tuple[int, int]): teacher grid ``(h_t, w_t)``.
+
+        Returns:
+            Tensor: ``(B, out_dim, h_t, w_t)`` (a channel-last memory view).
+        """
+        if x.dim() != 4 or x.shape[1] != self.in_dim:
+            raise ValueError(f'{type(self).__name__}: expected a (B, '
+                             f'{self.in_dim}, H, W) map, got shape '
+                             f'{tuple(x.shape)}')
+        size = tuple(int(s) for s in size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f'{type(self).__name__}: size must be '
+                             f'(h, w) with positive entries, got {size}')
+        in_pixels = x.shape[-2] * x.shape[-1]
+        if tuple(x.shape[-2:]) == size:
+            hidden = self.fc1(x.permute(0, 2, 3, 1))
+        elif size[0] * size[1] <= in_pixels:
+            x = F.interpolate(x, size, mode='bilinear', align_corners=False)
+            hidden = self.fc1(x.permute(0, 2, 3, 1))
+        else:
+            hidden = self.fc1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            hidden = F.interpolate(
+                hidden, size, mode='bilinear',
+                align_corners=False).permute(0, 2, 3, 1)
+        return self._tail(hidden).permute(0, 3, 1, 2)

@@ -1,0 +1,319 @@
+"""The shared latent space: standardised teacher targets and s2t heads."""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from mmengine.dist import all_reduce
+from mmengine.model import BaseModule, ModuleDict, ModuleList
+from torch import Tensor
+
+from kiv.registry import MODELS
+from kiv.structures import FeatureOutput
+from .s2t_heads import DenseS2THead, S2THead
+from .standardizers import BaseStandardizer, EMAStandardizer, \
+    build_standardizer
+
+__all__ = ['SharedLatentSpace']
+
+_REQUIRED_KEYS = {'summary_dim', 'feature_dims'}
+_TEACHER_KEYS = _REQUIRED_KEYS | {'student_levels'}
+
+
+@MODELS.register_module()
+class SharedLatentSpace(BaseModule):
+    """Unified knowledge transfer: align the student with every teacher.
+
+    For every teacher ``t`` and every output of it (the summary and each
+    dense level ``l``) the neck holds
+
+    * a standardiser of the teacher's output (``standardize``: PHI-S,
+      per channel or none), whose statistics are updated from the raw teacher
+      outputs in training mode, all-reduced across ranks;
+    * a student-to-teacher head: :class:`S2THead` from the student summary,
+      :class:`DenseS2THead` from student level ``student_levels[l]``, resized
+      bilinearly to the teacher's grid.
+
+    Modules are addressable by teacher name: ``summary_heads[t]``,
+    ``feature_heads[t][l]``, ``summary_standardizers[t]``,
+    ``feature_standardizers[t][l]``.
+
+    Args:
+        student_summary_dim (int): channels of the student summary.
+        student_feature_dims (list[int]): channels of each student level,
+            highest resolution first.
+        teachers (dict[str, dict]): per teacher name (no ``.``):
+            ``summary_dim`` (int, or None for a teacher without a summary:
+            then ``pred.summary`` and ``target.summary`` are None),
+            ``feature_dims`` (list[int], one per teacher level, may be empty),
+            ``student_levels`` (list[int], optional: the student level that
+            feeds each teacher level; defaults to ``default_student_level``
+            for all).
+        standardize (str): ``'phis'``, ``'channel'`` or ``'none'``.
+            Defaults to ``'phis'``.
+        momentum (float): EMA decay of the statistics. Defaults to 0.99.
+        eps (float): standardiser epsilon. Defaults to 1e-6.
+        max_stat_updates (int, optional): freeze the statistics after this
+            many updates (PHI-S estimates them once). Defaults to None.
+        hidden_dim (int): hidden width of every s2t head. Defaults to 1280.
+        default_student_level (int): student level for teacher levels without
+            ``student_levels`` (negative counts from the end). Defaults to 2,
+            the stride-16 level of a 4-level pyramid; use 0 for a single-level
+            (ViT) student.
+        norm_cfg (dict, optional): norm of the heads. Defaults to LN.
+        act_cfg (dict, optional): activation of the heads. Defaults to GELU.
+        init_cfg (dict | list[dict], optional): mmengine init config.
+            Defaults to None (the heads' own truncated normal init).
+    """
+
+    def __init__(self,
+                 student_summary_dim: int,
+                 student_feature_dims: Sequence[int],
+                 teachers: Mapping[str, Mapping],
+                 standardize: str = 'phis',
+                 momentum: float = 0.99,
+                 eps: float = 1e-6,
+                 max_stat_updates: Optional[int] = None,
+                 hidden_dim: int = 1280,
+                 default_student_level: int = 2,
+                 norm_cfg: Optional[dict] = None,
+                 act_cfg: Optional[dict] = None,
+                 init_cfg: Optional[dict | list[dict]] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        name = type(self).__name__
+        self.student_summary_dim = int(student_summary_dim)
+        self.student_feature_dims = [int(d) for d in student_feature_dims]
+        num_levels = len(self.student_feature_dims)
+        if not teachers:
+            raise ValueError(f'{name}: teachers must name at least one '
+                             f'teacher')
+        self.standardize = standardize
+        std_kwargs = dict(momentum=momentum, eps=eps,
+                          max_updates=max_stat_updates)
+        head_kwargs = dict(hidden_dim=hidden_dim, norm_cfg=norm_cfg,
+                           act_cfg=act_cfg)
+
+        self.summary_heads = ModuleDict()
+        self.summary_standardizers = ModuleDict()
+        self.feature_heads = ModuleDict()
+        self.feature_standardizers = ModuleDict()
+        #: teacher name -> student level feeding each teacher level.
+        self.student_levels: dict[str, list[int]] = {}
+        #: teacher name -> teacher summary dim (None: no summary).
+        self.teacher_summary_dims: dict[str, Optional[int]] = {}
+        for teacher, cfg in teachers.items():
+            where = f'{name}: teachers[{teacher!r}]'
+            if not isinstance(teacher, str) or not teacher or '.' in teacher:
+                raise ValueError(f'{where}: teacher names must be non-empty '
+                                 f'strings without "."')
+            keys = set(cfg)
+            if keys - _TEACHER_KEYS or not _REQUIRED_KEYS <= keys:
+                raise ValueError(
+                    f'{where}: expected keys summary_dim, feature_dims and '
+                    f'optionally student_levels, got {sorted(keys)}')
+            summary_dim = cfg['summary_dim']
+            feature_dims = [int(d) for d in cfg['feature_dims']]
+            levels = cfg.get('student_levels')
+            if levels is None:
+                levels = [default_student_level] * len(feature_dims)
+            levels = [int(lv) for lv in levels]
+            if len(levels) != len(feature_dims):
+                raise ValueError(f'{where}: student_levels has {len(levels)} '
+                                 f'entries for {len(feature_dims)} '
+                                 f'feature_dims')
+            for lv in levels:
+                if not -num_levels <= lv < num_levels:
+                    raise ValueError(
+                        f'{where}: student level {lv} does not exist, the '
+                        f'student has {num_levels} levels (set '
+                        f'student_levels or default_student_level)')
+            self.student_levels[teacher] = [lv % num_levels for lv in levels]
+            self.teacher_summary_dims[teacher] = summary_dim
+            if summary_dim is not None:
+                self.summary_heads[teacher] = S2THead(
+                    self.student_summary_dim, int(summary_dim), **head_kwargs)
+                self.summary_standardizers[teacher] = build_standardizer(
+                    standardize, int(summary_dim), **std_kwargs)
+            self.feature_heads[teacher] = ModuleList([
+                DenseS2THead(self.student_feature_dims[lv], dim, **head_kwargs)
+                for lv, dim in zip(self.student_levels[teacher], feature_dims)
+            ])
+            self.feature_standardizers[teacher] = ModuleList([
+                build_standardizer(standardize, dim, **std_kwargs)
+                for dim in feature_dims
+            ])
+
+    @property
+    def teacher_names(self) -> list[str]:
+        """Configured teacher names, in config order."""
+        return list(self.student_levels)
+
+    # ----------------------------------------------------------------- checks
+    def _check_teacher(self, teacher: str) -> None:
+        if teacher not in self.student_levels:
+            raise KeyError(f'{type(self).__name__}: unknown teacher '
+                           f'{teacher!r}; configured: {self.teacher_names}')
+
+    def _check_student(self, student: FeatureOutput) -> None:
+        dims = [f.shape[1] for f in student.features]
+        if student.summary.shape[-1] != self.student_summary_dim or \
+                dims != self.student_feature_dims:
+            raise ValueError(
+                f'{type(self).__name__}: student output has summary dim '
+                f'{student.summary.shape[-1]} and level dims {dims}, expected '
+                f'student_summary_dim={self.student_summary_dim} and '
+                f'student_feature_dims={self.student_feature_dims}')
+
+    def _check_teacher_output(self, out: FeatureOutput, teacher: str) -> None:
+        self._check_teacher(teacher)
+        want_summary = self.teacher_summary_dims[teacher]
+        want_dims = [h.out_dim for h in self.feature_heads[teacher]]
+        has_summary = None if out.summary is None else out.summary.shape[-1]
+        dims = [f.shape[1] for f in out.features]
+        if has_summary != want_summary or dims != want_dims:
+            raise ValueError(
+                f'{type(self).__name__}: output for teacher {teacher!r} has '
+                f'summary dim {has_summary} and level dims {dims}, expected '
+                f'summary_dim={want_summary} and feature_dims={want_dims}')
+
+    # ------------------------------------------------------------ statistics
+    def _standardizers(self, teacher: str) -> list[BaseStandardizer]:
+        stds = list(self.feature_standardizers[teacher])
+        if teacher in self.summary_standardizers:
+            stds.insert(0, self.summary_standardizers[teacher])
+        return stds
+
+    @staticmethod
+    def _outputs(out: FeatureOutput) -> list[Tensor]:
+        tensors = list(out.features)
+        if out.summary is not None:
+            tensors.insert(0, out.summary)
+        return tensors
+
+    @torch.no_grad()
+    def update_statistics(self, targets: Mapping[str, FeatureOutput]) -> None:
+        """Update every standardiser with raw teacher outputs.
+
+        One ``all_reduce`` carries the batch sums of all standardisers. Every
+        rank must pass the same teachers (it is a collective operation).
+        Frozen standardisers (``max_stat_updates`` reached) are skipped.
+
+        Args:
+            targets (dict[str, FeatureOutput]): raw outputs per teacher.
+        """
+        pending: list[tuple[EMAStandardizer, Tensor]] = []
+        for teacher, out in targets.items():
+            self._check_teacher_output(out, teacher)
+            for std, x in zip(self._standardizers(teacher),
+                              self._outputs(out)):
+                if isinstance(std, EMAStandardizer) and not std.frozen:
+                    pending.append((std, std.batch_sums(x)))
+        if not pending:
+            return
+        sums = torch.cat([s for _, s in pending])
+        all_reduce(sums, op='sum')
+        for (std, _), chunk in zip(
+                pending, sums.split([s.numel() for _, s in pending])):
+            std.update_from_sums(chunk)
+
+    def standardize_targets(self, target: FeatureOutput,
+                            teacher: str) -> FeatureOutput:
+        """Standardise one teacher's raw output (no statistics update).
+
+        Args:
+            target (FeatureOutput): raw teacher output, summary ``(B, D_t)``
+                (or None), levels ``(B, D_l, h_l, w_l)``.
+            teacher (str): teacher name.
+
+        Returns:
+            FeatureOutput: same shapes, detached.
+        """
+        self._check_teacher_output(target, teacher)
+        with torch.no_grad():
+            summary = None if target.summary is None else \
+                self.summary_standardizers[teacher](target.summary.detach())
+            features = tuple(
+                std(x.detach()) for std, x in zip(
+                    self.feature_standardizers[teacher], target.features))
+        return FeatureOutput(summary, features)
+
+    def to_teacher_space(self, pred: FeatureOutput,
+                         teacher: str) -> FeatureOutput:
+        """Map projections back to the teacher's raw space (``inverse``).
+
+        Used by inherited heads: student + s2t head + the teacher's own head.
+        Differentiable.
+
+        Args:
+            pred (FeatureOutput): standardised-space output of
+                :meth:`project` for ``teacher``.
+            teacher (str): teacher name.
+
+        Returns:
+            FeatureOutput: same shapes, in the teacher's raw feature space.
+        """
+        self._check_teacher_output(pred, teacher)
+        summary = None if pred.summary is None else \
+            self.summary_standardizers[teacher].inverse(pred.summary)
+        features = tuple(
+            std.inverse(x)
+            for std, x in zip(self.feature_standardizers[teacher],
+                              pred.features))
+        return FeatureOutput(summary, features)
+
+    # ------------------------------------------------------------ projection
+    def project(self, student: FeatureOutput, teacher: str,
+                sizes: Sequence[Sequence[int]]) -> FeatureOutput:
+        """Project the student into one teacher's standardised space.
+
+        Args:
+            student (FeatureOutput): summary ``(B, student_summary_dim)``,
+                levels ``(B, student_feature_dims[l], H_l, W_l)``.
+            teacher (str): teacher name.
+            sizes (list[tuple[int, int]]): target grid ``(h, w)`` of each
+                teacher level.
+
+        Returns:
+            FeatureOutput: summary ``(B, summary_dim)`` (None if the teacher
+            has none), levels ``(B, feature_dims[l], h_l, w_l)``.
+        """
+        self._check_teacher(teacher)
+        self._check_student(student)
+        heads = self.feature_heads[teacher]
+        if len(sizes) != len(heads):
+            raise ValueError(f'{type(self).__name__}: teacher {teacher!r} has '
+                             f'{len(heads)} levels, got {len(sizes)} sizes')
+        summary = self.summary_heads[teacher](student.summary) \
+            if teacher in self.summary_heads else None
+        features = tuple(
+            head(student.features[lv], size) for head, lv, size in zip(
+                heads, self.student_levels[teacher], sizes))
+        return FeatureOutput(summary, features)
+
+    def forward(
+        self, student: FeatureOutput, targets: Mapping[str, FeatureOutput]
+    ) -> dict[str, dict[str, FeatureOutput]]:
+        """Predictions and standardised targets for every given teacher.
+
+        In training mode the standardiser statistics are first updated with
+        the raw targets (no grad); eval mode leaves them untouched.
+
+        Args:
+            student (FeatureOutput): student output.
+            targets (dict[str, FeatureOutput]): raw outputs of some or all
+                configured teachers.
+
+        Returns:
+            dict[str, dict[str, FeatureOutput]]: per teacher, ``pred`` (the
+            student's projections, each level at the teacher level's grid) and
+            ``target`` (standardised, detached), with equal shapes.
+        """
+        if self.training:
+            self.update_statistics(targets)
+        results = {}
+        for teacher, target in targets.items():
+            target = self.standardize_targets(target, teacher)
+            sizes = [tuple(f.shape[-2:]) for f in target.features]
+            results[teacher] = dict(
+                pred=self.project(student, teacher, sizes), target=target)
+        return results
