@@ -47,3 +47,46 @@ def run_tool(args: list[str], cwd: str, timeout: int = 600,
     cmd = (launcher or [sys.executable]) + [script] + args[1:]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+TINY_DISTILL_CFG = osp.join(
+    REPO, 'configs', 'distill',
+    'kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images.py')
+
+
+@pytest.fixture(scope='session')
+def exported_student(tmp_path_factory) -> dict:
+    """A student exported from a real (2-iteration) tiny distillation run.
+
+    Returns:
+        dict: ``path`` of the exported checkpoint (``student.pth``), ``root``
+        (a directory holding ``data/coco`` and ``data/tiny_teachers``), and
+        ``backbone`` (the ``kiv.AdapterViT`` config to use downstream, with
+        ``base.checkpoint=None`` and the Pretrained ``init_cfg`` set).
+    """
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from kiv.engine.export import export_student
+    from kiv.testing import make_tiny_coco
+    from kiv.testing.tiny_teachers import create_tiny_teachers
+    root = str(tmp_path_factory.mktemp('student'))
+    make_tiny_coco(osp.join(root, 'data', 'coco'))
+    create_tiny_teachers(osp.join(root, 'data', 'tiny_teachers'))
+    cfg = Config.fromfile(TINY_DISTILL_CFG)
+    cfg.work_dir = osp.join(root, 'distill')
+    cfg.train_cfg.max_iters = 2
+    cfg.train_cfg.val_interval = 100
+    cfg.default_hooks.checkpoint.interval = 2
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        Runner.from_cfg(cfg).train()
+    finally:
+        os.chdir(old)
+    path = osp.join(root, 'student.pth')
+    export_student(osp.join(root, 'distill', 'iter_2.pth'), path)
+    backbone = cfg.model.student.to_dict()
+    backbone['base']['checkpoint'] = None
+    backbone['init_cfg'] = dict(type='Pretrained', checkpoint=path)
+    return dict(path=path, root=root, backbone=backbone)

@@ -355,19 +355,23 @@ def test_build_from_toolbox_registries(timm_ckpt, toolbox):
 
 
 def test_mmpretrain_classifier_uses_global_vector(timm_ckpt):
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
-    classifier = MODELS.build(
-        dict(
-            type='ImageClassifier',
-            backbone=dict(
-                type='kiv.AdapterViT',
-                base=base_cfg('timm', timm_ckpt[0]),
-                interaction_indexes=INDEXES,
-                conv_inplane=16,
-                deform_num_heads=2,
-                out_type='global',
-                frozen_stages=5),
-            head=dict(type='LinearClsHead', num_classes=3, in_channels=C)))
+    backbone = dict(
+        type='kiv.AdapterViT',
+        base=base_cfg('timm', timm_ckpt[0]),
+        interaction_indexes=INDEXES,
+        conv_inplane=16,
+        deform_num_heads=2,
+        out_type='global',
+        frozen_stages=5)
+    # as in an mmpretrain config (default_scope='mmpretrain'), whatever
+    # scope earlier tests left current
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        classifier = MODELS.build(
+            dict(type='ImageClassifier', backbone=backbone,
+                 head=dict(type='LinearClsHead', num_classes=3,
+                           in_channels=C)))
     classifier.init_weights()
     classifier.train()
     trainable = [
