@@ -4,7 +4,6 @@ import importlib.util
 import os
 import os.path as osp
 import subprocess
-import sys
 import time
 import zipfile
 

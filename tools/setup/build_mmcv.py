@@ -38,7 +38,8 @@ MMCV_VERSION = '2.1.0'
 _PATCHES: dict[str, list[tuple[str, str]]] = {
     'setup.py': [("'-std=c++17'", "'-std=c++20'")],
     'mmcv/image/photometric.py': [
-        ('np.uint8(hue_factor * 255)', 'np.uint8(int(hue_factor * 255) % 256)'),
+        ('np.uint8(hue_factor * 255)',
+         'np.uint8(int(hue_factor * 255) % 256)'),
     ],
 }
 
@@ -106,7 +107,8 @@ def main() -> None:
         ])
         archives = glob.glob(os.path.join(tmp, 'mmcv-*.tar.gz'))
         if rc != 0 or not archives:
-            _fail('download', 'check that PyPI is reachable (pip download mmcv).')
+            _fail('download',
+                  'check that PyPI is reachable (pip download mmcv).')
         with tarfile.open(archives[0]) as tar:
             tar.extractall(tmp, filter='data')
         src = os.path.join(tmp, f'mmcv-{MMCV_VERSION}')
