@@ -52,7 +52,8 @@ OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     'optimizer wrapper constructor',
     parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
     scope='kiv',
-    locations=['kiv.engine'])
+    # imported on first lookup only: it imports mmpretrain
+    locations=['kiv.engine', 'kiv.engine.layer_decay_constructor'])
 PARAM_SCHEDULERS = Registry('parameter scheduler',
                             parent=MMENGINE_PARAM_SCHEDULERS, scope='kiv',
                             locations=['kiv.engine'])

@@ -6,6 +6,7 @@ checkpoint). Examples::
 
     python tools/test.py <mmdet config> <ckpt> --out preds.pkl
     python tools/test.py <mmseg config> <ckpt> --show-dir vis/
+    python tools/test.py <mmpretrain config> <ckpt> --data-root /data/imagenet
     bash tools/dist_test.sh <config> <ckpt> 8
 """
 import argparse
@@ -18,10 +19,12 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 import kiv  # noqa: F401,E402  (registers kiv.*, safe checkpoint loading)
 from kiv.engine.launch import (  # noqa: E402
     DictAction,
+    check_dataset,
     config_scope,
     die,
     load_config,
     require_file,
+    set_data_root,
     setup_cpu_distributed,
     setup_work_dir)
 from kiv.engine.summary import format_summary_table  # noqa: E402
@@ -37,6 +40,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--show-dir',
                         help='save visualised predictions in this directory '
                         '(relative to the run\'s log dir for mmdet/mmseg)')
+    parser.add_argument(
+        '--data-root',
+        help='test data in DIR instead of the config\'s data_root (the '
+        'standard layout: COCO: annotations/ + val2017/; ADE20K: '
+        'ADEChallengeData2016/; ImageNet: val/ + meta/); also moves '
+        'evaluator files under the old root (COCO ann_file)')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override config settings, key=value (xxx=yyy format)')
@@ -86,6 +95,9 @@ def main() -> None:
     cfg.launcher = args.launcher
     setup_work_dir(cfg, args.config, args.work_dir)
     cfg.load_from = require_file(args.checkpoint, 'checkpoint')
+    if args.data_root:
+        set_data_root(cfg, args.data_root)
+    check_dataset(cfg)
     scope = config_scope(cfg)
     if args.show_dir:
         enable_visualization(cfg, scope, args.show_dir)

@@ -15,6 +15,7 @@ One class serves the distiller (:meth:`AdapterViT.forward_features`) and, by
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -329,6 +330,72 @@ class AdapterViT(BaseModule):
             for module in self._frozen_modules():
                 module.eval()
         return self
+
+    # ------------------------------------------------------------------
+    # layer-wise learning-rate decay
+    @cached_property
+    def _layer_depth_rules(self) -> tuple[tuple[str, int], ...]:
+        """``(parameter name prefix, layer id)`` pairs, most specific first.
+        """
+        last = self.base.depth + 1
+        names = {id(m): name for name, m in self.named_modules()}
+        rules = [(f'{names[id(block)]}.', i + 1)
+                 for i, block in enumerate(self.base.blocks)]
+        if id(self.base.norm) in names:  # mmpretrain without final norm
+            rules.append((f'{names[id(self.base.norm)]}.', last))
+        rules += [('base.', 0), ('level_embed', 0), ('spm.', 0)]
+        for k, (start, end) in enumerate(self.interaction_indexes):
+            rules += [(f'interactions.{k}.injector.', start),
+                      (f'interactions.{k}.', end + 1)]
+        return tuple(rules)
+
+    def get_layer_depth(self, param_name: str,
+                        prefix: str = '') -> tuple[int, int]:
+        """Layer id of a parameter for layer-wise learning-rate decay.
+
+        Same contract as mmpretrain's ``VisionTransformer.get_layer_depth``,
+        which ``mmpretrain.LearningRateDecayOptimWrapperConstructor`` calls
+        (through ``ImageClassifier.get_layer_depth`` with
+        ``prefix='backbone.'``); the parameter gets the learning rate
+        ``lr * layer_decay_rate ** (num_layers - 1 - layer_id)``. With ``D``
+        base blocks, ``num_layers = D + 2`` and:
+
+        - ``0``: base embeddings (patch embed, position embedding, CLS and
+          register tokens, pre-norm), spatial prior module, level embedding
+          (the adapter's input stem);
+        - ``i + 1``: base block ``i``;
+        - adapter interaction ``k`` over base blocks ``[s, e]``: each part
+          takes the depth of the ViT token stream it touches: its injector
+          writes the input of block ``s`` (``s``; 0 = the embeddings), its
+          extractors read the output of block ``e`` (``e + 1``);
+        - ``D + 1`` (full learning rate): the base final norm, the output
+          layers (``up``, per-stage token norms, output norms, global token)
+          and every parameter outside this backbone (``param_name`` not
+          starting with ``prefix``: necks, heads).
+
+        mmseg segmentors and mmdet detectors have no ``get_layer_depth`` of
+        their own; for them use
+        ``constructor='kiv.BackboneLayerDecayOptimWrapperConstructor'``
+        (:mod:`kiv.engine.layer_decay_constructor`).
+
+        Args:
+            param_name (str): parameter name, e.g.
+                ``'backbone.base.model.blocks.3.attn.qkv.weight'``.
+            prefix (str): prefix of this backbone's parameters in
+                ``param_name``. Defaults to ``''``.
+
+        Returns:
+            tuple[int, int]: ``(layer_id, num_layers)``,
+            ``0 <= layer_id < num_layers``.
+        """
+        num_layers = self.base.depth + 2
+        if not param_name.startswith(prefix):
+            return num_layers - 1, num_layers
+        name = param_name[len(prefix):]
+        for rule, layer_id in self._layer_depth_rules:
+            if name.startswith(rule):
+                return layer_id, num_layers
+        return num_layers - 1, num_layers
 
     # ------------------------------------------------------------------
     # forward

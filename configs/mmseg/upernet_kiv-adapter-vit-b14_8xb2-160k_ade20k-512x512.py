@@ -1,0 +1,108 @@
+# UperNet on the kiv student on ADE20K: 512x512 crops, 160k iterations,
+# 8 GPUs x 2 images, fp16 AMP, SyncBN, AdamW with layer-wise lr decay.
+# Backbone: kiv.AdapterViT (DINOv2 ViT-B/14 with 4 registers + ViT-Adapter),
+# initialised from the student exported by
+#   python tools/export_student.py work_dirs/<distill run>/iter_100000.pth \
+#       checkpoints/kiv_vit-b14_student.pth
+# after configs/distill/kiv_adapter-vit-b14-reg4_dinov2-clip-sam-maskrcnn_\
+# 8xb64-100k_in1k.py. The whole student is fine-tuned (ViT-Adapter recipe).
+#   bash tools/dist_train.sh configs/mmseg/<this file> 8
+#   bash tools/dist_test.sh configs/mmseg/<this file> <checkpoint> 8
+_base_ = [
+    'mmseg::_base_/models/upernet_r50.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    'mmseg::_base_/schedules/schedule_160k.py',
+]
+custom_imports = dict(
+    imports=['kiv', 'kiv.engine.layer_decay_constructor'],
+    allow_failed_imports=False)
+
+# Patch size 14 and 512x512 crops: 512 is not a multiple of 14. We keep the
+# standard ADE20K protocol (image scale 2048x512, 512x512 crops, so results
+# compare with published 512x512 numbers) and pad instead of cropping 518:
+# training batches are padded to 518x518 (37 x 14; image pad 0, label pad
+# 255 = ignored by the loss and the metric), test images (short side 512)
+# to the next multiple of 14; mmseg crops the padding off the predictions
+# before resizing them to the original image.
+patch_size = 14
+crop_size = (512, 512)
+pad_size = (518, 518)
+student = 'checkpoints/kiv_vit-b14_student.pth'
+embed_dim = 768
+num_classes = 150
+norm_cfg = dict(type='SyncBN', requires_grad=True)
+
+model = dict(
+    data_preprocessor=dict(
+        size=pad_size, test_cfg=dict(size_divisor=patch_size)),
+    pretrained=None,
+    backbone=dict(
+        _delete_=True,
+        type='kiv.AdapterViT',
+        # the student's base; its weights come with the exported student
+        base=dict(
+            type='timm',
+            model_name='vit_base_patch14_reg4_dinov2',
+            checkpoint=None,
+            model_kwargs=dict(drop_path_rate=0.3)),
+        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
+        conv_inplane=64,
+        deform_num_heads=12,
+        n_points=4,
+        deform_ratio=0.5,
+        cffn_ratio=0.25,
+        drop_path_rate=0.3,
+        # the decode heads read the pyramid only; the exported global token
+        # is skipped with a warning (Pretrained init is non-strict)
+        with_global_token=False,
+        freeze_base=False,
+        frozen_stages=-1,
+        out_type='pyramid',
+        out_indices=(0, 1, 2, 3),
+        norm_cfg=norm_cfg,
+        init_cfg=dict(type='Pretrained', checkpoint=student)),
+    decode_head=dict(
+        in_channels=[embed_dim] * 4, channels=512, num_classes=num_classes,
+        norm_cfg=norm_cfg),
+    auxiliary_head=dict(
+        in_channels=embed_dim, in_index=2, num_classes=num_classes,
+        norm_cfg=norm_cfg),
+    test_cfg=dict(mode='whole'))
+
+train_dataloader = dict(batch_size=2, num_workers=4)
+val_dataloader = dict(batch_size=1, num_workers=4)
+test_dataloader = val_dataloader
+
+# AdamW + layer-wise lr decay over the 12 base blocks (adapter parts take
+# the depth of the blocks they interact with, see
+# AdapterViT.get_layer_depth); no weight decay on norms, biases, gammas,
+# tokens and position / level embeddings.
+optim_wrapper = dict(
+    _delete_=True,
+    type='AmpOptimWrapper',
+    optimizer=dict(
+        type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.05),
+    constructor='kiv.BackboneLayerDecayOptimWrapperConstructor',
+    paramwise_cfg=dict(
+        layer_decay_rate=0.9,
+        norm_decay_mult=0.0,
+        flat_decay_mult=0.0,
+        custom_keys={
+            '.cls_token': dict(decay_mult=0.0),
+            '.reg_token': dict(decay_mult=0.0),
+            '.pos_embed': dict(decay_mult=0.0),
+            'level_embed': dict(decay_mult=0.0),
+        }))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0,
+         end=1500),
+    dict(type='PolyLR', eta_min=0.0, power=1.0, by_epoch=False, begin=1500,
+         end=160000),
+]
+default_hooks = dict(
+    checkpoint=dict(
+        type='CheckpointHook', by_epoch=False, interval=16000,
+        max_keep_ckpts=2, save_best='mIoU'))
+# total batch 16 (8 GPUs x 2): `tools/train.py --auto-scale-lr` rescales
+auto_scale_lr = dict(enable=False, base_batch_size=16)
