@@ -15,7 +15,7 @@ _base_ = [
     'mmseg::_base_/schedules/schedule_160k.py',
 ]
 custom_imports = dict(
-    imports=['kiv', 'kiv.engine.layer_decay_constructor'],
+    imports=['kiv'],
     allow_failed_imports=False)
 
 # Patch size 14 and 512x512 crops: 512 is not a multiple of 14. We keep the

@@ -105,7 +105,9 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
         'gloo'
     wrapper = cfg.get('model_wrapper_cfg', None)
     if wrapper is None:
-        cfg.model_wrapper_cfg = dict(type='kiv.CPUDistributedDataParallel')
+        cfg.model_wrapper_cfg = dict(
+            type='kiv.CPUDistributedDataParallel',
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
     elif wrapper.get('type') in ('MMDistributedDataParallel',
                                  'mmengine.MMDistributedDataParallel'):
         # keep the options (e.g. find_unused_parameters), drop device_ids

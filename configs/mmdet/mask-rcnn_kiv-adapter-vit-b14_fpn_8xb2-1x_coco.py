@@ -1,0 +1,79 @@
+# Mask R-CNN on COCO 2017 (1x, box + mask AP) with the kiv student as backbone:
+# the ViT-Adapter pyramid of kiv.AdapterViT (4 maps at strides 4/8/16/32,
+# 768 channels each) -> mmdet's FPN -> mmdet's standard Mask R-CNN heads.
+# 8 GPUs x 2 images, fp16 AMP, SyncBN, AdamW (ViT-Adapter's 1x recipe).
+#   bash tools/dist_train.sh configs/mmdet/<this file> 8
+# The student is exported from the distillation recipe
+# configs/distill/kiv_adapter-vit-b14-reg4_dinov2-clip-sam-maskrcnn_8xb64-100k_in1k.py
+# with tools/export_student.py to checkpoints/kiv_vit-b14_student.pth.
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_instance.py',
+    'mmdet::_base_/schedules/schedule_1x.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(
+    imports=['kiv'],
+    allow_failed_imports=False)
+
+student_checkpoint = 'checkpoints/kiv_vit-b14_student.pth'
+norm_cfg = dict(type='SyncBN', requires_grad=True)
+model = dict(
+    # The DINOv2 base has 14-px patches: pad images to a multiple of 14.
+    data_preprocessor=dict(pad_size_divisor=14),
+    backbone=dict(
+        _delete_=True,
+        type='kiv.AdapterViT',
+        # Architecture of the exported student (weights come from init_cfg,
+        # so the base is not read from its own checkpoint).
+        base=dict(
+            type='timm',
+            model_name='vit_base_patch14_reg4_dinov2',
+            checkpoint=None,
+            model_kwargs=dict(drop_path_rate=0.1)),
+        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
+        conv_inplane=64,
+        deform_num_heads=12,
+        n_points=4,
+        deform_ratio=0.5,
+        cffn_ratio=0.25,
+        drop_path_rate=0.1,
+        with_global_token=True,
+        # Fine-tune the whole student; freeze_base=True keeps the inherited
+        # DINOv2 weights fixed (knowledge preservation, less memory).
+        freeze_base=False,
+        out_type='pyramid',
+        out_indices=(0, 1, 2, 3),
+        with_cp=True,
+        norm_cfg=norm_cfg,
+        init_cfg=dict(type='Pretrained', checkpoint=student_checkpoint)),
+    neck=dict(in_channels=[768, 768, 768, 768]))
+
+# The global token (kept so the exported student loads without missing or
+# unexpected keys) gets no gradient from detection losses.
+find_unused_parameters = True
+
+# AdamW (ViT-Adapter's Mask R-CNN 1x) with layer-wise lr decay over the 12
+# base blocks: adapter parts take the depth of the blocks they interact with
+# (AdapterViT.get_layer_depth), neck and heads the full lr. No weight decay
+# on norms, biases, gammas, tokens and position / level embeddings.
+optim_wrapper = dict(
+    _delete_=True,
+    type='AmpOptimWrapper',
+    loss_scale='dynamic',
+    optimizer=dict(
+        type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
+    constructor='kiv.BackboneLayerDecayOptimWrapperConstructor',
+    paramwise_cfg=dict(
+        layer_decay_rate=0.9,
+        norm_decay_mult=0.0,
+        flat_decay_mult=0.0,
+        custom_keys={
+            '.cls_token': dict(decay_mult=0.0),
+            '.reg_token': dict(decay_mult=0.0),
+            '.pos_embed': dict(decay_mult=0.0),
+            'level_embed': dict(decay_mult=0.0),
+        }))
+
+# 8 GPUs x 2 images; --auto-scale-lr rescales lr for other batch sizes.
+auto_scale_lr = dict(enable=False, base_batch_size=16)
