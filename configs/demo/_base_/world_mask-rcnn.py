@@ -1,0 +1,81 @@
+# Mask R-CNN on the demo world (COCO layout, 64x64 images, 6 shape
+# classes) for any backbone giving 4 maps at strides 4/8/16/32: small
+# anchors (16 px at stride 4) and light heads. Paths are relative to the
+# demo work dir (``work_dirs/demo``), where ``world/coco`` is written.
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_instance.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['kiv'], allow_failed_imports=False)
+
+data_root = 'world/coco/'
+metainfo = dict(
+    classes=('disc', 'square', 'triangle', 'star', 'ring', 'cross'))
+img_scale = (64, 64)
+fpn_channels = 64
+model = dict(
+    neck=dict(out_channels=fpn_channels, num_outs=5),
+    rpn_head=dict(
+        in_channels=fpn_channels,
+        feat_channels=fpn_channels,
+        anchor_generator=dict(scales=[4])),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=fpn_channels),
+        bbox_head=dict(in_channels=fpn_channels, fc_out_channels=256,
+                       num_classes=6),
+        mask_roi_extractor=dict(out_channels=fpn_channels),
+        mask_head=dict(num_convs=2, in_channels=fpn_channels,
+                       conv_out_channels=fpn_channels, num_classes=6)),
+    train_cfg=dict(
+        rpn_proposal=dict(nms_pre=500, max_per_img=200),
+        rcnn=dict(sampler=dict(num=128))),
+    test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=200),
+                  rcnn=dict(max_per_img=20)))
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                    'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size=8, num_workers=0, persistent_workers=False,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    batch_sampler=None,
+    dataset=dict(data_root=data_root, metainfo=metainfo,
+                 pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=8, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=metainfo,
+                 pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
+test_evaluator = val_evaluator
+
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=300, val_interval=10**9)
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
+    clip_grad=dict(max_norm=10.0))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=30),
+]
+default_hooks = dict(
+    logger=dict(type='LoggerHook', interval=10),
+    checkpoint=dict(type='CheckpointHook', interval=10**9, by_epoch=False,
+                    save_last=False))
+log_processor = dict(by_epoch=False)
+env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
+randomness = dict(seed=0)

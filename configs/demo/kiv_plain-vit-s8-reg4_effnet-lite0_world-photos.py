@@ -1,0 +1,42 @@
+# Making the demo's general-purpose knowledge base (a stand-in for DINOv2,
+# which cannot be downloaded here): a small DINOv2-like timm ViT (patch 8,
+# 4 registers, LayerScale), every weight trainable (``kiv.PlainViTStudent``),
+# distilled from the real pretrained EfficientNet-Lite0 on real photo crops
+# and world scenes. The ViT weights are then saved as a timm checkpoint
+# (``knowledge_base/kb_vit.pth``) and frozen as the knowledge base.
+_base_ = [
+    '../_base_/default_runtime.py',
+    './_base_/world_photos_images.py',
+    './_base_/effnet_lite0_teacher.py',
+]
+custom_imports = dict(imports=['kiv', 'kiv.demo'], allow_failed_imports=False)
+kb_vit = dict(
+    model_name='vit_small_patch14_reg4_dinov2',
+    model_kwargs=dict(img_size=64, patch_size=8, embed_dim=128, depth=6,
+                      num_heads=4, init_values=0.1))
+model = dict(
+    type='kiv.KnowledgeInheritance',
+    student=dict(type='kiv.PlainViTStudent',
+                 base=dict(type='timm', checkpoint=None, **kb_vit)),
+    teachers=dict(effnet={{_base_.effnet_teacher}}),
+    latent=dict(type='kiv.SharedLatentSpace', standardize='phis',
+                hidden_dim=256,
+                teachers=dict(effnet=dict(student_levels=[0, 1, 2, 3]))),
+    grad_share_interval=0)
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
+    clip_grad=dict(max_norm=1.0))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
+         end=30),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=False, begin=30,
+         end=400),
+]
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=400)
+default_hooks = dict(
+    logger=dict(interval=10),
+    checkpoint=dict(interval=400, by_epoch=False, max_keep_ckpts=1))
+custom_hooks = [dict(type='kiv.SafeCheckpointHook')]
+log_processor = dict(window_size=10)
+env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
