@@ -633,3 +633,30 @@ def test_hf_dinov2_local_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match='nowhere'):
         build_teacher_model(dict(type='hf', path=osp.join(tmp_path,
                                                           'nowhere')))
+
+
+def test_mm_source_two_stage_detector_from_config_file(tmp_path):
+    """A config *file* of a two-stage detector builds (its nested options
+    stay attribute-accessible, e.g. ``train_cfg.rpn``)."""
+    import os.path as osp
+
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+
+    from conftest import CONFIGS
+    cfg_path = osp.join(CONFIGS, 'mask-rcnn_r18_fpn_1xb1-2it_tiny-coco.py')
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        detector = DET_MODELS.build(Config.fromfile(cfg_path).model)
+    ckpt = str(tmp_path / 'mask_rcnn.pth')
+    torch.save({'state_dict': detector.state_dict()}, ckpt)
+    teacher = Teacher(
+        source=dict(type='mm', config=cfg_path, checkpoint=ckpt,
+                    part='backbone+neck'),
+        mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+        input_size=64)
+    out = teacher(torch.rand(1, 3, 64, 64) * 255)
+    assert [f.shape[1] for f in out.features] == [32] * 5
+    torch.testing.assert_close(
+        teacher.model.neck.fpn_convs[0].conv.weight,
+        detector.neck.fpn_convs[0].conv.weight, rtol=0, atol=0)

@@ -2,11 +2,12 @@
 checkpoint."""
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 from mmengine.registry import DefaultScope
 from torch import Tensor, nn
 
@@ -47,7 +48,7 @@ class BackboneNeck(nn.Module):
         return tuple(self.neck(self.backbone(inputs)))
 
 
-def _load_config(config: str | Mapping) -> tuple[dict, str | None]:
+def _load_config(config: str | Mapping) -> tuple[ConfigDict, str | None]:
     """Model config and the config's ``default_scope``.
 
     ``config`` is a config file path, a ``'mmdet::path/to/cfg.py'`` style
@@ -66,16 +67,19 @@ def _load_config(config: str | Mapping) -> tuple[dict, str | None]:
         else:
             config = Config.fromfile(config)
     if isinstance(config, Config):
-        config = config.to_dict()
+        config = config._cfg_dict
     if not isinstance(config, Mapping):
         raise TypeError('mm teacher source config must be a path or a dict, '
                         f'got {type(config).__name__}')
+    # ConfigDict, not dict: mm models read nested options as attributes
+    # (e.g. mmdet's ``train_cfg.rpn``, mmseg's ``test_cfg.mode``).
+    config = ConfigDict(copy.deepcopy(dict(config)))
     if 'type' in config:
-        return dict(config), None
+        return config, None
     if 'model' not in config:
         raise ValueError('mm teacher source config has neither a model '
                          "entry nor a 'type'")
-    return dict(config['model']), config.get('default_scope', package)
+    return config.model, config.get('default_scope', package)
 
 
 def _select_part(part: str) -> Callable[[StateDict], StateDict]:
