@@ -1,0 +1,294 @@
+"""Cached pipeline stages with a progress display (stage i/N, elapsed, ETA).
+
+A stage writes everything into ``<work_dir>/<name>/`` and then, atomically,
+``<work_dir>/<name>/done``: a JSON file with the stage's *fingerprint* and
+its result. The fingerprint hashes the stage's parameters, the seed, the
+text of the config files it reads and the fingerprints of the stages it
+depends on, so a re-run reuses a finished stage exactly when nothing it
+depends on changed; anything else (a different preset, seed, config edit or
+an upstream re-run) re-runs it and, through the fingerprints, everything
+downstream of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import os.path as osp
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+from mmengine.hooks import Hook
+
+__all__ = ['Stage', 'StageContext', 'ProgressDisplay', 'ProgressHook',
+           'run_stages', 'working_dir']
+
+DONE = 'done'
+
+
+@dataclass
+class Stage:
+    """One step of the demo.
+
+    Args:
+        name (str): folder name under the work dir (and the key of its
+            result).
+        title (str): one-line description shown in the progress display.
+        run (callable): ``run(ctx: StageContext) -> dict`` (JSON-safe
+            result), executed with the work dir as current directory.
+        deps (Sequence[str]): stages whose outputs it reads.
+        params (dict): JSON-safe parameters (fingerprinted).
+        files (Sequence[str]): files whose content is fingerprinted (e.g.
+            the configs it loads, with their ``_base_`` files).
+        cost (float): expected seconds, for the ETA.
+    """
+    name: str
+    title: str
+    run: Callable[['StageContext'], dict]
+    deps: Sequence[str] = ()
+    params: dict = field(default_factory=dict)
+    files: Sequence[str] = ()
+    cost: float = 10.0
+
+
+@dataclass
+class StageContext:
+    """What a running stage gets.
+
+    Attributes:
+        stage (Stage): the stage.
+        dir (str): its output folder, relative to the work dir (cwd).
+        seed (int): the run's seed.
+        results (dict[str, dict]): results of the finished stages so far.
+        progress (ProgressDisplay): for iteration progress.
+    """
+    stage: Stage
+    dir: str
+    seed: int
+    results: dict
+    progress: 'ProgressDisplay'
+
+
+@contextmanager
+def working_dir(path: str) -> Iterator[None]:
+    """Run a block with ``path`` as the current directory."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _fmt(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f'{seconds // 60:d}:{seconds % 60:02d}'
+
+
+class ProgressDisplay:
+    """Prints ``[i/N] stage | elapsed | ETA`` lines and iteration progress.
+
+    The ETA scales the remaining stages' expected costs by how fast the
+    stages run so far went compared with their expected costs.
+
+    Args:
+        costs (dict[str, float]): expected seconds of each stage to run.
+        stream: where to print. Defaults to ``sys.stdout``.
+    """
+
+    def __init__(self, costs: dict[str, float], stream=None) -> None:
+        self.costs = dict(costs)
+        self.stream = stream or sys.stdout
+        self.start = time.monotonic()
+        self.done_cost = 0.0  # expected cost of the stages finished
+        self.done_time = 0.0  # their measured time
+        self.current: str | None = None
+        self.current_start = 0.0
+        self.fraction = 0.0
+        self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
+        self._last_print = 0.0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def eta(self) -> float:
+        """Seconds left: remaining expected cost x measured speed ratio."""
+        spent, expected = self.done_time, self.done_cost
+        remaining = sum(self.costs.values())
+        if self.current is not None:
+            done = self.costs.get(self.current, 0.0) * min(self.fraction, 1.0)
+            remaining -= done
+            spent += time.monotonic() - self.current_start
+            expected += done
+        # measured / expected speed, damped so one short stage cannot swing it
+        ratio = (spent + 60.0) / (expected + 60.0)
+        return max(0.0, remaining * ratio)
+
+    def print(self, text: str, end: str = '\n') -> None:
+        self.stream.write(text + end)
+        self.stream.flush()
+
+    def start_stage(self, index: int, total: int, stage: Stage,
+                    cached: bool) -> None:
+        state = 'cached, reused' if cached else 'running'
+        self.print(f'[{index}/{total}] {stage.name}: {stage.title} '
+                   f'({state}) | elapsed {_fmt(self.elapsed())} | '
+                   f'ETA {_fmt(self.eta())}')
+        if not cached:
+            self.current = stage.name
+            self.current_start = time.monotonic()
+            self.fraction = 0.0
+
+    def update(self, fraction: float, text: str) -> None:
+        """Report progress inside the running stage (0..1)."""
+        self.fraction = fraction
+        now = time.monotonic()
+        if not self.tty and now - self._last_print < 15 and fraction < 1:
+            return
+        self._last_print = now
+        line = (f'      {text} | elapsed {_fmt(self.elapsed())} | '
+                f'ETA {_fmt(self.eta())}')
+        if self.tty:
+            self.stream.write('\r' + line.ljust(100)[:120])
+            if fraction >= 1:
+                self.stream.write('\n')
+            self.stream.flush()
+        else:
+            self.print(line)
+
+    def end_stage(self) -> None:
+        if self.current is None:
+            return
+        seconds = time.monotonic() - self.current_start
+        self.done_time += seconds
+        self.done_cost += self.costs.pop(self.current, 0.0)
+        self.current = None
+        self.print(f'      done in {_fmt(seconds)}')
+
+
+class ProgressHook(Hook):
+    """mmengine hook feeding training / test iterations to the display.
+
+    Args:
+        progress (ProgressDisplay): the display.
+        what (str): label, e.g. ``'train'``.
+        share (float): fraction of the stage's cost that training takes
+            (the rest is evaluation).
+    """
+
+    priority = 'VERY_LOW'
+
+    def __init__(self, progress: ProgressDisplay, what: str = 'train',
+                 share: float = 0.9) -> None:
+        self.progress = progress
+        self.what = what
+        self.share = share
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None,
+                         outputs=None) -> None:
+        total = runner.max_iters
+        done = runner.iter + 1
+        loss = ''
+        if isinstance(outputs, dict) and 'loss' in outputs:
+            loss = f' loss {float(outputs["loss"]):.3f}'
+        self.progress.update(self.share * done / total,
+                             f'{self.what} iter {done}/{total}{loss}')
+
+    def after_test_iter(self, runner, batch_idx: int, data_batch=None,
+                        outputs=None) -> None:
+        total = len(runner.test_dataloader)
+        self.progress.update(
+            self.share + (1 - self.share) * (batch_idx + 1) / total,
+            f'test batch {batch_idx + 1}/{total}')
+
+
+def _file_digest(path: str) -> str:
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def fingerprint(stage: Stage, seed: int, upstream: dict[str, str]) -> str:
+    """Hash of everything a stage's outputs depend on."""
+    payload = dict(name=stage.name, params=stage.params, seed=seed,
+                   files={osp.basename(f): _file_digest(f)
+                          for f in sorted(stage.files)},
+                   deps={d: upstream[d] for d in stage.deps})
+    blob = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_done(path: str) -> dict | None:
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    part = path + '.part'
+    with open(part, 'w', encoding='utf-8') as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(part, path)
+
+
+def run_stages(stages: Sequence[Stage], work_dir: str, seed: int,
+               fresh: bool = False, stream=None) -> dict[str, dict]:
+    """Run (or reuse) every stage in order.
+
+    Args:
+        stages (Sequence[Stage]): in dependency order.
+        work_dir (str): the demo's work dir (created).
+        seed (int): the run's seed (part of every fingerprint).
+        fresh (bool): ignore finished stages and run everything.
+        stream: progress output. Defaults to ``sys.stdout``.
+
+    Returns:
+        dict[str, dict]: every stage's result, plus under ``'_stages'`` per
+        stage ``{'cached': bool, 'seconds': float}``.
+    """
+    os.makedirs(work_dir, exist_ok=True)
+    names = [s.name for s in stages]
+    for s in stages:
+        missing = [d for d in s.deps if d not in names[:names.index(s.name)]]
+        if missing:
+            raise ValueError(f'demo stage {s.name!r} depends on {missing}, '
+                             'which do not run before it')
+    prints: dict[str, str] = {}
+    cached: dict[str, dict] = {}
+    for s in stages:
+        prints[s.name] = fingerprint(s, seed, prints)
+        done = _read_done(osp.join(work_dir, s.name, DONE))
+        if (not fresh and done is not None
+                and done.get('fingerprint') == prints[s.name]):
+            cached[s.name] = done
+    progress = ProgressDisplay(
+        {s.name: s.cost for s in stages if s.name not in cached}, stream)
+    results: dict[str, Any] = {'_stages': {}}
+    for i, s in enumerate(stages, 1):
+        progress.start_stage(i, len(stages), s, s.name in cached)
+        if s.name in cached:
+            results[s.name] = cached[s.name]['result']
+            results['_stages'][s.name] = dict(
+                cached=True, seconds=cached[s.name].get('seconds', 0.0))
+            continue
+        stage_dir = osp.join(work_dir, s.name)
+        if osp.isdir(stage_dir):
+            shutil.rmtree(stage_dir)
+        os.makedirs(stage_dir)
+        start = time.monotonic()
+        with working_dir(work_dir):
+            result = s.run(StageContext(s, s.name, seed, results, progress))
+        seconds = time.monotonic() - start
+        progress.end_stage()
+        _write_json_atomic(osp.join(stage_dir, DONE),
+                           dict(fingerprint=prints[s.name], result=result,
+                                seconds=round(seconds, 1)))
+        results[s.name] = result
+        results['_stages'][s.name] = dict(cached=False, seconds=seconds)
+    results['_stages']['total_seconds'] = progress.elapsed()
+    return results

@@ -1,0 +1,411 @@
+"""A procedural multi-task world and a real-photo set for the demo.
+
+Scenes are small images (64-96 px) of objects of :data:`CLASSES` (the class
+is the *shape*; colour is only correlated with it) with varied size,
+rotation, colour and fill texture, occluding each other on textured
+backgrounds (tinted crops of scikit-image's real texture photos, gradients,
+stripes or noise). Every scene carries its image label (the class of the
+largest visible object), boxes, instance masks and a semantic map, and is
+written once into three real dataset layouts::
+
+    coco/      annotations/instances_{train,val}2017.json, {train,val}2017/
+               (instance masks as COCO RLE: occluded or ringed shapes are
+               exact)
+    ade/       ADEChallengeData2016/{images,annotations}/{training,validation}
+               (0 = background, k + 1 = class k: ``reduce_zero_label``)
+    imagenet/  {train,val}/<class>/*.JPEG, meta/{train,val}.txt
+
+so mmdet's ``CocoDataset``, mmseg's segmentation datasets and mmpretrain's
+``ImageNet`` read them as they are.
+
+The real-photo set (:func:`write_photo_crops`) takes the photos shipped in
+scikit-image and matplotlib; some are held out (:data:`HELDOUT_PHOTOS`) and
+only their random crops are used to measure inherited-head agreement.
+"""
+from __future__ import annotations
+
+import json
+import os
+import os.path as osp
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+__all__ = [
+    'CLASSES', 'TRAIN_PHOTOS', 'HELDOUT_PHOTOS', 'Scene', 'WorldConfig',
+    'draw_scene', 'write_world', 'load_photo', 'write_photo_crops'
+]
+
+#: object classes; a class is a shape.
+CLASSES = ('disc', 'square', 'triangle', 'star', 'ring', 'cross')
+#: preferred hue (OpenCV HSV, 0-179) of each class, used with
+#: probability ``WorldConfig.colour_bias``.
+_CLASS_HUES = (0, 30, 60, 90, 120, 150)
+#: scikit-image grey texture photos used as backgrounds.
+_TEXTURES = ('brick', 'grass', 'gravel')
+#: photos the distillation trains on: scikit-image and matplotlib samples.
+TRAIN_PHOTOS = ('astronaut', 'coffee', 'hubble_deep_field',
+                'immunohistochemistry', 'retina', 'colorwheel', 'camera',
+                'coins', 'moon', 'page', 'logo', 'brick', 'grass', 'gravel',
+                'mpl:Minduka_Present_Blue_Pack.png', 'mpl:logo2.png')
+#: photos never seen in training; their crops measure agreement.
+HELDOUT_PHOTOS = ('chelsea', 'rocket', 'mpl:grace_hopper.jpg')
+
+
+@dataclass
+class WorldConfig:
+    """Size and difficulty of the generated world.
+
+    Args:
+        size (int): image side in pixels. Defaults to 64.
+        num_train (int): training scenes. Defaults to 600.
+        num_val (int): validation scenes. Defaults to 120.
+        max_objects (int): at most this many objects per scene.
+        min_scale (float): smallest object side as a fraction of ``size``.
+        max_scale (float): largest object side as a fraction of ``size``.
+        colour_bias (float): probability that an object takes its class's
+            preferred hue (otherwise any hue): colour is a cue, shape is the
+            class.
+        min_area (int): objects with fewer visible pixels are dropped.
+    """
+    size: int = 64
+    num_train: int = 600
+    num_val: int = 120
+    max_objects: int = 4
+    min_scale: float = 0.22
+    max_scale: float = 0.55
+    colour_bias: float = 0.6
+    min_area: int = 24
+
+
+@dataclass
+class Scene:
+    """One generated image with its annotations.
+
+    Attributes:
+        image (np.ndarray): ``(H, W, 3)`` uint8 BGR.
+        labels (list[int]): class index per visible object.
+        masks (list[np.ndarray]): ``(H, W)`` uint8 {0, 1} visible mask per
+            object.
+        boxes (list[list[int]]): COCO ``[x, y, w, h]`` of each visible mask.
+        semantic (np.ndarray): ``(H, W)`` uint8, 0 = background, ``k + 1`` =
+            class ``k``.
+        label (int): image label: class of the largest visible object.
+    """
+    image: np.ndarray
+    labels: list = field(default_factory=list)
+    masks: list = field(default_factory=list)
+    boxes: list = field(default_factory=list)
+    semantic: np.ndarray | None = None
+    label: int = 0
+
+
+# --------------------------------------------------------------- drawing ---
+def _star(n: int, inner: float) -> np.ndarray:
+    angles = np.arange(2 * n) * np.pi / n - np.pi / 2
+    radii = np.where(np.arange(2 * n) % 2 == 0, 1.0, inner)
+    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], 1)
+
+
+#: unit outline (in [-1, 1]^2) of the polygonal classes.
+_POLYGONS: dict[str, np.ndarray] = {
+    'square': np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float) * 0.8,
+    'triangle': np.array([[0, -1], [0.95, 0.75], [-0.95, 0.75]], float),
+    'star': _star(5, 0.45),
+    'cross': np.array([[-0.3, -1], [0.3, -1], [0.3, -0.3], [1, -0.3],
+                       [1, 0.3], [0.3, 0.3], [0.3, 1], [-0.3, 1],
+                       [-0.3, 0.3], [-1, 0.3], [-1, -0.3], [-0.3, -0.3]],
+                      float),
+}
+
+
+def _shape_mask(name: str, size: int, centre: tuple[float, float],
+                radius: float, angle: float, aspect: float) -> np.ndarray:
+    """Binary ``(size, size)`` mask of one shape."""
+    mask = np.zeros((size, size), np.uint8)
+    cx, cy = centre
+    if name in ('disc', 'ring'):
+        axes = (max(1, int(radius)), max(1, int(radius * aspect)))
+        cv2.ellipse(mask, (int(cx), int(cy)), axes, np.degrees(angle), 0,
+                    360, 1, -1)
+        if name == 'ring':
+            inner = (max(1, int(axes[0] * 0.5)), max(1, int(axes[1] * 0.5)))
+            cv2.ellipse(mask, (int(cx), int(cy)), inner, np.degrees(angle),
+                        0, 360, 0, -1)
+        return mask
+    pts = _POLYGONS[name] * np.array([radius, radius * aspect])
+    rot = np.array([[np.cos(angle), -np.sin(angle)],
+                    [np.sin(angle), np.cos(angle)]])
+    pts = pts @ rot.T + np.array([cx, cy])
+    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+    return mask
+
+
+def _hsv_colour(rng: np.random.Generator, hue: int) -> np.ndarray:
+    hsv = np.array([[[hue % 180, rng.integers(140, 256),
+                      rng.integers(120, 256)]]], np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
+
+
+def _pattern(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A ``(size, size)`` float pattern in [0.5, 1.2]: solid, stripes,
+    checkerboard, noise or a gradient."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    kind = int(rng.integers(5))
+    period = float(rng.uniform(3, 9))
+    theta = float(rng.uniform(0, np.pi))
+    if kind == 0:
+        pat = np.ones((size, size), np.float32)
+    elif kind == 1:
+        pat = np.sin((xx * np.cos(theta) + yy * np.sin(theta)) * 2 * np.pi /
+                     period) > 0
+    elif kind == 2:
+        pat = ((xx // period).astype(int) + (yy // period).astype(int)) % 2
+    elif kind == 3:
+        pat = cv2.GaussianBlur(rng.random((size, size)).astype(np.float32),
+                               (0, 0), 1.0) * 2
+    else:
+        pat = (xx * np.cos(theta) + yy * np.sin(theta)) / (size * 1.5)
+    pat = np.asarray(pat, np.float32)
+    pat = (pat - pat.min()) / max(float(np.ptp(pat)), 1e-6)
+    return 0.5 + 0.7 * pat
+
+
+class _Backgrounds:
+    """Textured backgrounds: tinted real textures, gradients, stripes."""
+
+    def __init__(self) -> None:
+        import skimage.data
+        self.textures = [
+            getattr(skimage.data, name)().astype(np.float32) / 255
+            for name in _TEXTURES
+        ]
+
+    def __call__(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        kind = int(rng.integers(3))
+        if kind == 0:  # a crop of a real texture photo, rescaled and tinted
+            tex = self.textures[int(rng.integers(len(self.textures)))]
+            side = int(rng.integers(size, min(tex.shape[:2])))
+            y = int(rng.integers(0, tex.shape[0] - side + 1))
+            x = int(rng.integers(0, tex.shape[1] - side + 1))
+            grey = cv2.resize(tex[y:y + side, x:x + side], (size, size),
+                              interpolation=cv2.INTER_AREA)
+        else:
+            grey = _pattern(rng, size) - 0.5
+        tint = _hsv_colour(rng, int(rng.integers(180))) * float(
+            rng.uniform(0.3, 0.7))
+        base = float(rng.uniform(40, 110))
+        img = base + grey[..., None] * tint[None, None]
+        img += rng.normal(0, 6, img.shape)
+        return img
+
+
+def draw_scene(rng: np.random.Generator, cfg: WorldConfig,
+               backgrounds: Callable[[np.random.Generator, int], np.ndarray]
+               ) -> Scene:
+    """Draw one scene.
+
+    Args:
+        rng (np.random.Generator): the only source of randomness.
+        cfg (WorldConfig): sizes and difficulty.
+        backgrounds (callable): ``(rng, size) -> (size, size, 3)`` float
+            BGR background.
+
+    Returns:
+        Scene: the image and its annotations (at least one object).
+    """
+    size = cfg.size
+    while True:
+        img = backgrounds(rng, size)
+        masks, labels = [], []
+        for _ in range(int(rng.integers(1, cfg.max_objects + 1))):
+            cls = int(rng.integers(len(CLASSES)))
+            radius = rng.uniform(cfg.min_scale, cfg.max_scale) * size / 2
+            centre = tuple(rng.uniform(radius * 0.5, size - radius * 0.5, 2))
+            mask = _shape_mask(CLASSES[cls], size, centre, radius,
+                               float(rng.uniform(0, 2 * np.pi)),
+                               float(rng.uniform(0.75, 1.25)))
+            if mask.sum() < cfg.min_area:
+                continue
+            hue = (_CLASS_HUES[cls] + int(rng.integers(-8, 9))
+                   if rng.random() < cfg.colour_bias else
+                   int(rng.integers(180)))
+            colour = _hsv_colour(rng, hue)
+            fill = colour[None, None] * _pattern(rng, size)[..., None]
+            img = np.where(mask[..., None] > 0, fill, img)
+            for m in masks:  # later objects occlude earlier ones
+                m[mask > 0] = 0
+            masks.append(mask)
+            labels.append(cls)
+        keep = [i for i, m in enumerate(masks) if m.sum() >= cfg.min_area]
+        if keep:
+            break
+    img = cv2.GaussianBlur(img, (0, 0), 0.6)
+    scene = Scene(image=np.clip(img, 0, 255).astype(np.uint8),
+                  labels=[labels[i] for i in keep],
+                  masks=[masks[i] for i in keep],
+                  semantic=np.zeros((size, size), np.uint8))
+    for cls, m in zip(scene.labels, scene.masks):
+        ys, xs = np.nonzero(m)
+        scene.boxes.append([int(xs.min()), int(ys.min()),
+                            int(xs.max() - xs.min() + 1),
+                            int(ys.max() - ys.min() + 1)])
+        scene.semantic[m > 0] = cls + 1
+    areas = [int(m.sum()) for m in scene.masks]
+    scene.label = scene.labels[int(np.argmax(areas))]
+    return scene
+
+
+# --------------------------------------------------------------- writing ---
+def _write_json(path: str, obj: dict) -> None:
+    part = path + '.part'
+    with open(part, 'w', encoding='utf-8') as f:
+        json.dump(obj, f)
+    os.replace(part, path)
+
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    rle['counts'] = rle['counts'].decode('ascii')
+    return rle
+
+
+def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
+    """Generate the world and write it in the COCO, ADE20K and ImageNet
+    layouts under ``root`` (``coco/``, ``ade/``, ``imagenet/``).
+
+    Args:
+        root (str): output folder (created).
+        cfg (WorldConfig): sizes and difficulty.
+        seed (int): random seed: the same seed writes the same files.
+
+    Returns:
+        dict: ``classes``, image counts per split and per-class image-label
+        counts (JSON-safe), also written to ``root/world.json``.
+    """
+    rng = np.random.default_rng(seed)
+    backgrounds = _Backgrounds()
+    coco, ade = osp.join(root, 'coco'), osp.join(root, 'ade',
+                                                 'ADEChallengeData2016')
+    imagenet = osp.join(root, 'imagenet')
+    os.makedirs(osp.join(coco, 'annotations'), exist_ok=True)
+    os.makedirs(osp.join(imagenet, 'meta'), exist_ok=True)
+    summary: dict = dict(classes=list(CLASSES), size=cfg.size, splits={})
+    for split, n, ade_split in (('train', cfg.num_train, 'training'),
+                                ('val', cfg.num_val, 'validation')):
+        img_dir = osp.join(coco, f'{split}2017')
+        ade_img = osp.join(ade, 'images', ade_split)
+        ade_ann = osp.join(ade, 'annotations', ade_split)
+        for d in [img_dir, ade_img, ade_ann] + [
+                osp.join(imagenet, split, c) for c in CLASSES]:
+            os.makedirs(d, exist_ok=True)
+        images, anns, lines = [], [], []
+        counts = [0] * len(CLASSES)
+        for i in range(n):
+            scene = draw_scene(rng, cfg, backgrounds)
+            name = f'{i:012d}.jpg'
+            cv2.imwrite(osp.join(img_dir, name), scene.image,
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            images.append(dict(id=i + 1, file_name=name, height=cfg.size,
+                               width=cfg.size))
+            for box, cls, mask in zip(scene.boxes, scene.labels,
+                                      scene.masks):
+                anns.append(dict(id=len(anns) + 1, image_id=i + 1,
+                                 category_id=cls + 1, bbox=box,
+                                 area=float(mask.sum()), iscrowd=0,
+                                 segmentation=_rle(mask)))
+            stem = f'ADE_{ade_split[:5]}_{i:08d}'
+            cv2.imwrite(osp.join(ade_img, stem + '.jpg'), scene.image,
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            cv2.imwrite(osp.join(ade_ann, stem + '.png'), scene.semantic)
+            rel = f'{CLASSES[scene.label]}/{split}_{i:05d}.JPEG'
+            cv2.imwrite(osp.join(imagenet, split, rel), scene.image,
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            lines.append(f'{rel} {scene.label}')
+            counts[scene.label] += 1
+        _write_json(osp.join(coco, 'annotations',
+                             f'instances_{split}2017.json'),
+                    dict(images=images, annotations=anns,
+                         categories=[dict(id=k + 1, name=c)
+                                     for k, c in enumerate(CLASSES)]))
+        with open(osp.join(imagenet, 'meta', f'{split}.txt'), 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+        summary['splits'][split] = dict(images=n, objects=len(anns),
+                                        image_labels=counts)
+    _write_json(osp.join(root, 'world.json'), summary)
+    return summary
+
+
+# ---------------------------------------------------------------- photos ---
+def load_photo(name: str) -> np.ndarray:
+    """A shipped real photo as ``(H, W, 3)`` uint8 BGR.
+
+    Args:
+        name (str): a ``skimage.data`` function name, or ``'mpl:<file>'``
+            for a file of matplotlib's ``mpl-data/sample_data``.
+
+    Returns:
+        np.ndarray: the photo (grey and RGBA photos converted).
+    """
+    if name.startswith('mpl:'):
+        import matplotlib
+        path = osp.join(matplotlib.get_data_path(), 'sample_data', name[4:])
+        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        if img is None:
+            raise FileNotFoundError(f'matplotlib sample photo {path!r} is '
+                                    'missing')
+        return img
+    import skimage.data
+    if not hasattr(skimage.data, name):
+        raise ValueError(f'skimage.data has no photo {name!r}')
+    img = np.asarray(getattr(skimage.data, name)())
+    if img.dtype == np.bool_:
+        img = img.astype(np.uint8) * 255
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return cv2.cvtColor(np.ascontiguousarray(img[..., :3]),
+                        cv2.COLOR_RGB2BGR)
+
+
+def write_photo_crops(out_dir: str, photos: Sequence[str], crops: int,
+                      size: int, seed: int = 0,
+                      scale: tuple[float, float] = (0.15, 1.0)) -> list[str]:
+    """Write ``crops`` random square crops of every photo, resized.
+
+    Args:
+        out_dir (str): output folder (created).
+        photos (Sequence[str]): photo names, see :func:`load_photo`.
+        crops (int): crops per photo; crop 0 is the whole photo (centre
+            square).
+        size (int): side of the written crops.
+        seed (int): random seed.
+        scale (tuple[float, float]): crop side range, as a fraction of the
+            photo's shorter side.
+
+    Returns:
+        list[str]: written file names, sorted.
+    """
+    rng = np.random.default_rng(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    names = []
+    for photo in photos:
+        img = load_photo(photo)
+        h, w = img.shape[:2]
+        stem = photo.replace('mpl:', '').rsplit('.', 1)[0].lower()
+        for k in range(crops):
+            frac = 1.0 if k == 0 else float(rng.uniform(*scale))
+            side = max(8, int(min(h, w) * frac))
+            y = (h - side) // 2 if k == 0 else int(rng.integers(0,
+                                                                h - side + 1))
+            x = (w - side) // 2 if k == 0 else int(rng.integers(0,
+                                                                w - side + 1))
+            crop = cv2.resize(img[y:y + side, x:x + side], (size, size),
+                              interpolation=cv2.INTER_AREA)
+            name = f'{stem}_{k:03d}.jpg'
+            cv2.imwrite(osp.join(out_dir, name), crop,
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            names.append(name)
+    return sorted(names)
