@@ -182,22 +182,6 @@ def _last_checkpoint(ctx: StageContext, iters: int) -> str:
     return path
 
 
-def _inline_mm_teachers(cfg: Config) -> None:
-    """Give the mm teachers their model config inline, as a ``ConfigDict``.
-
-    ``kiv``'s mm teacher source turns a config *file* into plain dicts
-    (``Config.to_dict()``), but mmdet's and mmseg's detectors read
-    ``train_cfg.rpn`` / ``test_cfg.mode`` as attributes; a ``ConfigDict``
-    model passed inline (with its ``scope``) keeps them working.
-    """
-    for teacher in cfg.model.teachers.values():
-        source = teacher.source
-        if source.type == 'mm' and isinstance(source.config, str):
-            loaded = Config.fromfile(source.config)
-            source.config = loaded.model
-            source.scope = loaded.default_scope
-
-
 def _effnet_overrides(cfg: Config, size: int) -> None:
     cfg.model.teachers.effnet.input_size = size
 
@@ -275,7 +259,6 @@ def inherit_cfg(variant: str, preset: dict) -> Config:
     p = preset['inherit']
     _set_schedule(cfg, p['iters'], p['batch'])
     _effnet_overrides(cfg, preset['effnet_size'])
-    _inline_mm_teachers(cfg)
     cfg.model.grad_share_interval = min(cfg.model.grad_share_interval,
                                         max(1, p['iters'] // 10))
     if variant == 'inherit_nostd':
