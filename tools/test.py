@@ -17,14 +17,13 @@ import warnings
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 import kiv  # noqa: F401,E402  (registers kiv.*, safe checkpoint loading)
+from kiv.engine.data_root import check_dataset, set_data_root  # noqa: E402
 from kiv.engine.launch import (  # noqa: E402
     DictAction,
-    check_dataset,
     config_scope,
     die,
     load_config,
     require_file,
-    set_data_root,
     setup_cpu_distributed,
     setup_work_dir)
 from kiv.engine.summary import format_summary_table  # noqa: E402

@@ -11,7 +11,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 import kiv  # noqa: F401  registers kiv.*
-from kiv.engine.launch import check_dataset, set_data_root
+from kiv.engine.data_root import check_dataset, set_data_root
 from kiv.engine.summary import format_summary_table
 
 from conftest import CONFIGS, REPO, run_tool

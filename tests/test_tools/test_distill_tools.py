@@ -5,7 +5,7 @@ import os.path as osp
 
 import torch
 
-from conftest import REPO, TINY_DISTILL_CFG, run_tool
+from conftest import TINY_DISTILL_CFG, run_tool
 
 
 def test_train_tiny_distillation_then_export(tmp_path):
