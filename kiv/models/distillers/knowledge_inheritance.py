@@ -333,8 +333,9 @@ class KnowledgeInheritance(BaseModel):
                          f'got {mode!r}')
 
     @torch.no_grad()
-    def inherit(self, images: Tensor,
-                teacher: str) -> tuple[FeatureOutput, FeatureOutput]:
+    def inherit(self, images: Tensor, teacher: str,
+                student: Optional[FeatureOutput] = None
+                ) -> tuple[FeatureOutput, FeatureOutput]:
         """The inherited model of one teacher next to the teacher itself.
 
         Student -> s2t heads -> inverse standardisation gives features in the
@@ -345,6 +346,8 @@ class KnowledgeInheritance(BaseModel):
         Args:
             images (Tensor): ``(B, 3, H, W)`` float RGB in [0, 255].
             teacher (str): teacher name.
+            student (FeatureOutput, optional): the student's output for
+                ``images`` if already computed (shared across teachers).
 
         Returns:
             tuple[FeatureOutput, FeatureOutput]: (inherited, teacher) outputs
@@ -354,7 +357,8 @@ class KnowledgeInheritance(BaseModel):
             raise KeyError(f'unknown teacher {teacher!r}; teachers are '
                            f'{sorted(self.teachers)}')
         target = self.teachers[teacher](images)
-        student = self.extract_student(images)
+        if student is None:
+            student = self.extract_student(images)
         sizes = [tuple(f.shape[-2:]) for f in target.features]
         pred = self.latent.project(student, teacher, sizes)
         return self.latent.to_teacher_space(pred, teacher), target
@@ -373,8 +377,9 @@ class KnowledgeInheritance(BaseModel):
             teacher's raw feature space.
         """
         per_teacher = {}
+        student = self.extract_student(inputs)
         for name, teacher in self.teachers.items():
-            inherited, target = self.inherit(inputs, name)
+            inherited, target = self.inherit(inputs, name, student)
             item = dict(
                 summary_cos=F.cosine_similarity(
                     inherited.summary, target.summary, dim=1),
