@@ -178,3 +178,24 @@ def test_pretrained_init_cfg_loads_state_dict(tmp_path):
 def test_missing_checkpoint_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.pth'):
         safe_torch_load(str(tmp_path / 'nope.pth'))
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous checkpoint intact."""
+    from mmengine.fileio import get_file_backend
+    from mmengine.runner.checkpoint import save_checkpoint
+
+    from kiv.engine.atomic_files import AtomicLocalBackend
+    path = str(tmp_path / 'iter_1.pth')
+    assert isinstance(get_file_backend(path), AtomicLocalBackend)
+    save_checkpoint({'state_dict': {'w': torch.ones(3)}}, path)
+
+    def crash(fd, *args, **kwargs):  # the disk fills up mid-write
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(os, 'fsync', crash)
+    with pytest.raises(OSError, match='No space'):
+        save_checkpoint({'state_dict': {'w': torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert safe_torch_load(path)['state_dict']['w'].sum() == 3
+    assert os.listdir(tmp_path) == ['iter_1.pth']  # no temp file left

@@ -1,0 +1,64 @@
+"""Atomic local file writes for everything mmengine saves.
+
+mmengine writes checkpoints, ``last_checkpoint`` and dumped results through
+its ``LocalBackend.put`` / ``put_text``, which open the target file and
+write into it: a run killed mid-write (pre-emption, out of disk) leaves a
+truncated ``iter_N.pth`` that the next ``--resume`` picks up.
+:class:`AtomicLocalBackend` writes to a temporary file next to the target,
+flushes it to disk and renames it over the target (``os.replace`` is atomic
+on POSIX), so a reader sees either the old file or the complete new one.
+It is registered for plain paths when :mod:`kiv` is imported.
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+import tempfile
+from pathlib import Path
+from typing import Union
+
+from mmengine.fileio.backends import LocalBackend, register_backend
+from mmengine.utils import mkdir_or_exist
+
+__all__ = ['AtomicLocalBackend', 'atomic_write_bytes']
+
+
+def atomic_write_bytes(data: bytes, filepath: Union[str, Path]) -> None:
+    """Write ``data`` to ``filepath`` atomically (temp file + rename).
+
+    Args:
+        data (bytes): file content.
+        filepath (str | Path): target path; its directory is created.
+    """
+    filepath = str(filepath)
+    directory = osp.dirname(osp.abspath(filepath))
+    mkdir_or_exist(directory)
+    fd, tmp = tempfile.mkstemp(dir=directory,
+                               prefix=f'.{osp.basename(filepath)}.',
+                               suffix='.part')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, filepath)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's ``LocalBackend`` whose writes are atomic."""
+
+    def put(self, obj: bytes, filepath: Union[str, Path]) -> None:
+        """Write bytes to ``filepath`` atomically."""
+        atomic_write_bytes(obj, filepath)
+
+    def put_text(self, obj: str, filepath: Union[str, Path],
+                 encoding: str = 'utf-8') -> None:
+        """Write text to ``filepath`` atomically."""
+        atomic_write_bytes(obj.encode(encoding), filepath)
+
+
+register_backend('local', AtomicLocalBackend, force=True, prefixes='')
