@@ -19,7 +19,8 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch import Tensor
 
-from kiv.models.backbones.base_vit import BaseViT, build_base_vit
+from kiv.models.backbones.base_vit import (BaseViT, build_base_vit,
+                                           check_outputs)
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
 
@@ -27,7 +28,6 @@ __all__ = ['PlainViTStudent']
 
 #: pyramid strides of levels 0..3, as AdapterViT.
 STRIDES = (4, 8, 16, 32)
-_OUT_TYPES = ('pyramid', 'global', 'both')
 
 
 def _rescale(channels: int, factor: float) -> nn.Module:
@@ -79,13 +79,8 @@ class PlainViTStudent(BaseModule):
                  out_type: str = 'pyramid',
                  init_cfg: dict | list[dict] | None = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        if out_type not in _OUT_TYPES:
-            raise ValueError(f"PlainViTStudent: out_type='{out_type}' is not "
-                             f'one of {_OUT_TYPES}')
-        out_indices = tuple(out_indices)
-        if not out_indices or any(i not in range(4) for i in out_indices):
-            raise ValueError(f'PlainViTStudent: out_indices={out_indices} '
-                             'must be a non-empty subset of the levels 0..3')
+        out_indices = check_outputs('PlainViTStudent', out_type,
+                                    out_indices)
         self.out_type = out_type
         self.out_indices = out_indices
         self.frozen = frozen

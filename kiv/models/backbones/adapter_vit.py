@@ -36,11 +36,9 @@ from kiv.structures import FeatureOutput
 from .adapter_modules import (GlobalToken, InteractionBlock,
                               SpatialPriorModule, TokenNorm,
                               make_deform_inputs, tokens_to_maps)
-from .base_vit import BaseViT, build_base_vit
+from .base_vit import BaseViT, build_base_vit, check_outputs
 
 __all__ = ['AdapterViT']
-
-_OUT_TYPES = ('pyramid', 'global', 'both')
 
 
 @MODELS.register_module()
@@ -168,13 +166,7 @@ class AdapterViT(BaseModule):
                  norm_cfg: dict = dict(type='BN'),
                  init_cfg: dict | list[dict] | None = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        if out_type not in _OUT_TYPES:
-            raise ValueError(f"AdapterViT: out_type='{out_type}' is not one "
-                             f'of {_OUT_TYPES}')
-        out_indices = tuple(out_indices)
-        if not out_indices or any(i not in range(4) for i in out_indices):
-            raise ValueError(f'AdapterViT: out_indices={out_indices} must be '
-                             'a non-empty subset of the levels 0..3')
+        out_indices = check_outputs('AdapterViT', out_type, out_indices)
         self.out_type = out_type
         self.out_indices = out_indices
         self.freeze_base = freeze_base

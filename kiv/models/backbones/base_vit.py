@@ -397,3 +397,32 @@ def build_base_vit(cfg: Mapping[str, Any]) -> BaseViT:
     except TypeError as err:  # unknown or missing option
         raise TypeError(f"base (type='{base_type}'): {err}") from None
     return base_cls(**cfg)
+
+
+#: what a kiv backbone's ``forward`` returns (see ``AdapterViT``)
+OUT_TYPES = ('pyramid', 'global', 'both')
+
+
+def check_outputs(owner: str, out_type: str,
+                  out_indices: Sequence[int]) -> tuple[int, ...]:
+    """Validate a backbone's ``out_type`` and ``out_indices`` options.
+
+    Args:
+        owner (str): class name for the error message.
+        out_type (str): one of :data:`OUT_TYPES`.
+        out_indices (Sequence[int]): pyramid levels to return, in 0..3.
+
+    Returns:
+        tuple[int, ...]: ``out_indices`` as a tuple.
+
+    Raises:
+        ValueError: naming the option and the accepted values.
+    """
+    if out_type not in OUT_TYPES:
+        raise ValueError(f"{owner}: out_type='{out_type}' is not one of "
+                         f'{OUT_TYPES}')
+    out_indices = tuple(out_indices)
+    if not out_indices or any(i not in range(4) for i in out_indices):
+        raise ValueError(f'{owner}: out_indices={out_indices} must be a '
+                         'non-empty subset of the levels 0..3')
+    return out_indices
