@@ -24,7 +24,6 @@ only their random crops are used to measure inherited-head agreement.
 """
 from __future__ import annotations
 
-import json
 import os
 import os.path as osp
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ from typing import Callable, Sequence
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
+
+from kiv.testing.layouts import (write_ade20k_split, write_coco_split,
+                                 write_imagenet_split, write_json)
 
 __all__ = [
     'CLASSES', 'TRAIN_PHOTOS', 'HELDOUT_PHOTOS', 'Scene', 'WorldConfig',
@@ -260,19 +261,6 @@ def draw_scene(rng: np.random.Generator, cfg: WorldConfig,
 
 
 # --------------------------------------------------------------- writing ---
-def _write_json(path: str, obj: dict) -> None:
-    part = path + '.part'
-    with open(part, 'w', encoding='utf-8') as f:
-        json.dump(obj, f)
-    os.replace(part, path)
-
-
-def _rle(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask))
-    rle['counts'] = rle['counts'].decode('ascii')
-    return rle
-
-
 def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
     """Generate the world and write it in the COCO, ADE20K and ImageNet
     layouts under ``root`` (``coco/``, ``ade/``, ``imagenet/``).
@@ -288,54 +276,17 @@ def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
     """
     rng = np.random.default_rng(seed)
     backgrounds = _Backgrounds()
-    coco, ade = osp.join(root, 'coco'), osp.join(root, 'ade',
-                                                 'ADEChallengeData2016')
-    imagenet = osp.join(root, 'imagenet')
-    os.makedirs(osp.join(coco, 'annotations'), exist_ok=True)
-    os.makedirs(osp.join(imagenet, 'meta'), exist_ok=True)
     summary: dict = dict(classes=list(CLASSES), size=cfg.size, splits={})
-    for split, n, ade_split in (('train', cfg.num_train, 'training'),
-                                ('val', cfg.num_val, 'validation')):
-        img_dir = osp.join(coco, f'{split}2017')
-        ade_img = osp.join(ade, 'images', ade_split)
-        ade_ann = osp.join(ade, 'annotations', ade_split)
-        for d in [img_dir, ade_img, ade_ann] + [
-                osp.join(imagenet, split, c) for c in CLASSES]:
-            os.makedirs(d, exist_ok=True)
-        images, anns, lines = [], [], []
-        counts = [0] * len(CLASSES)
-        for i in range(n):
-            scene = draw_scene(rng, cfg, backgrounds)
-            name = f'{i:012d}.jpg'
-            cv2.imwrite(osp.join(img_dir, name), scene.image,
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])
-            images.append(dict(id=i + 1, file_name=name, height=cfg.size,
-                               width=cfg.size))
-            for box, cls, mask in zip(scene.boxes, scene.labels,
-                                      scene.masks):
-                anns.append(dict(id=len(anns) + 1, image_id=i + 1,
-                                 category_id=cls + 1, bbox=box,
-                                 area=float(mask.sum()), iscrowd=0,
-                                 segmentation=_rle(mask)))
-            stem = f'ADE_{ade_split[:5]}_{i:08d}'
-            cv2.imwrite(osp.join(ade_img, stem + '.jpg'), scene.image,
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])
-            cv2.imwrite(osp.join(ade_ann, stem + '.png'), scene.semantic)
-            rel = f'{CLASSES[scene.label]}/{split}_{i:05d}.JPEG'
-            cv2.imwrite(osp.join(imagenet, split, rel), scene.image,
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])
-            lines.append(f'{rel} {scene.label}')
-            counts[scene.label] += 1
-        _write_json(osp.join(coco, 'annotations',
-                             f'instances_{split}2017.json'),
-                    dict(images=images, annotations=anns,
-                         categories=[dict(id=k + 1, name=c)
-                                     for k, c in enumerate(CLASSES)]))
-        with open(osp.join(imagenet, 'meta', f'{split}.txt'), 'w') as f:
-            f.write('\n'.join(lines) + '\n')
-        summary['splits'][split] = dict(images=n, objects=len(anns),
+    for split, n in (('train', cfg.num_train), ('val', cfg.num_val)):
+        scenes = [draw_scene(rng, cfg, backgrounds) for _ in range(n)]
+        objects = write_coco_split(osp.join(root, 'coco'), split, scenes,
+                                   CLASSES)
+        write_ade20k_split(osp.join(root, 'ade'), split, scenes)
+        counts = write_imagenet_split(osp.join(root, 'imagenet'), split,
+                                      scenes, CLASSES)
+        summary['splits'][split] = dict(images=n, objects=objects,
                                         image_labels=counts)
-    _write_json(osp.join(root, 'world.json'), summary)
+    write_json(osp.join(root, 'world.json'), summary)
     return summary
 
 

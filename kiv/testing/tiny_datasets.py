@@ -14,15 +14,14 @@ Layouts written (relative to ``root``)::
 """
 from __future__ import annotations
 
-import json
-import os
-import os.path as osp
 from dataclasses import dataclass
 from typing import Sequence
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
+
+from .layouts import (write_ade20k_split, write_coco_split,
+                      write_imagenet_split)
 
 #: BGR colour per class (distinct hues).
 _COLOURS = [(40, 40, 220), (40, 200, 40), (220, 60, 40), (30, 200, 220),
@@ -39,12 +38,14 @@ class Scene:
         labels (list[int]): class index per object, 0-based.
         masks (list[np.ndarray]): ``(H, W)`` uint8 binary mask per object.
         semantic (np.ndarray): ``(H, W)`` uint8, 0 = background, k+1 = class k.
+        label (int): image label: class of the largest object (0 if none).
     """
     image: np.ndarray
     boxes: list
     labels: list
     masks: list
     semantic: np.ndarray
+    label: int = 0
 
 
 def draw_scene(rng: np.random.Generator, size: int, num_classes: int,
@@ -89,27 +90,9 @@ def draw_scene(rng: np.random.Generator, size: int, num_classes: int,
         boxes.append([int(xs.min()), int(ys.min()),
                       int(xs.max() - xs.min() + 1),
                       int(ys.max() - ys.min() + 1)])
-    return Scene(image, boxes, labels, masks, semantic)
-
-
-def _coco_segmentation(mask: np.ndarray, as_rle: bool):
-    """Polygon list (``as_rle=False``) or uncompressed-string RLE dict."""
-    if as_rle:
-        rle = mask_utils.encode(np.asfortranarray(mask))
-        rle['counts'] = rle['counts'].decode('ascii')
-        return rle
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
-    polys = [c.reshape(-1).astype(float).tolist() for c in contours
-             if len(c) >= 3]
-    return polys
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + '.part'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    areas = [int(m.sum()) for m in masks]
+    label = labels[int(np.argmax(areas))] if areas else 0
+    return Scene(image, boxes, labels, masks, semantic, label)
 
 
 def make_tiny_coco(root: str, num_train: int = 4, num_val: int = 2,
@@ -133,30 +116,10 @@ def make_tiny_coco(root: str, num_train: int = 4, num_val: int = 2,
     """
     rng = np.random.default_rng(seed)
     classes = list(classes)
-    num_classes = len(classes)
-    os.makedirs(osp.join(root, 'annotations'), exist_ok=True)
     for split, n in (('train', num_train), ('val', num_val)):
-        img_dir = osp.join(root, f'{split}2017')
-        os.makedirs(img_dir, exist_ok=True)
-        images, anns = [], []
-        for i in range(n):
-            scene = draw_scene(rng, size, num_classes)
-            name = f'{i:012d}.jpg'
-            cv2.imwrite(osp.join(img_dir, name), scene.image,
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])
-            images.append(dict(id=i + 1, file_name=name, height=size,
-                               width=size))
-            for box, label, mask in zip(scene.boxes, scene.labels,
-                                        scene.masks):
-                anns.append(dict(
-                    id=len(anns) + 1, image_id=i + 1, category_id=label + 1,
-                    bbox=box, area=float(mask.sum()), iscrowd=0,
-                    segmentation=_coco_segmentation(mask, label % 2 == 1)))
-        _write_json(
-            osp.join(root, 'annotations', f'instances_{split}2017.json'),
-            dict(images=images, annotations=anns,
-                 categories=[dict(id=i + 1, name=c)
-                             for i, c in enumerate(classes)]))
+        scenes = [draw_scene(rng, size, len(classes)) for _ in range(n)]
+        write_coco_split(root, split, scenes, classes,
+                         as_rle=lambda label: label % 2 == 1)
     return classes
 
 
@@ -183,18 +146,9 @@ def make_tiny_ade20k(root: str, num_train: int = 4, num_val: int = 2,
     """
     rng = np.random.default_rng(seed)
     classes = list(classes)
-    num_classes = len(classes)
-    base = osp.join(root, 'ADEChallengeData2016')
-    for split, n in (('training', num_train), ('validation', num_val)):
-        img_dir = osp.join(base, 'images', split)
-        ann_dir = osp.join(base, 'annotations', split)
-        os.makedirs(img_dir, exist_ok=True)
-        os.makedirs(ann_dir, exist_ok=True)
-        for i in range(n):
-            scene = draw_scene(rng, size, num_classes)
-            stem = f'ADE_{split[:5]}_{i:08d}'
-            cv2.imwrite(osp.join(img_dir, stem + '.jpg'), scene.image)
-            cv2.imwrite(osp.join(ann_dir, stem + '.png'), scene.semantic)
+    for split, n in (('train', num_train), ('val', num_val)):
+        write_ade20k_split(root, split, [
+            draw_scene(rng, size, len(classes)) for _ in range(n)])
     return classes
 
 
@@ -219,17 +173,7 @@ def make_tiny_imagenet(root: str, num_train: int = 4, num_val: int = 2,
     """
     rng = np.random.default_rng(seed)
     classes = [f'n{i:08d}' for i in range(num_classes)]
-    os.makedirs(osp.join(root, 'meta'), exist_ok=True)
     for split, n in (('train', num_train), ('val', num_val)):
-        lines = []
-        for i in range(n):
-            scene = draw_scene(rng, size, num_classes)
-            areas = [int(m.sum()) for m in scene.masks]
-            label = scene.labels[int(np.argmax(areas))] if areas else 0
-            rel = f'{classes[label]}/{split}_{i:05d}.JPEG'
-            os.makedirs(osp.join(root, split, classes[label]), exist_ok=True)
-            cv2.imwrite(osp.join(root, split, rel), scene.image)
-            lines.append(f'{rel} {label}')
-        with open(osp.join(root, 'meta', f'{split}.txt'), 'w') as f:
-            f.write('\n'.join(lines) + '\n')
+        write_imagenet_split(root, split, [
+            draw_scene(rng, size, num_classes) for _ in range(n)], classes)
     return classes
