@@ -660,3 +660,28 @@ def test_mm_source_two_stage_detector_from_config_file(tmp_path):
     torch.testing.assert_close(
         teacher.model.neck.fpn_convs[0].conv.weight,
         detector.neck.fpn_convs[0].conv.weight, rtol=0, atol=0)
+
+
+def test_module_source_builds_nested_upstream_model_in_its_scope(tmp_path):
+    """``type='mmpretrain.ImageClassifier'`` with unscoped nested parts
+    (backbone, head, loss) builds: the nested names resolve in mmpretrain's
+    scope, not kiv's."""
+    model_cfg = dict(
+        type='mmpretrain.ImageClassifier',
+        backbone=dict(type='ResNet', depth=18),
+        head=dict(type='LinearClsHead', num_classes=3, in_channels=512,
+                  loss=dict(type='CrossEntropyLoss')))
+    from mmpretrain.registry import MODELS as CLS_MODELS
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        reference = CLS_MODELS.build(model_cfg)
+    ckpt = str(tmp_path / 'cls.pth')
+    torch.save(reference.state_dict(), ckpt)
+    teacher = Teacher(
+        source=dict(type='module', model=model_cfg, checkpoint=ckpt),
+        mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+        input_size=64, forward_method='extract_feat',
+        summary=dict(type='avg'), head=dict(layer='head.fc'))
+    out = teacher(torch.rand(2, 3, 64, 64) * 255)
+    assert out.summary.shape == (2, 512)
+    assert teacher.forward_head(out.summary).shape == (2, 3)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
+from kiv.utils import in_own_scope
 
 #: default distillation losses (AM-RADIO): cosine summary, 0.9 cos + 0.1 L1
 DEFAULT_LOSSES = dict(
@@ -22,21 +23,6 @@ DEFAULT_LOSSES = dict(
 
 
 _TEACHER_PREFIX = 'teachers.'
-
-
-def in_own_scope(cfg: dict) -> dict:
-    """Build ``type='mmdet.X'`` heads inside mmdet's scope.
-
-    A scoped type name finds the class, but the modules the class builds
-    itself (its losses, coders, samplers) are looked up in the *current*
-    default scope. Setting ``_scope_`` makes mmengine switch to the head's
-    own toolbox for the whole build.
-    """
-    cfg = dict(cfg)
-    type_ = cfg.get('type')
-    if isinstance(type_, str) and '.' in type_ and '_scope_' not in cfg:
-        cfg['_scope_'] = type_.split('.', 1)[0]
-    return cfg
 
 
 def _drop_teacher_state(module: nn.Module, state_dict: dict, prefix: str,

@@ -10,6 +10,7 @@ from mmengine.registry import DefaultScope
 from torch import nn
 
 from kiv.registry import MODELS, TEACHER_SOURCES
+from kiv.utils import in_own_scope
 from .weights import load_teacher_checkpoint
 
 
@@ -83,7 +84,7 @@ def build_module_teacher(checkpoint: str,
                          'model=dict(type=...) or factory="pkg.mod:callable"')
     if model is not None:
         with DefaultScope.overwrite_default_scope('kiv'):
-            network = MODELS.build(dict(model))
+            network = MODELS.build(in_own_scope(model))
     else:
         network = import_factory(factory)(*args, **(kwargs or {}))
     if not isinstance(network, nn.Module):
