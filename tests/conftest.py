@@ -90,3 +90,18 @@ def exported_student(tmp_path_factory) -> dict:
     backbone['base']['checkpoint'] = None
     backbone['init_cfg'] = dict(type='Pretrained', checkpoint=path)
     return dict(path=path, root=root, backbone=backbone)
+
+
+@pytest.fixture
+def safe_io():
+    """``kiv.enable_safe_io()`` for one test, undone afterwards.
+
+    Importing kiv does not switch it on (issue 10 item 6), so tests of
+    mmengine's own loading/saving paths turn it on explicitly, as kiv's
+    tools do, and leave the process as they found it.
+    """
+    import kiv
+    newly = kiv.enable_safe_io()
+    yield
+    if newly:
+        kiv.disable_safe_io()

@@ -35,7 +35,7 @@ def test_config_types_resolve(path):
     with DefaultScope.overwrite_default_scope('kiv'):
         for where, type_ in _types(cfg.to_dict()):
             if where.endswith('.summary'):  # a Teacher summary mode
-                assert type_ in ('cls', 'avg', 'layer'), (path, where)
+                assert type_ in ('cls', 'avg', 'layer', 'none'), (path, where)
                 continue
             if where.endswith('.source'):
                 found = TEACHER_SOURCES.get(type_)

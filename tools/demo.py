@@ -61,6 +61,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     import kiv  # noqa: F401  registers kiv.*
+    kiv.enable_safe_io()  # weights-only loads, atomic checkpoint writes
     import kiv.demo  # noqa: F401  registers kiv.PlainViTStudent
     from kiv.demo.pipeline import run_demo
 

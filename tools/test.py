@@ -8,6 +8,9 @@ checkpoint). Examples::
     python tools/test.py <mmseg config> <ckpt> --show-dir vis/
     python tools/test.py <mmpretrain config> <ckpt> --data-root /data/imagenet
     bash tools/dist_test.sh <config> <ckpt> 8
+
+The checkpoint (and any ``init_cfg`` / URL weights) is loaded with
+``torch.load(weights_only=True)`` (``kiv.enable_safe_io()``).
 """
 import argparse
 import os
@@ -16,7 +19,7 @@ import warnings
 # mmengine 0.10 and mmcv import pkg_resources, which warns on every start.
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
-import kiv  # noqa: F401,E402  (registers kiv.*, safe checkpoint loading)
+import kiv  # noqa: E402  (registers kiv.*)
 from kiv.engine.data_root import check_dataset, set_data_root  # noqa: E402
 from kiv.engine.launch import (  # noqa: E402
     DictAction,
@@ -90,6 +93,7 @@ def enable_visualization(cfg, scope: str, show_dir: str) -> None:
 
 def main() -> None:
     args = parse_args()
+    kiv.enable_safe_io()  # weights-only checkpoint loading, atomic writes
     cfg = load_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
     setup_work_dir(cfg, args.config, args.work_dir)

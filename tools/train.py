@@ -6,7 +6,15 @@ Examples::
     python tools/train.py configs/distill/<config>.py --work-dir work_dirs/x
     python tools/train.py <config> --resume              # latest in work_dir
     python tools/train.py <config> --resume work_dirs/x/iter_2.pth
+    python tools/train.py <config> --nonfinite-loss stop  # stop at a NaN
     bash tools/dist_train.sh <config> 8                  # torchrun, 8 GPUs
+
+Every run gets weights-only checkpoint loading and atomic writes
+(``kiv.enable_safe_io()``), resumable checkpoints
+(``kiv.SafeCheckpointHook``) and the non-finite loss guard
+(``kiv.NonFiniteLossHook``: a NaN/Inf loss is skipped before it reaches the
+weights, at most 5 in a row / 100 per run; set with the config key
+``nonfinite_loss`` or ``--nonfinite-loss``). See docs/reliability.md.
 """
 import argparse
 import os
@@ -15,14 +23,19 @@ import warnings
 # mmengine 0.10 and mmcv import pkg_resources, which warns on every start.
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
-import kiv  # noqa: F401,E402  (registers kiv.*, safe checkpoint loading)
+import kiv  # noqa: E402  (registers kiv.*)
 from kiv.engine.launch import (  # noqa: E402
     DictAction,
+    add_nonfinite_loss_hook,
     add_safe_checkpoint_hook,
+    die,
     load_config,
     require_file,
     setup_cpu_distributed,
     setup_work_dir)
+from kiv.engine.nonfinite import (  # noqa: E402
+    NonFiniteLossError,
+    NonFiniteWeightsError)
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,6 +52,15 @@ def parse_args() -> argparse.Namespace:
         help='resume from CKPT, or without a value from the latest '
         'checkpoint in the work dir')
     parser.add_argument(
+        '--nonfinite-loss', choices=['skip', 'stop', 'off'],
+        help='on a NaN/Inf loss: skip the batch before the update (default, '
+        'at most nonfinite_loss.max_consecutive in a row), stop the run, '
+        'or off (no guard); overrides the config key nonfinite_loss')
+    parser.add_argument(
+        '--teacher-cache', metavar='DIR',
+        help='train from this teacher-feature cache (written by '
+        'tools/cache_teachers.py); overrides the config key teacher_cache')
+    parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override config settings, key=value (xxx=yyy format)')
     parser.add_argument('--launcher', default='none',
@@ -54,6 +76,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    kiv.enable_safe_io()  # weights-only loading, atomic writes
     cfg = load_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
     setup_work_dir(cfg, args.config, args.work_dir)
@@ -78,7 +101,19 @@ def main() -> None:
     elif cfg.get('load_from'):
         require_file(cfg.load_from, 'load_from checkpoint')
 
+    if args.teacher_cache:
+        cfg.teacher_cache = args.teacher_cache
+    if cfg.get('teacher_cache', None):
+        # teachers -> kiv.CachedTeacher, dataset -> kiv.TeacherCacheDataset
+        from kiv.datasets.teacher_cache import (TeacherCacheError,
+                                                use_teacher_cache)
+        try:
+            use_teacher_cache(cfg)
+        except TeacherCacheError as err:
+            die(str(err))
+
     add_safe_checkpoint_hook(cfg)
+    add_nonfinite_loss_hook(cfg, args.nonfinite_loss)
     setup_cpu_distributed(cfg, args.launcher)
 
     from mmengine.registry import RUNNERS
@@ -87,7 +122,11 @@ def main() -> None:
         runner = Runner.from_cfg(cfg)
     else:
         runner = RUNNERS.build(cfg)
-    runner.train()
+    try:
+        runner.train()
+    except (NonFiniteLossError, NonFiniteWeightsError) as err:
+        runner.logger.error(str(err))  # console and the run's log file
+        raise SystemExit(3) from None
 
 
 if __name__ == '__main__':

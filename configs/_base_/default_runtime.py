@@ -13,6 +13,9 @@ default_hooks = dict(
 custom_hooks = [
     dict(type='kiv.SafeCheckpointHook'),
     dict(type='kiv.BadImageReportHook', interval=1000),
+    # fix the latent space's statistics from a teacher-only pass (at most one
+    # epoch) before the first step; skipped on resume and with a cache
+    dict(type='kiv.StatisticsWarmupHook', num_batches=50),
 ]
 env_cfg = dict(
     cudnn_benchmark=True,

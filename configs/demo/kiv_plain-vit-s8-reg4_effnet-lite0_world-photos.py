@@ -37,6 +37,7 @@ train_cfg = dict(type='IterBasedTrainLoop', max_iters=400)
 default_hooks = dict(
     logger=dict(interval=10),
     checkpoint=dict(interval=400, by_epoch=False, max_keep_ckpts=1))
-custom_hooks = [dict(type='kiv.SafeCheckpointHook')]
+custom_hooks = [dict(type='kiv.SafeCheckpointHook'),
+                dict(type='kiv.StatisticsWarmupHook', num_batches=20)]
 log_processor = dict(window_size=10)
 env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))

@@ -1,9 +1,24 @@
 # Knowledge inheritance, real scale (8 GPUs x 64 images, bf16 AMP):
 #   knowledge base: DINOv2 ViT-B/14 with 4 registers (frozen, = the student base)
 #   purpose-specific: CLIP ViT-B/16 (OpenAI), SAM ViT-B, Mask R-CNN R50-FPN
-#   data: ImageNet-1k training images, labels ignored.
+#   data: ImageNet-1k training images (meta/train.txt), labels ignored.
 # Weight files: see README "Teacher weights" (checkpoints/teachers/...).
 #   bash tools/dist_train.sh configs/distill/<this file> 8
+#
+# Losses: MSE on PHI-S-standardised targets (RADIOv2.5, the default);
+# statistics estimated by a teacher-only warm-up pass, then fixed.
+# Every teacher runs at a resolution whose grid matches a student level, so
+# no dense target is resized: student 224 px -> patch grid 16x16 (DINOv2,
+# read at its own grid), pyramid 56/28/14/7 (strides 4/8/16/32).
+#   CLIP ViT-B/16 at 224 -> 14x14 (stride-16 level); summary = CLIP's own
+#     image->text projection (512-d, the file's head.*): the student's summary
+#     lives in CLIP's text-aligned space, as in RADIO.
+#   SAM ViT-B at 448 -> 28x28 (stride-8 level), dense only. At 1024 SAM costs
+#     about 0.75 TFLOP per image (twice the student's whole step); at 448
+#     about 0.14 TFLOP. timm does not resample its absolute position
+#     embedding (64x64) nor the global blocks' relative position tables
+#     (127 rows) for 448; kiv's timm source does, on load (logged).
+#   Mask R-CNN FPN at 224 -> P2..P6 56/28/14/7/4 (strides 4..32), dense only.
 _base_ = [
     '../_base_/default_runtime.py',
     '../_base_/datasets/imagenet_unlabeled_224.py',
@@ -14,9 +29,17 @@ imagenet_norm = dict(mean=[123.675, 116.28, 103.53],
                      std=[58.395, 57.12, 57.375])
 clip_norm = dict(mean=[122.771, 116.746, 104.094],
                  std=[68.501, 66.632, 70.323])
+# the original facebookresearch file; its iBOT mask token is unused
 dinov2 = dict(
     model_name='vit_base_patch14_reg4_dinov2',
-    checkpoint=ckpt_dir + 'dinov2_vitb14_reg4_pretrain.pth')
+    checkpoint=ckpt_dir + 'dinov2_vitb14_reg4_pretrain.pth',
+    drop_keys=[r'^mask_token$'])
+
+train_dataloader = dict(
+    dataset=dict(
+        data_root='data/imagenet/',
+        ann_file='meta/train.txt',  # no recursive scan of 1.28M files
+        data_prefix=dict(img_path='train/')))
 
 model = dict(
     type='kiv.KnowledgeInheritance',
@@ -50,13 +73,16 @@ model = dict(
             type='kiv.Teacher',
             source=dict(
                 type='timm',
-                model_name='vit_base_patch16_clip_224',
+                # OpenAI weights need QuickGELU (plain GELU: wrong targets)
+                model_name='vit_base_patch16_clip_quickgelu_224',
                 checkpoint=ckpt_dir +
-                'vit_base_patch16_clip_224.openai.safetensors',
-                model_kwargs=dict(num_classes=0)),
+                'vit_base_patch16_clip_quickgelu_224.openai.safetensors',
+                # keep the file's head (768 -> 512 image->text projection)
+                model_kwargs=dict(num_classes=512)),
             input_size=224, pad_to_multiple=16,
-            forward_method='forward_features',
-            summary=dict(type='cls'),
+            forward_method='forward',
+            features=dict(from_output=False, layers=['norm']),
+            summary=dict(type='layer', name='head'),
             dtype='bf16',
             **clip_norm),
         sam=dict(
@@ -65,10 +91,12 @@ model = dict(
                 type='timm',
                 model_name='samvit_base_patch16',
                 checkpoint=ckpt_dir + 'sam_vit_b_01ec64.pth',
-                model_kwargs=dict(num_classes=0)),
-            input_size=1024, pad_to_multiple=16,
+                # the file is the whole SAM: keep the image encoder only
+                drop_keys=[r'^prompt_encoder\.', r'^mask_decoder\.'],
+                model_kwargs=dict(img_size=448, num_classes=0)),
+            input_size=448, pad_to_multiple=16,
             forward_method='forward_features',
-            summary=dict(type='avg'),
+            summary=dict(type='none'),
             dtype='bf16',
             **imagenet_norm),
         detector=dict(
@@ -79,24 +107,25 @@ model = dict(
                 checkpoint=ckpt_dir +
                 'mask_rcnn_r50_fpn_1x_coco_20200205-d4b0c5d6.pth',
                 part='backbone+neck'),
-            input_size=448,
-            summary=dict(type='avg'),
+            input_size=224,
+            summary=dict(type='none'),
             dtype='bf16',
             **imagenet_norm),
     ),
     latent=dict(
         type='kiv.SharedLatentSpace',
         standardize='phis',
+        statistics='fixed',  # estimated by StatisticsWarmupHook, then fixed
         hidden_dim=1280,
-        # PHI-S: estimate the statistics on the first 2000 steps, then freeze
-        max_stat_updates=2000,
         teachers=dict(
-            dinov2=dict(student_levels=[2]),
+            # dinov2 (base_teacher): its own patch grid, preserved heads
             clip=dict(student_levels=[2]),
-            sam=dict(student_levels=[0]),
+            sam=dict(student_levels=[1]),
             detector=dict(student_levels=[0, 1, 2, 3, 3]))),
     teacher_weights=dict(dinov2=1.0, clip=1.0, sam=1.0, detector=0.5),
     grad_share_interval=100,
 )
 find_unused_parameters = False
+# statistics: kiv.StatisticsWarmupHook of the base runtime, 50 batches x 64
+# images x 8 GPUs = 25.6k images (6.5M DINOv2 patch tokens), then fixed
 default_hooks = dict(checkpoint=dict(interval=5000, max_keep_ckpts=3))

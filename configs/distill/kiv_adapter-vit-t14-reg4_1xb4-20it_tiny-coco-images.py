@@ -1,5 +1,6 @@
 # Tiny CPU version of the knowledge-inheritance recipe (same structure as the
-# real-scale config, small sizes). Teachers are random tiny models written by
+# real-scale config, small sizes): MSE on PHI-S targets, statistics fixed by
+# the base runtime's StatisticsWarmupHook (here one epoch = 2 batches). Teachers are random tiny models written by
 # ``python tools/misc/create_tiny_teachers.py`` (data/tiny_teachers) and
 # loaded through the real loading paths; images come from the tiny COCO
 # layout (``kiv.testing.make_tiny_coco('data/coco')``), labels ignored.
@@ -59,7 +60,7 @@ model = dict(
                 checkpoint=teacher_dir + 'retinanet_tiny.pth',
                 part='backbone+neck'),
             input_size=64,
-            summary=dict(type='avg'),
+            summary=dict(type='none'),  # dense only, like the real recipe
             **imagenet_norm),
     ),
     latent=dict(

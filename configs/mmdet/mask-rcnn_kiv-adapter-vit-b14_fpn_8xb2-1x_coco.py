@@ -19,8 +19,9 @@ custom_imports = dict(
 student_checkpoint = 'checkpoints/kiv_vit-b14_student.pth'
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 model = dict(
-    # The DINOv2 base has 14-px patches: pad images to a multiple of 14.
-    data_preprocessor=dict(pad_size_divisor=14),
+    # mmdet's own resize (1333x800) and padding (to multiples of 32): the
+    # backbone pads to its 14-px patches inside and returns maps of the
+    # ResNet sizes ceil(H / s), s = 4, 8, 16, 32.
     backbone=dict(
         _delete_=True,
         type='kiv.AdapterViT',

@@ -18,24 +18,18 @@ custom_imports = dict(
     imports=['kiv'],
     allow_failed_imports=False)
 
-# Patch size 14 and 512x512 crops: 512 is not a multiple of 14. We keep the
-# standard ADE20K protocol (image scale 2048x512, 512x512 crops, so results
-# compare with published 512x512 numbers) and pad instead of cropping 518:
-# training batches are padded to 518x518 (37 x 14; image pad 0, label pad
-# 255 = ignored by the loss and the metric), test images (short side 512)
-# to the next multiple of 14; mmseg crops the padding off the predictions
-# before resizing them to the original image.
-patch_size = 14
+# The standard ADE20K protocol (image scale 2048x512, 512x512 crops, whole-
+# image test, so results compare with published 512x512 numbers). 512 is not
+# a multiple of the 14-px patches: kiv.AdapterViT pads inside (zeros after
+# normalisation) and returns maps of the ResNet sizes ceil(512 / s).
 crop_size = (512, 512)
-pad_size = (518, 518)
 student = 'checkpoints/kiv_vit-b14_student.pth'
 embed_dim = 768
 num_classes = 150
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 
 model = dict(
-    data_preprocessor=dict(
-        size=pad_size, test_cfg=dict(size_divisor=patch_size)),
+    data_preprocessor=dict(size=crop_size),
     pretrained=None,
     backbone=dict(
         _delete_=True,

@@ -1,16 +1,15 @@
 # Tiny CPU version of upernet_kiv-adapter-vit-b14_8xb2-160k_ade20k-512x512.py
-# (inherited: same UperNet, padding to multiples of 14, layer-decay AdamW,
-# schedule shape, mIoU), with the tiny student of
+# (inherited: same UperNet, layer-decay AdamW, schedule shape, mIoU), with
+# the tiny student of
 # configs/distill/kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images.py
 # (width 64, 4 blocks) on the tiny ADE20K layout written by
 # kiv.testing.make_tiny_ade20k('data/ade') (classes 'wall', 'building').
-# 48x48 crops are padded to 56x56 exactly as 512 is padded to 518.
+# 48x48 crops, not a multiple of the patch 14, as 512 is not.
 #   python tools/train.py configs/mmseg/<this file> \
 #       --cfg-options model.backbone.init_cfg.checkpoint=<student.pth>
 _base_ = './upernet_kiv-adapter-vit-b14_8xb2-160k_ade20k-512x512.py'
 
 crop_size = (48, 48)
-pad_size = (56, 56)
 img_scale = (128, 48)
 embed_dim = 64
 num_classes = 2
@@ -19,7 +18,7 @@ metainfo = dict(classes=('wall', 'building'))
 norm_cfg = dict(type='BN', requires_grad=True)
 
 model = dict(
-    data_preprocessor=dict(size=pad_size),
+    data_preprocessor=dict(size=crop_size),
     backbone=dict(
         base=dict(
             model_name='vit_small_patch14_reg4_dinov2',

@@ -1,20 +1,35 @@
 """Unlabelled images for distillation: a folder, or a labelled set's list."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import os.path as osp
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mmengine.fileio as fileio
 from mmengine.dataset import BaseDataset
+from mmengine.fileio.backends import LocalBackend
 from mmengine.logging import print_log
 
 from kiv.registry import DATASETS
-from .transforms import SKIPPED_FILES, UnreadableImageError
+from .transforms import SKIP_CAUSES, SKIPPED_FILES, UnreadableImageError
 
 #: file extensions scanned by default (matched case-insensitively)
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
+
+#: why the folder scan skipped an entry (keys of ``scan_skipped``)
+SCAN_SYMLINK_LOOP = 'symlink loop'
+SCAN_ALIAS = 'symlink to a folder already scanned'
+SCAN_UNREADABLE_FOLDER = 'unreadable folder'
+SCAN_VANISHED = 'vanished during the scan'
+SCAN_BROKEN_LINK = 'broken symlink'
+SCAN_NOT_A_FILE = 'not a regular file'
+SCAN_UNREADABLE_ENTRY = 'unreadable entry'
+
+#: how many paths per cause the one scan warning line names
+_SHOWN_PER_CAUSE = 3
 
 #: annotation files read as a COCO json; anything else as an ImageNet-style
 #: ``<path> [<label>]`` list unless its content starts with ``{``
@@ -30,7 +45,11 @@ class UnlabeledImageDataset(BaseDataset):
     - a folder (``data_prefix['img_path']``, or ``data_root`` when that is
       empty) scanned recursively for ``extensions``, case-insensitively,
       skipping hidden files and folders (``.name``), sorted so the order is
-      the same on every machine and rank;
+      the same on every machine and rank. Symlinked folders are followed,
+      each real folder once. The scan never stops on one bad entry: symlink
+      loops, unreadable folders, entries that vanish while scanning and
+      broken symlinks are skipped, counted in :attr:`scan_skipped` and named
+      in ONE warning line (only an unreadable top folder is an error);
     - ``ann_file`` of a labelled dataset, whose image list is reused:
 
       - a COCO json (detected by the ``.json`` suffix or content starting
@@ -40,7 +59,9 @@ class UnlabeledImageDataset(BaseDataset):
         image prefix; the path must have one of ``extensions``.
 
     Images listed by ``ann_file`` are not checked at start-up (cheap for
-    millions of files); a missing one is skipped like any unreadable file.
+    millions of files, e.g. ImageNet's 1.28M ``meta/train.txt``); a missing
+    one is skipped at load time like any unreadable file (cause ``'missing
+    file'``), as is a scanned file that disappears before it is read.
 
     Unreadable files never stop a run. When the pipeline raises
     :class:`~kiv.datasets.transforms.UnreadableImageError` (from
@@ -48,8 +69,12 @@ class UnlabeledImageDataset(BaseDataset):
     replaced by the next index (wrapping around) until one loads, at most
     ``max_refetch`` times; the replaced paths are passed to the pipeline as
     ``results['skipped_files']`` and packed by ``kiv.PackImageInputs`` into
-    the data sample's metainfo, so they reach the main process through the
-    batch even from dataloader workers. This applies in ``test_mode`` too.
+    the data sample's metainfo, with the cause of each in
+    ``results['skip_causes']`` (e.g. ``'not decodable'``, ``'too many
+    pixels'``, ``'missing file'``), so they reach the main process through
+    the batch even from dataloader workers and
+    :class:`~kiv.engine.hooks.BadImageReportHook` can report them by cause.
+    This applies in ``test_mode`` too.
 
     Args:
         data_root (str): dataset root; joined with relative ``ann_file`` and
@@ -72,8 +97,13 @@ class UnlabeledImageDataset(BaseDataset):
             (``metainfo``, ``indices``, ``serialize_data``, ``test_mode``,
             ``lazy_init``, ``filter_cfg``).
 
+    Attributes:
+        scan_skipped (dict[str, list[str]]): what the folder scan skipped,
+            ``cause -> paths`` (empty with ``ann_file``).
+
     Raises:
         FileNotFoundError: the image folder or ``ann_file`` does not exist.
+        PermissionError: the image folder itself cannot be listed.
         ValueError: no images found, an unknown or malformed ``ann_file``,
             or a bad ``data_prefix``.
     """
@@ -104,6 +134,7 @@ class UnlabeledImageDataset(BaseDataset):
                              "suffixes with a dot, e.g. ('.jpg', '.png'), got "
                              f'{extensions!r}')
         self.backend_args = backend_args
+        self.scan_skipped: Dict[str, List[str]] = {}
         super().__init__(ann_file=ann_file,
                          data_root=data_root,
                          data_prefix=data_prefix,
@@ -145,19 +176,59 @@ class UnlabeledImageDataset(BaseDataset):
             raise FileNotFoundError(
                 f'UnlabeledImageDataset: image folder {img_dir!r} does not '
                 'exist or is not a folder')
-        files = fileio.list_dir_or_file(img_dir,
-                                        list_dir=False,
-                                        recursive=True,
-                                        backend_args=self.backend_args)
+        backend = fileio.get_file_backend(img_dir,
+                                          backend_args=self.backend_args)
+        if isinstance(backend, LocalBackend):
+            files, skipped = _walk_local(img_dir, self._has_image_suffix)
+        else:  # object stores have no links or permissions per folder
+            try:
+                files = list(
+                    fileio.list_dir_or_file(img_dir,
+                                            list_dir=False,
+                                            recursive=True,
+                                            backend_args=self.backend_args))
+            except OSError as err:
+                raise OSError(f'UnlabeledImageDataset: cannot list image '
+                              f'folder {img_dir!r}: {err}') from err
+            skipped = {}
         rel_paths = sorted(p for p in files
                            if self._has_image_suffix(p) and not any(
                                part.startswith('.')
                                for part in p.split(osp.sep)))
+        self.scan_skipped = {
+            cause: [fileio.join_path(img_dir, p) for p in sorted(paths)]
+            for cause, paths in sorted(skipped.items())
+        }
+        if self.scan_skipped:
+            print_log(self.scan_summary(), logger='current',
+                      level=logging.WARNING)
         if not rel_paths:
             raise ValueError(
                 f'UnlabeledImageDataset: no image files '
                 f'({", ".join(self.extensions)}) found under {img_dir!r}')
         return rel_paths
+
+    def scan_summary(self) -> str:
+        """One line naming what the folder scan skipped, by cause.
+
+        Returns:
+            str: e.g. ``"UnlabeledImageDataset: the scan of '/data' skipped
+            2 entries: symlink loop: 1 (/data/a/loop); unreadable folder: 1
+            (/data/locked)"``; says nothing was skipped when so.
+        """
+        num = sum(len(paths) for paths in self.scan_skipped.values())
+        if not num:
+            return (f'UnlabeledImageDataset: the scan of {self.img_dir!r} '
+                    'skipped nothing')
+        parts = []
+        for cause, paths in self.scan_skipped.items():
+            shown = ', '.join(paths[:_SHOWN_PER_CAUSE])
+            more = (f', +{len(paths) - _SHOWN_PER_CAUSE} more'
+                    if len(paths) > _SHOWN_PER_CAUSE else '')
+            parts.append(f'{cause}: {len(paths)} ({shown}{more})')
+        return (f'UnlabeledImageDataset: the scan of {self.img_dir!r} '
+                f'skipped {num} entr{"y" if num == 1 else "ies"}: '
+                + '; '.join(parts))
 
     def _read_ann_file(self) -> List[str]:
         """Image paths listed by :attr:`ann_file`, in file order."""
@@ -234,8 +305,9 @@ class UnlabeledImageDataset(BaseDataset):
         Returns:
             dict: the pipeline output for the first readable index from
             ``idx`` on; the paths of the unreadable files it replaced are in
-            ``results['skipped_files']`` (``data_samples.skipped_files``
-            after ``kiv.PackImageInputs``).
+            ``results['skipped_files']`` and why in ``results['skip_causes']``
+            (``data_samples.skipped_files`` / ``skip_causes`` after
+            ``kiv.PackImageInputs``).
 
         Raises:
             RuntimeError: ``max_refetch`` + 1 consecutive files (or the
@@ -245,25 +317,154 @@ class UnlabeledImageDataset(BaseDataset):
             self.full_init()
         num = len(self)
         skipped: List[str] = []
+        causes: List[str] = []
         for offset in range(min(self.max_refetch + 1, num)):
             data_info = self.get_data_info((idx + offset) % num)
             path = data_info['img_path']
             data_info[SKIPPED_FILES] = list(skipped)
+            data_info[SKIP_CAUSES] = list(causes)
+            cause = 'rejected by the pipeline'
             try:
                 data = self.pipeline(data_info)
             except UnreadableImageError as err:
                 print_log(f'skipping unreadable image: {err}',
                           logger='current',
                           level=logging.DEBUG)
-                data = None
+                data, cause = None, err.cause
             if data is not None:
                 return data
             skipped.append(path)
+            causes.append(cause)
         raise RuntimeError(
             f'UnlabeledImageDataset: {len(skipped)} consecutive images from '
             f'index {idx} could not be loaded (max_refetch='
             f'{self.max_refetch}), first: {skipped[:3]}; check the files '
             f'under {self.img_dir or self.ann_file!r} and the pipeline')
+
+
+def _scan_cause(err: OSError, folder: bool) -> str:
+    """The scan cause for an ``OSError`` met on a folder or an entry.
+
+    Args:
+        err (OSError): the error.
+        folder (bool): it came from listing a folder (else from an entry).
+
+    Returns:
+        str: one of the ``SCAN_*`` causes.
+    """
+    if err.errno == errno.ELOOP:
+        return SCAN_SYMLINK_LOOP
+    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+        return SCAN_VANISHED
+    return SCAN_UNREADABLE_FOLDER if folder else SCAN_UNREADABLE_ENTRY
+
+
+def _walk_local(root: str, wanted: Callable[[str], bool]
+                ) -> Tuple[List[str], Dict[str, List[str]]]:
+    """List the files under ``root`` without ever stopping on one entry.
+
+    Depth-first with explicit stacks (no recursion limit), entries in name
+    order. Symlinked folders are followed after the real tree, so each real
+    folder (device, inode) is listed once and under its real path when it
+    is inside ``root``; a link to a folder already listed is skipped, and a
+    link to one of its own parents (a loop) ends there instead of raising
+    ``ELOOP``. Hidden entries (``.name``) are not visited.
+
+    Args:
+        root (str): a local folder.
+        wanted (Callable[[str], bool]): whether a file name is an image; only
+            those are listed (or reported when broken).
+
+    Returns:
+        tuple: the relative paths of the wanted regular files (in no
+        particular order) and ``cause -> relative paths`` of the skipped
+        entries.
+
+    Raises:
+        PermissionError: ``root`` itself cannot be listed (other errors on
+            ``root`` propagate as ``OSError`` naming it).
+    """
+    skipped: Dict[str, List[str]] = {}
+    files: List[str] = []
+
+    def skip(cause: str, rel: str) -> None:
+        skipped.setdefault(cause, []).append(rel)
+
+    root_stat = os.stat(root)
+    root_key = (root_stat.st_dev, root_stat.st_ino)
+    visited = {root_key}
+    # (relative folder, identities of it and its parents)
+    real: List[Tuple[str, frozenset]] = [('', frozenset([root_key]))]
+    linked: List[Tuple[str, frozenset, str]] = []  # + the link's own path
+
+    def enter(rel: str, path: str, ancestors: frozenset) -> None:
+        """Queue a folder (``path`` is how it is reached) unless seen."""
+        stat = os.stat(path)
+        key = (stat.st_dev, stat.st_ino)
+        if key in ancestors:
+            skip(SCAN_SYMLINK_LOOP, rel)
+        elif key in visited:
+            skip(SCAN_ALIAS, rel)
+        else:
+            visited.add(key)
+            real.append((rel, ancestors | {key}))
+
+    while real or linked:
+        if not real:  # the real tree is done: follow one folder link
+            rel, ancestors, path = linked.pop()
+            try:
+                enter(rel, path, ancestors)
+            except OSError as err:
+                skip(_scan_cause(err, folder=False), rel)
+            continue
+        rel_dir, ancestors = real.pop()
+        folder = osp.join(root, rel_dir) if rel_dir else root
+        entries = []
+        try:
+            with os.scandir(folder) as listing:
+                for entry in listing:
+                    entries.append(entry)
+        except OSError as err:
+            if not rel_dir:  # the top folder itself: nothing to train on
+                if isinstance(err, PermissionError):
+                    raise PermissionError(
+                        err.errno, 'UnlabeledImageDataset: cannot list the '
+                        f'image folder {root!r}: {err.strerror}') from err
+                raise OSError(err.errno, 'UnlabeledImageDataset: cannot '
+                              f'list the image folder {root!r}: '
+                              f'{err.strerror}') from err
+            skip(_scan_cause(err, folder=True), rel_dir)
+        subfolders, links = [], []
+        for entry in sorted(entries, key=lambda e: e.name):
+            name = entry.name
+            if name.startswith('.'):
+                continue
+            rel = osp.join(rel_dir, name) if rel_dir else name
+            try:
+                if entry.is_dir():  # follows symlinks
+                    if entry.is_symlink():
+                        links.append((rel, ancestors, entry.path))
+                    else:
+                        subfolders.append((rel, entry.path))
+                    continue
+                if not wanted(name):
+                    continue
+                if entry.is_file():
+                    files.append(rel)
+                elif entry.is_symlink():
+                    skip(SCAN_BROKEN_LINK, rel)
+                else:  # fifo, socket, device with an image name
+                    skip(SCAN_NOT_A_FILE, rel)
+            except OSError as err:
+                skip(_scan_cause(err, folder=False), rel)
+        # reversed: the stacks pop the first name first
+        for rel, path in reversed(subfolders):
+            try:
+                enter(rel, path, ancestors)
+            except OSError as err:
+                skip(_scan_cause(err, folder=False), rel)
+        linked.extend(reversed(links))
+    return files, skipped
 
 
 def _is_int(token: str) -> bool:

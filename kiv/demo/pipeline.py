@@ -38,6 +38,8 @@ from typing import Any, Callable
 import torch
 from mmengine.config import Config
 
+from kiv.engine.launch import add_nonfinite_loss_hook
+
 from .presets import get_preset
 from .stages import ProgressHook, Stage, StageContext, run_stages
 
@@ -125,6 +127,7 @@ def run_runner(cfg: Config, ctx: StageContext, train: bool = True,
     _run_counter += 1
     cfg.work_dir = ctx.dir
     cfg.experiment_name = f'{ctx.stage.name}_{os.getpid()}_{_run_counter}'
+    add_nonfinite_loss_hook(cfg)  # a NaN/Inf loss never reaches weights
     cfg.log_level = 'WARNING'
     cfg.randomness = dict(seed=ctx.seed, deterministic=True)
     cfg.launcher = 'none'

@@ -19,25 +19,27 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch import Tensor
 
-from kiv.models.backbones.base_vit import (BaseViT, build_base_vit,
-                                           check_outputs)
+from kiv.models.backbones.base_vit import (STRIDES, BaseViT, build_base_vit,
+                                           check_images, check_outputs,
+                                           crop_to, pad_to_patch_multiple,
+                                           pretrained_to_init_cfg,
+                                           pyramid_sizes)
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
 
 __all__ = ['PlainViTStudent']
 
-#: pyramid strides of levels 0..3, as AdapterViT.
-STRIDES = (4, 8, 16, 32)
-
 
 def _rescale(channels: int, factor: float) -> nn.Module:
     """Resample a map by a power-of-two ``factor`` (ViTDet simple pyramid):
-    2x2 transposed convs (GELU between) to upsample, max pooling down."""
+    2x2 transposed convs (GELU between) to upsample, max pooling down
+    (``ceil_mode``: a side ``n`` becomes ``ceil(n / k)``, the ResNet
+    convention)."""
     if factor == 1:
         return nn.Identity()
     if factor < 1:
         k = int(round(1 / factor))
-        return nn.MaxPool2d(kernel_size=k, stride=k)
+        return nn.MaxPool2d(kernel_size=k, stride=k, ceil_mode=True)
     layers: list[nn.Module] = []
     for i in range(int(round(math.log2(factor)))):
         if i:
@@ -56,6 +58,13 @@ class PlainViTStudent(BaseModule):
     over ``C, H, W``); the summary is the final-norm CLS token (mean patch
     token without one).
 
+    Any input size works, as in :class:`~kiv.models.backbones.AdapterViT`:
+    images are zero-padded (0 after normalisation, the data preprocessors'
+    pad value) at the bottom and right to multiples of ``p``, and each level
+    is cropped to the ResNet size ``(ceil(H / s), ceil(W / s))`` before its
+    norm, so the result equals padding in the data preprocessor and
+    cropping.
+
     Args:
         base (dict): the ViT, as ``AdapterViT(base=...)``: ``dict(type=
             'timm', model_name=..., checkpoint=None, model_kwargs=...)`` or
@@ -68,8 +77,13 @@ class PlainViTStudent(BaseModule):
         out_type (str): ``'pyramid'``, ``'global'`` (``(summary,)``) or
             ``'both'``, as :class:`~kiv.models.backbones.AdapterViT`.
             Defaults to ``'pyramid'``.
+        pretrained (str, optional): deprecated toolbox convention (mmseg
+            passes ``model.pretrained`` here): a checkpoint path, turned into
+            ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)`` with
+            the toolboxes' deprecation warning. Defaults to None.
         init_cfg (dict, optional): e.g. ``dict(type='Pretrained',
-            checkpoint=<exported student>)``.
+            checkpoint=<exported student>)``; add ``prefix='backbone.'`` to
+            load the backbone of a whole detector / segmentor checkpoint.
     """
 
     def __init__(self,
@@ -77,7 +91,10 @@ class PlainViTStudent(BaseModule):
                  frozen: bool = False,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  out_type: str = 'pyramid',
+                 pretrained: str | None = None,
                  init_cfg: dict | list[dict] | None = None) -> None:
+        init_cfg = pretrained_to_init_cfg('PlainViTStudent', pretrained,
+                                          init_cfg)
         super().__init__(init_cfg=init_cfg)
         out_indices = check_outputs('PlainViTStudent', out_type,
                                     out_indices)
@@ -87,7 +104,7 @@ class PlainViTStudent(BaseModule):
         self.base: BaseViT = build_base_vit(base)
         #: width ``C`` of the summary and of every pyramid level.
         self.embed_dim = self.base.embed_dim
-        #: patch size: inputs must be multiples of it.
+        #: patch size: inputs are zero-padded to multiples of it.
         self.patch_size = self.base.patch_size
         p = self.patch_size
         if p & (p - 1) or not 4 <= p <= 32:
@@ -114,61 +131,60 @@ class PlainViTStudent(BaseModule):
         """Set the train mode; a frozen student stays in eval mode."""
         return super().train(mode and not self.frozen)
 
-    def _tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        if x.dim() != 4:
-            raise ValueError('PlainViTStudent expects images (B, C, H, W), '
-                             f'got a tensor of shape {tuple(x.shape)}')
-        H, W = x.shape[-2:]
+    def _tokens(self, x: Tensor
+                ) -> tuple[Tensor, tuple[int, int], tuple[int, int]]:
+        """Final-norm tokens of the padded images, the patch grid and the
+        input size ``(H, W)``."""
+        image_size = check_images('PlainViTStudent', x)
         p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(
-                f'PlainViTStudent: input size {H}x{W} is not a multiple of '
-                f'the patch size {p}; resize or pad the images (e.g. '
-                f'pad_size_divisor={p} in the data preprocessor)')
-        return self.base.forward_tokens(x), (H // p, W // p)
+        x = pad_to_patch_multiple(x, p)
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        return self.base.forward_tokens(x), grid, image_size
 
     def _summary(self, tokens: Tensor) -> Tensor:
         if self.base.has_class_token:
             return tokens[:, 0]
         return tokens[:, self.base.num_prefix_tokens:].mean(1)
 
-    def _pyramid(self, tokens: Tensor,
-                 grid: tuple[int, int]) -> tuple[Tensor, ...]:
+    def _pyramid(self, tokens: Tensor, grid: tuple[int, int],
+                 image_size: tuple[int, int]) -> tuple[Tensor, ...]:
         patches = tokens[:, self.base.num_prefix_tokens:]
         maps = patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
-        return tuple(norm(rescale(maps))
-                     for rescale, norm in zip(self.rescales, self.out_norms))
+        return tuple(
+            norm(crop_to(rescale(maps), size)) for rescale, norm, size in zip(
+                self.rescales, self.out_norms, pyramid_sizes(*image_size)))
 
     def forward_features(self, x: Tensor) -> FeatureOutput:
         """Summary and full pyramid (used by the distiller).
 
         Args:
-            x (Tensor): normalised images ``(B, 3, H, W)``, ``H, W``
-                multiples of the patch size ``p``.
+            x (Tensor): normalised images ``(B, 3, H, W)``, any ``H, W``.
 
         Returns:
             FeatureOutput: ``summary (B, C)`` and four maps
-            ``(B, C, H / s, W / s)`` for strides ``s = 4, 8, 16, 32``.
+            ``(B, C, ceil(H / s), ceil(W / s))`` for strides
+            ``s = 4, 8, 16, 32``.
         """
-        tokens, grid = self._tokens(x)
+        tokens, grid, image_size = self._tokens(x)
         return FeatureOutput(self._summary(tokens),
-                             self._pyramid(tokens, grid))
+                             self._pyramid(tokens, grid, image_size))
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Toolbox interface (as :meth:`AdapterViT.forward`).
 
         Args:
-            x (Tensor): images ``(B, 3, H, W)``.
+            x (Tensor): images ``(B, 3, H, W)``, any ``H, W``.
 
         Returns:
-            tuple[Tensor, ...]: ``'pyramid'``: the maps at ``out_indices``;
+            tuple[Tensor, ...]: ``'pyramid'``: the maps at ``out_indices``
+            (level ``l``: ``(B, C, ceil(H / s_l), ceil(W / s_l))``);
             ``'global'``: ``(summary (B, C),)``; ``'both'``: maps, then the
             summary.
         """
-        tokens, grid = self._tokens(x)
+        tokens, grid, image_size = self._tokens(x)
         outs: tuple[Tensor, ...] = ()
         if self.out_type != 'global':
-            maps = self._pyramid(tokens, grid)
+            maps = self._pyramid(tokens, grid, image_size)
             outs = tuple(maps[i] for i in self.out_indices)
         if self.out_type != 'pyramid':
             outs = outs + (self._summary(tokens), )

@@ -2,13 +2,13 @@
 
 Design
 ------
-Every checkpoint kiv or mmengine opens from a local path goes through
-:func:`safe_torch_load`, which calls ``torch.load(..., weights_only=True)``
+:func:`safe_torch_load` calls ``torch.load(..., weights_only=True)``
 explicitly (not relying on torch's default, which the environment variable
-``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` could flip). ``weights_only`` unpickling
-only rebuilds tensors, containers, primitive types and the globals on an
-allowlist; it never calls arbitrary callables, so a malicious file cannot run
-code.
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` could flip). ``weights_only``
+unpickling only rebuilds tensors, containers, primitive types and the
+globals on an allowlist; it never calls arbitrary callables, so a malicious
+file cannot run code. kiv's own loaders (teacher weights, the frozen base
+ViT, exported students, the export tool) always call it directly.
 
 Plain weights (``load_from``, ``init_cfg=dict(type='Pretrained')``, teacher
 checkpoints, exported students) are state dicts and need nothing more. The
@@ -19,22 +19,30 @@ crafted file reach attributes of any allowlisted object, so we do not.
 Instead we *sanitise what we save*: :class:`~kiv.engine.checkpoint_hook.
 SafeCheckpointHook` (added to every run by ``tools/train.py``) stores the
 message hub as plain tensors and numbers and rebuilds it on load. The only
-globals we allowlist (:data:`SAFE_GLOBALS`) are NumPy's array, scalar and
+extra globals we allow (:data:`SAFE_GLOBALS`) are NumPy's array, scalar and
 dtype reconstructors, which rebuild values from raw bytes and run no code:
-metadata written by other hooks or toolboxes may contain NumPy values.
+metadata written by other hooks or toolboxes may contain NumPy values. They
+are allowed only for the duration of a kiv load (:func:`allow_safe_globals`),
+never added to torch's process-wide allowlist.
 
 A file that needs anything else is refused with
 :class:`UnsafeCheckpointError`, naming the file and the offending global.
+
+Importing kiv does not change how mmengine loads checkpoints. The loaders
+here (:func:`load_from_local`, :func:`load_url`) replace mmengine's for
+plain paths and URLs only once :func:`kiv.engine.enable_safe_io` is called
+(kiv's tools do; see :mod:`kiv.engine.safe_io`).
 """
 from __future__ import annotations
 
 import os.path as osp
 import pickle
-from typing import Any, Callable
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from mmengine.runner.checkpoint import CheckpointLoader
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -70,12 +78,57 @@ def _numpy_globals() -> list[Any]:
 SAFE_GLOBALS: list[Any] = _numpy_globals()
 
 
-def register_safe_globals() -> None:
-    """Add :data:`SAFE_GLOBALS` to torch's weights-only allowlist.
+_allow_lock = threading.Lock()
+_allow_depth = 0
+_allow_added: list[Any] = []
 
-    Idempotent; called once when :mod:`kiv` is imported.
+
+@contextmanager
+def allow_safe_globals() -> Iterator[None]:
+    """Allow :data:`SAFE_GLOBALS` in ``weights_only`` loads, temporarily.
+
+    Unlike :class:`torch.serialization.safe_globals`, leaving the context
+    removes only the entries this context added: globals the user put on
+    torch's allowlist before stay there. Re-entrant and thread-safe (the
+    entries stay while any thread is inside).
+
+    Yields:
+        None
     """
-    torch.serialization.add_safe_globals(SAFE_GLOBALS)
+    global _allow_depth, _allow_added
+    with _allow_lock:
+        if _allow_depth == 0:
+            present = set(torch.serialization.get_safe_globals())
+            _allow_added = [g for g in SAFE_GLOBALS if g not in present]
+            torch.serialization.add_safe_globals(_allow_added)
+        _allow_depth += 1
+    try:
+        yield
+    finally:
+        with _allow_lock:
+            _allow_depth -= 1
+            if _allow_depth == 0 and _allow_added:
+                keep = [
+                    g for g in torch.serialization.get_safe_globals()
+                    if g not in set(_allow_added)
+                ]
+                torch.serialization.clear_safe_globals()
+                torch.serialization.add_safe_globals(keep)
+                _allow_added = []
+
+
+def _refusal(filename: str, err: pickle.UnpicklingError
+             ) -> UnsafeCheckpointError:
+    """The :class:`UnsafeCheckpointError` for a weights-only failure."""
+    first = str(err).strip().splitlines()
+    detail = next((ln for ln in first
+                   if 'Unsupported' in ln or 'global' in ln.lower()),
+                  first[0] if first else '')
+    return UnsafeCheckpointError(
+        f'refused to load checkpoint {filename}: it needs a global that '
+        f'is not on kiv\'s weights-only allowlist ({detail.strip()}). '
+        'Only load checkpoints you trust; convert foreign files to a '
+        'plain state dict first.')
 
 
 def safe_torch_load(filename: str,
@@ -98,29 +151,65 @@ def safe_torch_load(filename: str,
     if not osp.isfile(filename):
         raise FileNotFoundError(f'checkpoint file not found: {filename}')
     try:
-        return torch.load(filename, map_location=map_location,
-                          weights_only=True)
+        with allow_safe_globals():
+            return torch.load(filename, map_location=map_location,
+                              weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()
-        detail = next((ln for ln in first if 'Unsupported' in ln
-                       or 'global' in ln.lower()), first[0] if first else '')
-        raise UnsafeCheckpointError(
-            f'refused to load checkpoint {filename}: it needs a global that '
-            f'is not on kiv\'s weights-only allowlist ({detail.strip()}). '
-            'Only load checkpoints you trust; convert foreign files to a '
-            'plain state dict first.') from None
+        raise _refusal(filename, err) from None
 
 
-@CheckpointLoader.register_scheme(prefixes='', force=True)
 def load_from_local(filename: str,
                     map_location: str | Callable | None = None) -> Any:
-    """mmengine's local-path checkpoint loader, replaced by the safe one.
+    """mmengine's loader for plain paths, made safe.
 
-    Registered for the empty prefix (plain paths), so ``load_from``,
-    ``--resume`` and ``init_cfg=dict(type='Pretrained')`` in every toolbox use
-    :func:`safe_torch_load`.
+    Registered for the empty prefix by :func:`kiv.engine.enable_safe_io`,
+    so ``load_from``, ``--resume`` and ``init_cfg=dict(type='Pretrained')``
+    in every toolbox go through :func:`safe_torch_load`.
+
+    Args:
+        filename (str): local checkpoint path.
+        map_location: as in :func:`torch.load`.
+
+    Returns:
+        Any: the loaded checkpoint.
     """
     return safe_torch_load(filename, map_location)
 
 
-register_safe_globals()
+def load_url(url: str,
+             model_dir: Optional[str] = None,
+             map_location: str | Callable | None = None,
+             progress: bool = True,
+             check_hash: bool = False,
+             file_name: Optional[str] = None) -> Any:
+    """``torch.hub.load_state_dict_from_url`` with ``weights_only=True``.
+
+    mmengine 0.10's ``load_from_http`` (behind ``http(s)://``,
+    ``torchvision://``, ``open-mmlab://``, ``mmcls://`` ... checkpoints)
+    calls torch's ``load_url``, whose ``weights_only`` defaults to False:
+    any downloaded file could run code. :func:`kiv.engine.enable_safe_io`
+    puts this function in its place. Same arguments as torch's.
+
+    Args:
+        url (str): the file's URL.
+        model_dir (str, optional): download cache folder (torch hub's
+            ``checkpoints`` folder by default).
+        map_location: as in :func:`torch.load`.
+        progress (bool): show a download progress bar.
+        check_hash (bool): verify the hash prefix of the file name.
+        file_name (str, optional): cache file name (from the URL by default).
+
+    Returns:
+        Any: the loaded checkpoint.
+
+    Raises:
+        UnsafeCheckpointError: the file needs a global off the allowlist.
+    """
+    try:
+        with allow_safe_globals():
+            return torch.hub.load_state_dict_from_url(
+                url, model_dir=model_dir, map_location=map_location,
+                progress=progress, check_hash=check_hash,
+                file_name=file_name, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise _refusal(url, err) from None

@@ -16,8 +16,14 @@ from mmengine.config import Config, DictAction
 
 __all__ = [
     'DictAction', 'die', 'load_config', 'require_file', 'setup_work_dir',
-    'setup_cpu_distributed', 'config_scope', 'add_safe_checkpoint_hook'
+    'setup_cpu_distributed', 'config_scope', 'add_safe_checkpoint_hook',
+    'add_nonfinite_loss_hook', 'NONFINITE_LOSS_OPTIONS'
 ]
+
+#: keys of the config's ``nonfinite_loss`` dict (the hook's arguments)
+NONFINITE_LOSS_OPTIONS = ('action', 'max_consecutive', 'max_total',
+                          'check_checkpoint')
+_NONFINITE_HOOK_NAMES = ('NonFiniteLossHook', 'kiv.NonFiniteLossHook')
 
 
 def die(message: str, code: int = 2) -> NoReturn:
@@ -123,4 +129,56 @@ def add_safe_checkpoint_hook(cfg: Config) -> None:
     names = ('SafeCheckpointHook', 'kiv.SafeCheckpointHook')
     if not any(h.get('type') in names for h in hooks):
         hooks.append(dict(type='kiv.SafeCheckpointHook'))
+    cfg.custom_hooks = hooks
+
+
+def add_nonfinite_loss_hook(cfg: Config, action: str | None = None) -> None:
+    """Guard the run against NaN/Inf losses (``kiv.NonFiniteLossHook``).
+
+    On by default for every run of ``tools/train.py``. Configured by, in
+    order of precedence:
+
+    1. ``action`` (``tools/train.py --nonfinite-loss {skip,stop,off}``);
+    2. the config key ``nonfinite_loss``: a dict of the hook's arguments
+       (:data:`NONFINITE_LOSS_OPTIONS`, e.g. ``dict(action='stop')``, also
+       settable as ``--cfg-options nonfinite_loss.max_consecutive=3``), or
+       ``'off'``;
+    3. a ``NonFiniteLossHook`` entry already in ``custom_hooks`` (kept as
+       is; then ``nonfinite_loss`` must not be set too).
+
+    Args:
+        cfg (Config): the run's config; ``custom_hooks`` is updated.
+        action (str, optional): ``'skip'``, ``'stop'`` or ``'off'``.
+    """
+    hooks = list(cfg.get('custom_hooks', None) or [])
+    existing = [h for h in hooks if h.get('type') in _NONFINITE_HOOK_NAMES]
+    setting = cfg.get('nonfinite_loss', None)
+    if existing and setting is not None:
+        die('the non-finite loss guard is set twice: by the config key '
+            'nonfinite_loss and by a NonFiniteLossHook in custom_hooks; '
+            'keep one')
+    if existing:
+        hook = existing[0]
+    elif setting is None or setting is True:
+        hook = dict(type='kiv.NonFiniteLossHook')
+    elif setting == 'off' or setting is False:
+        hook = None
+    elif isinstance(setting, dict):
+        unknown = sorted(set(setting) - set(NONFINITE_LOSS_OPTIONS))
+        if unknown:
+            die(f'config key nonfinite_loss: unknown option(s) '
+                f'{", ".join(unknown)}; expected '
+                f'{", ".join(NONFINITE_LOSS_OPTIONS)}')
+        hook = dict(type='kiv.NonFiniteLossHook', **setting)
+    else:
+        die(f"config key nonfinite_loss must be a dict or 'off', got "
+            f'{setting!r}')
+    if action == 'off':
+        hook = None
+    elif action is not None:
+        hook = dict(hook or dict(type='kiv.NonFiniteLossHook'),
+                    action=action)
+    index = next((i for i, h in enumerate(hooks)
+                  if h.get('type') in _NONFINITE_HOOK_NAMES), len(hooks))
+    hooks[index:index + 1] = [] if hook is None else [hook]
     cfg.custom_hooks = hooks

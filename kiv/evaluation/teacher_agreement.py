@@ -17,11 +17,16 @@ class TeacherAgreementMetric(BaseMetric):
     :meth:`kiv.models.distillers.KnowledgeInheritance.predict`. Reports,
     for every teacher ``t``:
 
-    * ``t/summary_cos``: mean cosine similarity of summaries;
+    * ``t/summary_cos``: mean cosine similarity of summaries (teachers
+      with a summary);
     * ``t/level{l}_cos``: mean cosine similarity of dense level ``l``;
     * ``t/top1_agreement``: % of images where the teacher's own head gives
       the same class on the inherited features as on its own (teachers
-      with a classification head kept).
+      with a classification head kept);
+    * ``t/top5_agreement``: % of images where the teacher's class is among
+      the inherited head's top 5.
+
+    Cosines are measured in the shared latent space (standardised targets).
 
     Args:
         collect_device (str): ``'cpu'`` or ``'gpu'``.
@@ -40,13 +45,18 @@ class TeacherAgreementMetric(BaseMetric):
             return metrics
         for name in results[0]:
             items = [r[name] for r in results]
-            metrics[f'{name}/summary_cos'] = float(
-                np.mean([it['summary_cos'] for it in items]))
+            if items[0].get('summary_cos') is not None:
+                metrics[f'{name}/summary_cos'] = float(
+                    np.mean([it['summary_cos'] for it in items]))
             levels = np.array([it['feature_cos'] for it in items])
-            for lv in range(levels.shape[1]):
+            for lv in range(levels.shape[1] if levels.ndim == 2 else 0):
                 metrics[f'{name}/level{lv}_cos'] = float(levels[:, lv].mean())
             if 'top1' in items[0]:
                 agree = [it['top1'][0] == it['top1'][1] for it in items]
                 metrics[f'{name}/top1_agreement'] = 100.0 * float(
+                    np.mean(agree))
+            if 'top5' in items[0]:
+                agree = [it['top5'][0] in it['top5'][1] for it in items]
+                metrics[f'{name}/top5_agreement'] = 100.0 * float(
                     np.mean(agree))
         return metrics

@@ -331,7 +331,8 @@ def test_pack_image_inputs():
                         ori_shape=(H, W),
                         img_shape=(H, W),
                         flip=True,
-                        skipped_files=[])
+                        skipped_files=[],
+                        skip_causes=[])
     gray = PackImageInputs()(dict(img=img[..., 0]))['inputs']
     assert gray.shape == (1, H, W)
 
@@ -354,6 +355,10 @@ def test_bad_files_skipped_and_counted(image_tree, num_workers):
             want_path, want_skipped = _replacement(paths, bad, len(seen))
             assert sample.img_path == want_path
             assert sample.skipped_files == want_skipped
+            assert len(sample.skip_causes) == len(want_skipped)
+            for path, cause in zip(want_skipped, sample.skip_causes):
+                assert cause == ('empty file' if path.endswith('c0_zero.png')
+                                 else 'not decodable'), path
             assert sample.ori_shape == sample.img_shape == (H, W)
             seen.append(sample.img_path)
             skipped.update(sample.skipped_files)
@@ -397,7 +402,10 @@ def _run(root, tmp_path, name, train_cfg, hook, sampler, batch_size):
         log_level='INFO')
     runner.train()
     with open(osp.join(runner.log_dir, f'{runner.timestamp}.log')) as f:
-        lines = [ln for ln in f if 'BadImageReportHook:' in ln]
+        lines = [
+            ln for ln in f
+            if 'BadImageReportHook:' in ln and 'in this run' not in ln
+        ]
     history = runner.message_hub.get_scalar('train/skipped_images').data[0]
     return lines, history.tolist()
 
@@ -412,8 +420,9 @@ def test_hook_reports_once_per_epoch(image_tree, tmp_path):
     assert len(lines) == 2
     first_two = ', '.join(sorted(bad)[:2])
     assert 'WARNING' in lines[0]
-    assert ('3 unreadable image file(s) skipped in train iterations 1-4: '
-            f'{first_two} (+1 more)') in lines[0]
+    assert ('3 unreadable image file(s) skipped in train iterations 1-4 '
+            f'(not decodable: 2, empty file: 1): {first_two} (+1 more)'
+            ) in lines[0]
     assert 'train iterations 5-8' in lines[1]
 
 
@@ -443,10 +452,10 @@ def test_hook_interval_in_iteration_based_run(image_tree, tmp_path):
                           'InfiniteSampler', 1)
     assert history == want
     assert len(lines) == 2
-    assert '1 unreadable image file(s) skipped in train iterations 1-3:' \
-        in lines[0]
-    assert '2 unreadable image file(s) skipped in train iterations 13-14:' \
-        in lines[1]
+    assert '1 unreadable image file(s) skipped in train iterations 1-3 ' \
+        '(empty file: 1):' in lines[0]
+    assert '2 unreadable image file(s) skipped in train iterations 13-14 ' \
+        '(not decodable: 2):' in lines[1]
 
 
 def test_hook_arguments_and_batches_without_skips():

@@ -37,7 +37,7 @@ TINY_CFGS = {
 #: Mask R-CNN feature sizes of the tiny models for a 70x70 input.
 TINY_LEVEL_SIZES = {
     'fpn': [18, 9, 5, 3, 2],
-    'simple-pyramid': [20, 10, 5, 2, 1],
+    'simple-pyramid': [20, 10, 5, 3, 2],
 }
 IMPORT_CFG = osp.join(CFG_DIR, 'import_example',
                       'mask-rcnn_kiv-adapter-vit-b14_fpn_1x_coco.py')
@@ -218,7 +218,8 @@ def test_real_configs_fit_the_distilled_student(name):
     assert backbone['init_cfg'] == dict(
         type='Pretrained', checkpoint='checkpoints/kiv_vit-b14_student.pth')
     assert 'kiv' in cfg.custom_imports.imports
-    assert cfg.model.data_preprocessor.pad_size_divisor % 14 == 0
+    # mmdet's own padding: the backbone pads to its patches inside
+    assert cfg.model.data_preprocessor.pad_size_divisor == 32
     assert set(cfg.val_evaluator.metric) == {'bbox', 'segm'}
     assert cfg.val_evaluator.type == 'CocoMetric'
     if name == 'import_example':
@@ -255,15 +256,15 @@ def _flat(obj, prefix: str = '') -> dict:
 
 
 def test_import_example_changes_only_the_backbone():
-    """The import example is mmdet's own config plus the 5 kiv lines."""
+    """The import example is mmdet's own config plus the kiv lines: the
+    backbone block, the neck's input channels and ``custom_imports``."""
     upstream = Config.fromfile(_upstream_config()).to_dict()
     ours = Config.fromfile(IMPORT_CFG).to_dict()
     a, b = _flat(upstream), _flat(ours)
     changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
     allowed = ('model.backbone.', 'model.neck.in_channels.',
                'custom_imports.')
-    assert {k for k in changed if not k.startswith(allowed)} == {
-        'model.data_preprocessor.pad_size_divisor'}
+    assert {k for k in changed if not k.startswith(allowed)} == set()
     assert ours['model']['neck']['in_channels'] == [768] * 4
     assert ours['model']['backbone']['type'] == 'kiv.AdapterViT'
 
@@ -317,8 +318,9 @@ def test_tiny_model_inherits_exported_weights(name, exported_student,
     with torch.no_grad():
         feats = model.extract_feat(torch.rand(1, 3, 70, 70))
     assert all(f.shape[:2] == (1, 32) for f in feats)
-    # 70 px: the adapter's levels are 18/9/5/3 px (strides 4-32, padded
-    # convs); the FPN adds P6 = 2, the simple pyramid rescales level 2 (5).
+    # 70 px: the adapter's levels are ceil(70 / s) = 18/9/5/3 px (strides
+    # 4-32); the FPN adds P6 = 2, the simple pyramid rescales level 2 (5)
+    # to 20/10/5/3 (+ P6 2).
     assert [f.shape[-1] for f in feats] == TINY_LEVEL_SIZES[name]
 
 
@@ -400,7 +402,6 @@ def test_import_into_upstream_config_with_cfg_options_only(
     upstream = _upstream_config()
     b = 'model.backbone.'
     kiv_lines = [
-        'model.data_preprocessor.pad_size_divisor=14',
         f'{b}_delete_=true', f'{b}type=kiv.AdapterViT',
         f'{b}base.type=timm',
         f'{b}base.model_name=vit_small_patch14_reg4_dinov2',

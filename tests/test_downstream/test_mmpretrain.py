@@ -83,7 +83,8 @@ def test_get_layer_depth_timm_base():
             assert layer_id == (k if part == 'injector' else k + 1), name
         else:  # base final norm, pyramid outputs, global token
             assert name.startswith(('base.model.norm.', 'up.', 'vit_norms.',
-                                    'out_norms.', 'global_token.')), name
+                                    'pyramid_gammas.', 'out_norms.',
+                                    'global_token.')), name
             assert layer_id == 5, name
     # every block is at its own depth: decay really orders the base
     assert sorted(set(depths.values())) == [0, 1, 2, 3, 4, 5]

@@ -1,8 +1,8 @@
 """mmseg downstream: UperNet on kiv.AdapterViT, ADE20K mIoU, layer decay.
 
 The tiny config inherits the real one, so training / testing it through the
-tools exercises the real structure (padding to multiples of 14, UperNet,
-layer-decay AdamW, IoUMetric) on CPU.
+tools exercises the real structure (crops that are not multiples of the
+patch 14, UperNet, layer-decay AdamW, IoUMetric) on CPU.
 """
 import inspect
 import os.path as osp
@@ -61,12 +61,14 @@ def test_real_and_tiny_configs(tiny_cfg, exported_student):
             'kiv.BackboneLayerDecayOptimWrapperConstructor'
         assert cfg.test_evaluator.type == 'IoUMetric'
         assert cfg.test_dataloader.dataset.type == 'ADE20KDataset'
-        # crops of `crop` px, padded to the next multiple of the patch 14
+        # mmseg's own crops (not multiples of the patch 14: the backbone
+        # pads inside), batches of exactly the crop size, whole-image test
         crop_steps = [t for t in cfg.train_pipeline if t.type == 'RandomCrop']
         assert crop_steps[0].crop_size == (crop, crop)
-        pad = -(-crop // 14) * 14
-        assert model.data_preprocessor.size == (pad, pad)
-        assert model.data_preprocessor.test_cfg.size_divisor == 14
+        assert crop % 14
+        assert model.data_preprocessor.size == (crop, crop)
+        assert 'test_cfg' not in model.data_preprocessor
+        assert model.test_cfg.mode == 'whole'
     assert real.optim_wrapper.type == 'AmpOptimWrapper'
     assert real.model.backbone.norm_cfg.type == 'SyncBN'
     assert real.model.backbone.init_cfg.checkpoint == \

@@ -1,5 +1,10 @@
 """Checkpoints load with weights_only=True; resume restores the full state;
-a malicious pickle is refused."""
+a malicious pickle is refused.
+
+mmengine's own loader and file backend are kiv's only after
+``kiv.enable_safe_io()`` (the ``safe_io`` fixture, what kiv's tools call);
+``safe_torch_load`` is safe on its own.
+"""
 import copy
 import os
 import os.path as osp
@@ -123,7 +128,7 @@ class _Evil:
         return (os.system, (f'touch {self.marker}', ))
 
 
-def test_malicious_checkpoint_is_refused(tmp_path):
+def test_malicious_checkpoint_is_refused(tmp_path, safe_io):
     marker = tmp_path / 'pwned'
     path = str(tmp_path / 'evil.pth')
     torch.save({'state_dict': {'w': torch.zeros(1)},
@@ -180,7 +185,7 @@ def test_missing_checkpoint_names_path(tmp_path):
         safe_torch_load(str(tmp_path / 'nope.pth'))
 
 
-def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch, safe_io):
     """A write that dies half-way leaves the previous checkpoint intact."""
     from mmengine.fileio import get_file_backend
     from mmengine.runner.checkpoint import save_checkpoint

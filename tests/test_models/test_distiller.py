@@ -54,11 +54,17 @@ def trained(workdir):
 
 
 def test_twenty_iterations_lower_every_teacher_loss(trained):
-    for teacher in ('dinov2', 'clip', 'detector'):
-        for out in ('summary', 'features'):
+    """Purpose-specific teachers' losses fall; the base teacher's starts at
+    0 (the student is the knowledge base) and stays small."""
+    for teacher, outs in (('clip', ('summary', 'features')),
+                          ('detector', ('features', ))):
+        for out in outs:
             hist = _history(trained, f'loss_{teacher}_{out}')
             assert len(hist) == 20
             assert hist[-5:].mean() < hist[:5].mean(), (teacher, out, hist)
+    for out in ('summary', 'features'):
+        hist = _history(trained, f'loss_dinov2_{out}')
+        assert hist[0] < 1e-6 and hist.max() < 0.05, (out, hist)
     shares = [_history(trained, f'grad_share/{t}')[-1]
               for t in ('dinov2', 'clip', 'detector')]
     assert abs(sum(shares) - 1) < 1e-4
@@ -102,12 +108,9 @@ def test_export_round_trip_gives_identical_features(trained, workdir):
 
 
 def _grad_shares(workdir, name, standardize, scale):
-    """Train 6 iterations with MSE losses, one teacher's outputs x scale."""
-    mse = dict(type='kiv.FeatureMatchingLoss', cosine_weight=0.0,
-               mse_weight=1.0)
-    cfg = _cfg(osp.join(workdir, name),
-               losses=dict(summary=mse, features=mse),
-               grad_share_interval=1)
+    """Train 6 iterations with the shipped default losses (MSE), one
+    teacher's outputs x scale."""
+    cfg = _cfg(osp.join(workdir, name), grad_share_interval=1)
     cfg.model.latent.standardize = standardize
     cfg.train_cfg.max_iters = 6
     cfg.train_cfg.val_interval = 100
@@ -124,48 +127,17 @@ def _grad_shares(workdir, name, standardize, scale):
 
 
 def test_imbalanced_transfer_and_its_fix(workdir):
-    """Without standardisation a teacher whose features are 100x larger
-    takes almost all the adapter's gradient ("imbalanced transfer"); the
-    shared latent space (PHI-S standardisation) restores balance."""
+    """With the shipped default losses: without standardisation a teacher
+    whose features are 100x larger takes almost all the adapter's gradient
+    ("imbalanced transfer"); the shared latent space (PHI-S) restores
+    balance between the purpose-specific teachers. The base teacher
+    (dinov2) sends almost nothing at first by design: the student starts as
+    it (knowledge preservation)."""
     raw = _grad_shares(workdir, 'wd_none', 'none', 100.0)
     assert raw['clip'] > 0.95, raw
     fixed = _grad_shares(workdir, 'wd_phis', 'phis', 100.0)
-    assert fixed['clip'] < 0.6, fixed
-    assert min(fixed.values()) > 0.1, fixed
-
-
-def test_inherited_head_wiring_and_agreement_metric(trained):
-    """With perfect projections the inherited head equals the teacher's
-    head (top-1 agreement 100, cosine 1); the real student agrees less."""
-    from kiv.evaluation import TeacherAgreementMetric
-    model = copy.deepcopy(trained.model).eval()
-    teacher = model.teachers['detector']
-    # keep a "classifier" head on the detector: a fixed linear layer on the
-    # summary, attached to the wrapped model so forward_head finds it
-    torch.manual_seed(0)
-    teacher.model.add_module('cls_head', torch.nn.Linear(
-        teacher.summary_dim, 5))
-    teacher.head_layer, teacher.head_input = 'cls_head', 'summary'
-    images = torch.rand(4, 3, 56, 56) * 255
-
-    metric = TeacherAgreementMetric()
-    metric.process(None, model.predict(images))
-    real = metric.compute_metrics(metric.results)
-    assert 0 <= real['detector/top1_agreement'] <= 100
-    assert -1 <= real['dinov2/level0_cos'] <= 1
-
-    def perfect(student, name, sizes):
-        target = model.teachers[name](images)
-        return model.latent.standardize_targets(target, name)
-
-    model.latent.project = perfect
-    metric = TeacherAgreementMetric()
-    metric.process(None, model.predict(images))
-    ideal = metric.compute_metrics(metric.results)
-    assert ideal['detector/top1_agreement'] == 100.0
-    for key, value in ideal.items():
-        if key.endswith('_cos'):
-            assert value > 0.999, key
+    assert fixed['clip'] < 0.8, fixed
+    assert fixed['detector'] > 0.2, fixed
 
 
 def test_multi_task_heads_train_on_labelled_samples(workdir):

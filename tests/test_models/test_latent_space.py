@@ -193,7 +193,7 @@ def test_state_dict_roundtrip(cls, tmp_path):
     for _ in range(4):
         std.update(sample(128).float())
     assert set(std.state_dict()) == {'num_updates', 'ema_mean',
-                                     'ema_moment2'}
+                                     'ema_moment2', 'fixed'}
     path = osp.join(tmp_path, 'std.pth')
     torch.save(std.state_dict(), path)
     fresh = cls(12, momentum=0.9)

@@ -22,10 +22,14 @@ def test_train_tiny_distillation_then_export(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert 'Iter(train) [5/5]' in out
     for teacher in ('dinov2', 'clip', 'detector'):
-        assert f'loss_{teacher}_summary' in out
         assert f'loss_{teacher}_features' in out
         assert f'grad_share/{teacher}' in out
+        assert f'agreement/{teacher}/level0_cos' in out
+    for teacher in ('dinov2', 'clip'):  # the detector is dense only
+        assert f'loss_{teacher}_summary' in out
         assert f'agreement/{teacher}/summary_cos' in out
+    assert 'loss_detector_summary' not in out
+    assert 'StatisticsWarmupHook: fixed the statistics' in out
 
     proc = run_tool(['export_student.py', 'run/iter_5.pth', 'student.pth'],
                     root)

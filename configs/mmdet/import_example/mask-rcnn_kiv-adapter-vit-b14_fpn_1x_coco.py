@@ -5,7 +5,6 @@
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['kiv'], allow_failed_imports=False)
 model = dict(
-    data_preprocessor=dict(pad_size_divisor=14),  # ViT patches are 14 px
     backbone=dict(
         _delete_=True,  # replace the ResNet-50 settings, do not merge
         type='kiv.AdapterViT',

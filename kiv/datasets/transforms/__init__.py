@@ -1,8 +1,10 @@
-from .formatting import SKIPPED_FILES, PackImageInputs
-from .loading import (LoadImageFromFileSafe, UnreadableImageError,
-                      to_bgr_uint8)
+from .formatting import SKIP_CAUSES, SKIPPED_FILES, PackImageInputs
+from .loading import (DEFAULT_MAX_PIXELS, ImageTooLargeError,
+                      LoadImageFromFileSafe, UnreadableImageError,
+                      header_pixels, to_bgr_uint8)
 
 __all__ = [
     'LoadImageFromFileSafe', 'PackImageInputs', 'SKIPPED_FILES',
-    'UnreadableImageError', 'to_bgr_uint8'
+    'SKIP_CAUSES', 'UnreadableImageError', 'ImageTooLargeError',
+    'DEFAULT_MAX_PIXELS', 'header_pixels', 'to_bgr_uint8'
 ]

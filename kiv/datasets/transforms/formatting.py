@@ -13,6 +13,8 @@ from kiv.registry import TRANSFORMS
 #: metainfo key listing the unreadable files a sample replaced (see
 #: :class:`~kiv.datasets.UnlabeledImageDataset`)
 SKIPPED_FILES = 'skipped_files'
+#: metainfo key with why each of them was skipped (same order and length)
+SKIP_CAUSES = 'skip_causes'
 
 
 @TRANSFORMS.register_module()
@@ -24,13 +26,15 @@ class PackImageInputs(BaseTransform):
     - img: ``(H, W, C)`` or ``(H, W)`` array (``uint8`` from
       :class:`~kiv.datasets.transforms.LoadImageFromFileSafe`)
 
-    Optional Keys: everything in ``meta_keys``, and ``skipped_files``.
+    Optional Keys: everything in ``meta_keys``, ``skipped_files`` and
+    ``skip_causes``.
 
     Args:
         meta_keys (Sequence[str]): keys copied into the data sample's
-            metainfo when present. ``skipped_files`` is always set (an empty
-            list when nothing was skipped), so
-            :class:`~kiv.engine.hooks.BadImageReportHook` can count skips.
+            metainfo when present. ``skipped_files`` and ``skip_causes`` (why
+            each was skipped) are always set (empty lists when nothing was
+            skipped), so :class:`~kiv.engine.hooks.BadImageReportHook` can
+            count skips by cause.
             Defaults to ``('sample_idx', 'img_path', 'ori_shape',
             'img_shape', 'scale_factor', 'flip', 'flip_direction')``.
     """
@@ -55,7 +59,8 @@ class PackImageInputs(BaseTransform):
         Returns:
             dict: ``inputs`` (Tensor ``(C, H, W)``, the image's dtype, e.g.
             ``uint8``) and ``data_samples`` (:class:`BaseDataElement` whose
-            metainfo holds ``meta_keys`` and ``skipped_files``).
+            metainfo holds ``meta_keys``, ``skipped_files`` and
+            ``skip_causes``).
         """
         if 'img' not in results:
             raise KeyError("PackImageInputs: the results have no 'img'; put "
@@ -73,7 +78,11 @@ class PackImageInputs(BaseTransform):
             inputs = torch.from_numpy(
                 np.ascontiguousarray(img.transpose(2, 0, 1)))
         metainfo = {k: results[k] for k in self.meta_keys if k in results}
-        metainfo[SKIPPED_FILES] = list(results.get(SKIPPED_FILES, ()))
+        skipped = list(results.get(SKIPPED_FILES, ()))
+        causes = list(results.get(SKIP_CAUSES, ()))
+        causes += ['unknown'] * (len(skipped) - len(causes))
+        metainfo[SKIPPED_FILES] = skipped
+        metainfo[SKIP_CAUSES] = causes[:len(skipped)]
         return dict(inputs=inputs,
                     data_samples=BaseDataElement(metainfo=metainfo))
 

@@ -6,7 +6,12 @@ frozen; a trainable ViT-Adapter (see :mod:`.adapter_modules`) learns the
 purpose-specific teachers' knowledge and turns the single-scale ViT into a
 4-level pyramid plus a global vector. All injections are scaled by
 zero-initialised ``gamma`` s, so at initialisation the ViT token stream, and
-therefore the summary, are exactly the base model's.
+therefore the summary, are exactly the base model's; the adapter's maps
+enter the pyramid through zero-initialised gates too, so at initialisation
+every pyramid level is the base's normalised tokens of its stage.
+
+Any input size works: images are zero-padded inside to the patch multiple
+and the pyramid is cropped back to the ResNet sizes ``ceil(H / s)``.
 
 One class serves the distiller (:meth:`AdapterViT.forward_features`) and, by
 ``type='kiv.AdapterViT'``, mmpretrain, mmdet and mmseg configs
@@ -14,15 +19,17 @@ One class serves the distiller (:meth:`AdapterViT.forward_features`) and, by
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import cached_property
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmcv.ops import MultiScaleDeformableAttention
+from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import (constant_init, normal_init,
                                         trunc_normal_init)
@@ -36,28 +43,54 @@ from kiv.structures import FeatureOutput
 from .adapter_modules import (GlobalToken, InteractionBlock,
                               SpatialPriorModule, TokenNorm,
                               make_deform_inputs, tokens_to_maps)
-from .base_vit import BaseViT, build_base_vit, check_outputs
+from .base_vit import (BaseViT, build_base_vit, check_images, check_outputs,
+                       crop_to, pad_to_patch_multiple, pretrained_to_init_cfg,
+                       pyramid_sizes)
 
 __all__ = ['AdapterViT']
+
+
+class _Interaction(NamedTuple):
+    """What :meth:`AdapterViT._interact` computes once per forward."""
+    #: ``(B, P + N_p, C)`` tokens after the last base block (no final norm)
+    tokens: Tensor
+    #: per interaction stage, the patch tokens ``(B, N_p, C)``
+    stage_tokens: list[Tensor]
+    #: adapter tokens ``c2..c4`` flattened, ``(B, N_c, C)``
+    c: Tensor
+    #: stride-4 spatial-prior map ``(B, C, h1, w1)`` of the padded input
+    c1: Tensor
+    #: ``(h, w)`` of ``c2..c4`` (padded input)
+    level_shapes: list[tuple[int, int]]
+    #: patch grid ``(H_pad / p, W_pad / p)``
+    grid: tuple[int, int]
+    #: the input size ``(H, W)`` before padding
+    image_size: tuple[int, int]
 
 
 @MODELS.register_module()
 class AdapterViT(BaseModule):
     """Frozen base ViT + zero-initialised ViT-Adapter.
 
-    Data flow for images ``(B, 3, H, W)`` (``H, W`` multiples of the patch
-    size ``p``), ``C`` = base width:
+    Data flow for images ``(B, 3, H, W)`` of any size, ``p`` = patch size,
+    ``C`` = base width:
 
-    1. spatial prior ``c1..c4`` (strides 4/8/16/32, ``C`` channels);
-       ``c2..c4`` (+ a learnable level embedding) are flattened into ``c``;
-    2. base ``embed``: prefix tokens + patch tokens on the ``H/p x W/p``
+    0. padding: the images are zero-padded at the bottom and right to
+       ``H_p = ceil(H / p) * p``, ``W_p = ceil(W / p) * p`` (see
+       "Input sizes" below);
+    1. spatial prior ``c1..c4`` of the padded images (strides 4/8/16/32,
+       ``C`` channels); ``c2..c4`` (+ a learnable level embedding) are
+       flattened into the adapter tokens ``c``;
+    2. base ``embed``: prefix tokens + patch tokens on the ``H_p/p x W_p/p``
        grid with interpolated position embeddings;
     3. per interaction block: injector (``c`` -> patch tokens, scaled by
        ``gamma``), the block's group of base blocks, extractor(s) (patch
        tokens -> ``c``);
-    4. pyramid: ``c2..c4`` back to maps, ``c1 += up(c2)``; each level adds
-       the LayerNorm-ed patch tokens of one interaction stage (bilinearly
-       resized to the level), then an output norm;
+    4. pyramid: ``c2..c4`` back to maps, ``a1 = c1 + up(c2)``, ``a_l = c_l``
+       otherwise (the adapter maps); with ``add_vit_feature`` level ``l`` is
+       ``resize(LN_l(stage-l patch tokens)) + g_l * a_l`` (``g_l`` the
+       per-channel pyramid gate); each level is cropped to the ResNet size
+       ``(ceil(H / s), ceil(W / s))`` and goes through its output norm;
     5. summary: the base CLS token after the base's final norm (mean patch
        token if the base has no CLS token) plus, with
        ``with_global_token``, ``gamma * GlobalToken(...)``: a learnable
@@ -65,12 +98,49 @@ class AdapterViT(BaseModule):
        :class:`.GlobalToken`; it is not appended to the ViT stream, which
        would change what the frozen base computes).
 
+    Knowledge preservation at initialisation (step 0):
+
+    - token stream and summary: the injector and global-token ``gamma`` s
+      start at ``init_values`` = 0, so the base tokens and the summary are
+      exactly the bare base ViT's (on the same padded input);
+    - pyramid: the gates ``g_l`` start at ``pyramid_init_values`` = 0, so
+      level ``l`` is ``out_norm_l(resize(LN_l(stage-l tokens)))``: a
+      content-preserving function of the base's tokens of its stage (LN
+      with weight 1 / bias 0, bilinear resizing, and the output norm, at
+      initialisation a per-channel affine map). Neither the randomly
+      initialised spatial prior nor the extractors can dominate a level
+      before training has opened its gate (ViT-Adapter adds them at full
+      strength; its stride-4 level then is mostly a random 2x2 transposed
+      convolution of ``c2``, a checkerboard that is nearly the same for
+      every image). The gates get gradients from step 0 on, the adapter
+      behind them from step 1 on, as any zero-initialised residual branch.
+    - ``up`` (2x2, stride 2 transposed conv) starts as nearest-neighbour
+      up-sampling of ``c2`` (per-channel identity kernel, zero bias), so
+      once the gate opens the stride-4 adapter map is ``c1`` plus a smooth
+      copy of ``c2``, not a random sub-pixel pattern.
+
+    Input sizes: any ``H x W``. The zero padding is 0 after normalisation,
+    the value the toolboxes' data preprocessors pad batches with, so the
+    result equals running on images padded by the data preprocessor to a
+    multiple of ``p`` and cropping (tested exactly). The pyramid maps have
+    the ResNet sizes ``(ceil(H / s), ceil(W / s))`` (strides 4/8/16/32):
+    positions that exist only because of the internal padding are cropped
+    off before the output norms, so the heads never see them and they take
+    no part in the output norms' batch statistics. What padding does
+    influence, as in every padded CNN or ViT backbone (timm's
+    ``dynamic_img_pad``, ViTDet, ViT-Adapter): the pad pixels are part of
+    the border patches and of the spatial prior's receptive fields, and
+    self-attention lets every token see the pad tokens. Attention is not
+    masked on purpose: a mask would make the frozen base compute something
+    else than the base ViT on the padded image, and a base token stream
+    that is exactly the base's is the knowledge-preservation guarantee.
+
     Stages for ``frozen_stages`` (``N = len(interaction_indexes)``):
     stage 0 = spatial prior module + level embedding; stage ``i`` in
     ``1..N`` = interaction block ``i``; stage ``N + 1`` = output layers
-    (``up``, per-stage token norms, output norms, global token).
-    ``frozen_stages=k`` freezes stages ``0..k`` (parameters without grad,
-    modules in eval mode); ``-1`` freezes none, ``N + 1`` (or
+    (``up``, pyramid gates, per-stage token norms, output norms, global
+    token). ``frozen_stages=k`` freezes stages ``0..k`` (parameters without
+    grad, modules in eval mode); ``-1`` freezes none, ``N + 1`` (or
     :attr:`num_stages` - 1) freezes the whole adapter (linear probing).
 
     Args:
@@ -96,6 +166,10 @@ class AdapterViT(BaseModule):
         init_values (float): initial ``gamma`` of the injectors and of the
             global token. Keep 0 for knowledge preservation.
             Defaults to 0.0.
+        pyramid_init_values (float): initial per-channel gate ``g_l`` of the
+            adapter maps in the pyramid (only with ``add_vit_feature``).
+            Keep 0 for knowledge preservation; 1 adds the adapter maps at
+            full strength, as ViT-Adapter. Defaults to 0.0.
         drop_path_rate (float): stochastic depth of the extractor ConvFFNs.
             Defaults to 0.0.
         with_global_token (bool): add the learnable global token to the
@@ -116,23 +190,34 @@ class AdapterViT(BaseModule):
         use_extra_extractor (bool): two more extractors in the last
             interaction block (as ViT-Adapter). Defaults to True.
         add_vit_feature (bool): add the per-stage ViT tokens to the pyramid
-            (needs 4 interaction blocks). Defaults to True.
+            (needs 4 interaction blocks). Without them the pyramid is the
+            adapter maps alone and is not knowledge-preserving at step 0.
+            Defaults to True.
         norm_cfg (dict): norm of the spatial prior convs and the output
             maps. Defaults to ``dict(type='BN')``; use
             ``dict(type='SyncBN')`` for multi-GPU training.
+        pretrained (str, optional): deprecated toolbox convention (mmseg's
+            ``EncoderDecoder`` passes ``model.pretrained`` here): a
+            checkpoint path, turned into ``init_cfg=dict(type='Pretrained',
+            checkpoint=pretrained)`` with mmseg's / mmdet's deprecation
+            warning. Must not be combined with ``init_cfg``. Defaults to
+            None.
         init_cfg (dict, optional): mmengine init config, e.g.
             ``dict(type='Pretrained', checkpoint='student.pth')`` for a
             student exported from a distillation run (the state dict of this
-            module). Defaults to None.
+            module), or ``dict(type='Pretrained', checkpoint='det.pth',
+            prefix='backbone.')`` to take the backbone out of a whole
+            detector / segmentor / classifier checkpoint. Defaults to None.
 
     Note:
         The adapter is initialised at construction (ViT-Adapter scheme:
         truncated-normal linears, fan-out normal convs, mmcv's deformable
-        attention init, ``gamma = init_values``); the base gets its weights
-        from ``base.checkpoint``. :meth:`init_weights` only applies
-        ``init_cfg``: it re-initialises neither the base nor the gammas.
-        When ``init_cfg`` loads a full student, ``base.checkpoint`` may be
-        ``None`` to skip reading the base weights twice.
+        attention init, ``gamma = init_values``, gates =
+        ``pyramid_init_values``, ``up`` = nearest up-sampling); the base
+        gets its weights from ``base.checkpoint``. :meth:`init_weights` only
+        applies ``init_cfg``: it re-initialises neither the base nor the
+        gammas. When ``init_cfg`` loads a full student, ``base.checkpoint``
+        may be ``None`` to skip reading the base weights twice.
 
         ``forward`` runs only what ``out_type`` returns: with
         ``'pyramid'`` the global token is skipped, with ``'global'`` the
@@ -154,6 +239,7 @@ class AdapterViT(BaseModule):
                  with_cffn: bool = True,
                  cffn_ratio: float = 0.25,
                  init_values: float = 0.0,
+                 pyramid_init_values: float = 0.0,
                  drop_path_rate: float = 0.0,
                  with_global_token: bool = True,
                  freeze_base: bool = True,
@@ -164,7 +250,9 @@ class AdapterViT(BaseModule):
                  use_extra_extractor: bool = True,
                  add_vit_feature: bool = True,
                  norm_cfg: dict = dict(type='BN'),
+                 pretrained: str | None = None,
                  init_cfg: dict | list[dict] | None = None) -> None:
+        init_cfg = pretrained_to_init_cfg('AdapterViT', pretrained, init_cfg)
         super().__init__(init_cfg=init_cfg)
         out_indices = check_outputs('AdapterViT', out_type, out_indices)
         self.out_type = out_type
@@ -186,7 +274,7 @@ class AdapterViT(BaseModule):
         embed_dim = self.base.embed_dim
         #: Width ``C`` of the summary and of every pyramid level.
         self.embed_dim = embed_dim
-        #: Patch size of the base: inputs must be multiples of it.
+        #: Patch size of the base: inputs are zero-padded to multiples of it.
         self.patch_size = self.base.patch_size
         if embed_dim % deform_num_heads:
             raise ValueError(
@@ -214,6 +302,12 @@ class AdapterViT(BaseModule):
         if add_vit_feature:
             self.vit_norms = nn.ModuleList(
                 [TokenNorm(embed_dim) for _ in range(4)])
+            # 1-d per level: no weight decay under flat_decay_mult=0
+            self.pyramid_gammas = nn.ParameterList([
+                nn.Parameter(
+                    torch.full((embed_dim, ), float(pyramid_init_values)))
+                for _ in range(4)
+            ])
         self.out_norms = nn.ModuleList(
             [build_norm_layer(norm_cfg, embed_dim)[1] for _ in range(4)])
         self.global_token = GlobalToken(
@@ -261,8 +355,10 @@ class AdapterViT(BaseModule):
 
         Linear: truncated normal (std 0.02), zero bias; norms: 1 / 0;
         convs: normal with std ``sqrt(2 / fan_out)``; then mmcv's deformable
-        attention init and timm's latent init; level embedding: N(0, 1).
-        Parameters that are not module weights (``gamma``) are untouched.
+        attention init and timm's latent init; level embedding: N(0, 1);
+        ``up``: nearest-neighbour up-sampling (see :meth:`_init_up`).
+        Parameters that are not module weights (``gamma`` s, pyramid gates)
+        are untouched.
         """
 
         def init(m: nn.Module) -> None:
@@ -283,6 +379,48 @@ class AdapterViT(BaseModule):
                                   AttentionPoolLatent)):
                     m.init_weights()
         nn.init.normal_(self.level_embed)
+        self._init_up()
+
+    @torch.no_grad()
+    def _init_up(self) -> None:
+        """Make ``up`` a nearest-neighbour up-sampling of ``c2``.
+
+        A 2x2 transposed convolution with stride 2 writes each input pixel
+        to its own 2x2 output block, so the per-channel identity kernel
+        (``weight[i, i] = 1``, zero bias) copies every pixel of every
+        channel to its four children: ``up(c2) == F.interpolate(c2,
+        scale_factor=2, mode='nearest')``.
+        """
+        weight = self.up.weight  # (C_in, C_out, 2, 2)
+        weight.zero_()
+        index = torch.arange(weight.shape[0])
+        weight[index, index] = 1.0
+        self.up.bias.zero_()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str,
+                              local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list,
+                              error_msgs: list) -> None:
+        """Load students saved before the pyramid gates existed as they were.
+
+        Such a state dict (it has ``up.weight`` but no ``pyramid_gammas``)
+        added the adapter maps at full strength: its gates are set to 1, so
+        the loaded student computes exactly what it computed when it was
+        saved.
+        """
+        gates = [f'{prefix}pyramid_gammas.{i}' for i in range(4)]
+        if self.add_vit_feature and f'{prefix}up.weight' in state_dict \
+                and not any(k in state_dict for k in gates):
+            state_dict.update(
+                {k: torch.ones_like(g) for k, g in zip(gates,
+                                                       self.pyramid_gammas)})
+            print_log(
+                'AdapterViT: the checkpoint has no pyramid gates (saved '
+                'before they existed); loading them as 1, which is what that '
+                'student computed', logger='current', level=logging.WARNING)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def out_channels(self) -> tuple[int, ...]:
@@ -303,7 +441,7 @@ class AdapterViT(BaseModule):
             return [self.interactions[stage - 1]]
         outputs = [self.up, self.out_norms]
         if self.add_vit_feature:
-            outputs.append(self.vit_norms)
+            outputs += [self.vit_norms, self.pyramid_gammas]
         if self.global_token is not None:
             outputs.append(self.global_token)
         return outputs
@@ -361,7 +499,8 @@ class AdapterViT(BaseModule):
           writes the input of block ``s`` (``s``; 0 = the embeddings), its
           extractors read the output of block ``e`` (``e + 1``);
         - ``D + 1`` (full learning rate): the base final norm, the output
-          layers (``up``, per-stage token norms, output norms, global token)
+          layers (``up``, pyramid gates, per-stage token norms, output
+          norms, global token)
           and every parameter outside this backbone (``param_name`` not
           starting with ``prefix``: necks, heads).
 
@@ -391,35 +530,21 @@ class AdapterViT(BaseModule):
 
     # ------------------------------------------------------------------
     # forward
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError('AdapterViT expects images (B, C, H, W), got a '
-                             f'tensor of shape {tuple(x.shape)}')
-        H, W = x.shape[-2:]
-        p = self.base.patch_size
-        if H % p or W % p:
-            raise ValueError(
-                f'AdapterViT: input size {H}x{W} is not a multiple of the '
-                f'base ViT patch size {p}; resize or pad the images to a '
-                f'multiple of {p} (e.g. pad_size_divisor={p} in the data '
-                'preprocessor)')
-
-    def _interact(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor,
-                                            Tensor, list[tuple[int, int]],
-                                            tuple[int, int]]:
-        """Run the spatial prior, the base blocks and the interactions.
+    def _interact(self, x: Tensor) -> _Interaction:
+        """Pad, then run the spatial prior, the base blocks and the
+        interactions.
 
         Args:
-            x (Tensor): images ``(B, 3, H, W)``.
+            x (Tensor): images ``(B, 3, H, W)``, any ``H, W``.
 
         Returns:
-            tuple: ``tokens (B, P + N_p, C)`` after the last base block
-            (before the final norm); per-stage patch tokens
-            ``[(B, N_p, C)] * N``; adapter tokens ``c (B, N_c, C)``; ``c1
-            (B, C, h1, w1)``; the ``(h, w)`` of ``c2..c4``; the patch grid.
+            _Interaction: tokens, per-stage patch tokens, adapter tokens,
+            ``c1``, the shapes of ``c2..c4`` and the patch grid (all of the
+            padded input), and the input size ``(H, W)``.
         """
-        self._check_input(x)
+        image_size = check_images('AdapterViT', x)
         p = self.base.patch_size
+        x = pad_to_patch_multiple(x, p)
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         n_prefix = self.base.num_prefix_tokens
 
@@ -445,29 +570,36 @@ class AdapterViT(BaseModule):
             else:
                 tokens, c = block(*args)
             stage_tokens.append(tokens[:, n_prefix:])
-        return tokens, stage_tokens, c, c1, level_shapes, grid
+        return _Interaction(tokens, stage_tokens, c, c1, level_shapes, grid,
+                            image_size)
 
-    def _pyramid(self, c: Tensor, c1: Tensor, stage_tokens: list[Tensor],
-                 level_shapes: list[tuple[int, int]],
-                 grid: tuple[int, int]) -> tuple[Tensor, ...]:
+    def _pyramid(self, state: _Interaction) -> tuple[Tensor, ...]:
         """Four NCHW maps ``(B, C, ceil(H/s), ceil(W/s))``, s = 4/8/16/32.
         """
-        c2, c3, c4 = tokens_to_maps(c, level_shapes)
-        c1 = c1 + self.up(c2)[..., :c1.shape[-2], :c1.shape[-1]]
+        c2, c3, c4 = tokens_to_maps(state.c, state.level_shapes)
+        c1 = state.c1
+        c1 = c1 + crop_to(self.up(c2), c1.shape[-2:])
         maps = [c1, c2, c3, c4]
         if self.add_vit_feature:
-            for i, (norm, tokens) in enumerate(zip(self.vit_norms,
-                                                   stage_tokens)):
-                vit = tokens_to_maps(norm(tokens), [grid])[0]
-                maps[i] = maps[i] + F.interpolate(
+            for i, (norm, gate, tokens) in enumerate(
+                    zip(self.vit_norms, self.pyramid_gammas,
+                        state.stage_tokens)):
+                vit = tokens_to_maps(norm(tokens), [state.grid])[0]
+                vit = F.interpolate(
                     vit, size=maps[i].shape[-2:], mode='bilinear',
                     align_corners=False)
-        return tuple(norm(m) for norm, m in zip(self.out_norms, maps))
+                maps[i] = vit + gate.view(-1, 1, 1) * maps[i]
+        sizes = pyramid_sizes(*state.image_size)
+        return tuple(
+            norm(crop_to(m, size))
+            for norm, m, size in zip(self.out_norms, maps, sizes))
 
-    def _summary(self, tokens: Tensor, c: Tensor) -> Tensor:
-        """``(B, C)`` summary from the last base tokens and adapter tokens.
+    def _summary(self, tokens: Tensor, c: Tensor,
+                 normed: Tensor | None = None) -> Tensor:
+        """``(B, C)`` summary from the last base tokens and adapter tokens
+        (``normed``: the tokens after the base's final norm, if computed).
         """
-        tokens = self.base.norm(tokens)
+        tokens = self.base.norm(tokens) if normed is None else normed
         if self.base.has_class_token:
             summary = tokens[:, 0]
         else:
@@ -480,50 +612,72 @@ class AdapterViT(BaseModule):
         """The base token stream inside the adapter backbone.
 
         Args:
-            x (Tensor): images ``(B, 3, H, W)``.
+            x (Tensor): images ``(B, 3, H, W)``, any ``H, W``.
 
         Returns:
-            Tensor: ``(B, P + H/p * W/p, C)`` tokens after the last base
-            block (with the injections, before the final norm). With zero
-            gammas this equals the bare base model's stream exactly.
+            Tensor: ``(B, P + ceil(H/p) * ceil(W/p), C)`` tokens after the
+            last base block (with the injections, before the final norm) on
+            the patch grid of the zero-padded input. With zero gammas this
+            equals the bare base model's stream on that padded input,
+            exactly.
         """
-        return self._interact(x)[0]
+        return self._interact(x).tokens
+
+    #: index of the patch-grid level in :meth:`forward_features`' features
+    patch_level: int = 4
+
+    @property
+    def feature_strides(self) -> tuple[int, ...]:
+        """Strides of the levels of :meth:`forward_features` (the pyramid,
+        then the patch grid)."""
+        return (4, 8, 16, 32, self.base.patch_size)
 
     def forward_features(self, x: Tensor) -> FeatureOutput:
-        """Summary and full pyramid (used by the distiller).
+        """Summary, full pyramid and patch-grid level (used by the
+        distiller).
 
         Args:
-            x (Tensor): images ``(B, 3, H, W)``, ``H, W`` multiples of the
-                patch size.
+            x (Tensor): images ``(B, 3, H, W)``, any ``H, W`` (zero-padded
+                inside to multiples of the patch size).
 
         Returns:
             FeatureOutput: ``summary (B, C)`` and ``features`` =
-            ``(f1, f2, f3, f4)``, ``f_l`` of shape
+            ``(f1, f2, f3, f4, patches)``, ``f_l`` of shape
             ``(B, C, ceil(H / s_l), ceil(W / s_l))`` with strides
-            ``s = 4, 8, 16, 32``.
+            ``s = 4, 8, 16, 32``, and ``patches (B, C, ceil(H / p),
+            ceil(W / p))``: the base's final-norm patch tokens on its own
+            grid (:attr:`patch_level`). With zero gammas ``summary`` and
+            ``patches`` are exactly the base model's outputs, so the
+            knowledge base's targets are read at their own grid, with no
+            resize round trip.
         """
-        tokens, stage_tokens, c, c1, level_shapes, grid = self._interact(x)
-        features = self._pyramid(c, c1, stage_tokens, level_shapes, grid)
-        return FeatureOutput(self._summary(tokens, c), features)
+        state = self._interact(x)
+        normed = self.base.norm(state.tokens)
+        patches = tokens_to_maps(normed[:, self.base.num_prefix_tokens:],
+                                 [state.grid])[0]
+        return FeatureOutput(
+            self._summary(state.tokens, state.c, normed),
+            self._pyramid(state) + (patches, ))
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Toolbox interface.
 
         Args:
-            x (Tensor): images ``(B, 3, H, W)``.
+            x (Tensor): images ``(B, 3, H, W)``, any ``H, W``.
 
         Returns:
             tuple[Tensor, ...]: ``out_type='pyramid'``: the maps of
-            :meth:`forward_features` at ``out_indices``; ``'global'``:
+            :meth:`forward_features` at ``out_indices``, level ``l`` of
+            shape ``(B, C, ceil(H / s_l), ceil(W / s_l))``; ``'global'``:
             ``(summary (B, C),)``; ``'both'``: the maps then the summary.
         """
-        tokens, stage_tokens, c, c1, level_shapes, grid = self._interact(x)
+        state = self._interact(x)
         outs: tuple[Tensor, ...] = ()
         if self.out_type != 'global':
-            maps = self._pyramid(c, c1, stage_tokens, level_shapes, grid)
+            maps = self._pyramid(state)
             outs = tuple(maps[i] for i in self.out_indices)
         if self.out_type != 'pyramid':
-            outs = outs + (self._summary(tokens, c), )
+            outs = outs + (self._summary(state.tokens, state.c), )
         return outs
 
     def extra_repr(self) -> str:

@@ -8,18 +8,25 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmengine.model import BaseModel
+from mmengine.model import BaseModel, ModuleDict
 from torch import Tensor
 
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
 from kiv.utils import in_own_scope
 
-#: default distillation losses (AM-RADIO): cosine summary, 0.9 cos + 0.1 L1
+#: default distillation losses (RADIOv2.5): MSE on PHI-S-standardised
+#: targets for the summary and every dense level. PHI-S gives every teacher
+#: output unit variance per channel, so MSE weighs teachers alike and, unlike
+#: a cosine, also teaches the prediction's scale: de-standardised
+#: predictions then land in the teacher's own space (inherited heads).
 DEFAULT_LOSSES = dict(
-    summary=dict(type='kiv.FeatureMatchingLoss', cosine_weight=1.0),
-    features=dict(type='kiv.FeatureMatchingLoss', cosine_weight=0.9,
-                  smooth_l1_weight=0.1))
+    summary=dict(type='kiv.FeatureMatchingLoss', cosine_weight=0.0,
+                 mse_weight=1.0),
+    features=dict(type='kiv.FeatureMatchingLoss', cosine_weight=0.0,
+                  mse_weight=1.0))
+
+_LOSS_KEYS = ('summary', 'features', 'logits')
 
 
 _TEACHER_PREFIX = 'teachers.'
@@ -77,9 +84,14 @@ class KnowledgeInheritance(BaseModel):
             RGB scale. Defaults to ImageNet's.
         student_std (Sequence[float]): student normalisation std.
         losses (dict, optional): ``summary`` and ``features`` loss configs
-            used for every teacher. Defaults to :data:`DEFAULT_LOSSES`.
+            used for every teacher, and optionally ``logits`` (e.g.
+            ``dict(type='kiv.LogitDistillationLoss', temperature=2.0)``):
+            logit distillation through the teacher's own kept head, for
+            teachers with ``head=dict(input='summary')`` (others ignore
+            it). Defaults to :data:`DEFAULT_LOSSES` (MSE on standardised
+            targets); keys not given fall back to it.
         teacher_losses (dict[str, dict], optional): per-teacher overrides of
-            ``losses`` (same keys).
+            ``losses`` (same keys; ``logits=None`` turns it off).
         teacher_weights (dict[str, float], optional): weight of each
             teacher's losses. Defaults to 1 for every teacher.
         task_heads (dict[str, dict], optional): multi-task heads trained on
@@ -89,7 +101,10 @@ class KnowledgeInheritance(BaseModel):
             'gt_instances', loss_kwargs=dict(), weight=1.0)``.
         grad_share_interval (int): compute per-teacher gradient shares every
             this many training iterations (0 disables). Costs one extra
-            backward pass per teacher on those iterations.
+            backward pass per teacher on those iterations: with ``T``
+            teachers about ``T * 0.7 / grad_share_interval`` of the
+            training time (4 teachers at the default 100: under 3 %).
+            Defaults to 100.
         data_preprocessor (dict, optional): defaults to stacking images as
             float RGB in [0, 255] (teachers and student normalise
             themselves).
@@ -107,7 +122,7 @@ class KnowledgeInheritance(BaseModel):
                  teacher_losses: Optional[dict[str, dict]] = None,
                  teacher_weights: Optional[dict[str, float]] = None,
                  task_heads: Optional[dict[str, dict]] = None,
-                 grad_share_interval: int = 50,
+                 grad_share_interval: int = 100,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None) -> None:
         if data_preprocessor is None:
@@ -124,6 +139,9 @@ class KnowledgeInheritance(BaseModel):
         self.student = MODELS.build(student)
         self.teachers = nn.ModuleDict(
             {name: MODELS.build(cfg) for name, cfg in teachers.items()})
+        num_levels = len(getattr(self.student, 'feature_strides',
+                                 (4, 8, 16, 32)))
+        patch_level = getattr(self.student, 'patch_level', None)
         self.register_buffer('student_mean',
                              torch.tensor(student_mean).view(1, 3, 1, 1),
                              persistent=False)
@@ -132,15 +150,24 @@ class KnowledgeInheritance(BaseModel):
                              persistent=False)
 
         latent = copy.deepcopy(latent)
+        latent_teachers = {}
+        for name, t in self.teachers.items():
+            cfg = dict(summary_dim=t.summary_dim,
+                       feature_dims=list(t.feature_dims))
+            if name == base_teacher:
+                # knowledge preservation through the losses: the base's heads
+                # start as its standardiser, its dense levels read the
+                # student's own patch grid (no resize round trip)
+                cfg['preserve'] = True
+                if patch_level is not None:
+                    cfg['student_levels'] = [patch_level] * len(
+                        t.feature_dims)
+            cfg.update(latent.get('teachers', {}).get(name, {}))
+            latent_teachers[name] = cfg
         latent.update(
             student_summary_dim=self.student.embed_dim,
-            student_feature_dims=[self.student.embed_dim] * 4,
-            teachers={
-                name: dict(summary_dim=t.summary_dim,
-                           feature_dims=list(t.feature_dims),
-                           **latent.get('teachers', {}).get(name, {}))
-                for name, t in self.teachers.items()
-            })
+            student_feature_dims=[self.student.embed_dim] * num_levels,
+            teachers=latent_teachers)
         self.latent = MODELS.build(latent)
 
         unknown = set(teacher_weights or {}) | set(teacher_losses or {})
@@ -155,14 +182,31 @@ class KnowledgeInheritance(BaseModel):
         }
         self.summary_losses = nn.ModuleDict()
         self.feature_losses = nn.ModuleDict()
-        for name in self.teachers:
-            cfg = copy.deepcopy(losses or DEFAULT_LOSSES)
-            cfg.update((teacher_losses or {}).get(name, {}))
+        self.logit_losses = nn.ModuleDict()
+        for name, teacher in self.teachers.items():
+            cfg = copy.deepcopy(DEFAULT_LOSSES)
+            cfg.update(copy.deepcopy(losses or {}))
+            cfg.update(copy.deepcopy((teacher_losses or {}).get(name, {})))
+            unknown_keys = sorted(set(cfg) - set(_LOSS_KEYS))
+            if unknown_keys:
+                raise KeyError(f'losses for teacher {name!r} have unknown '
+                               f'keys {unknown_keys}; allowed: '
+                               f'{list(_LOSS_KEYS)}')
             self.summary_losses[name] = MODELS.build(cfg['summary'])
             self.feature_losses[name] = MODELS.build(cfg['features'])
+            if cfg.get('logits') is not None and \
+                    teacher.head_layer is not None and \
+                    teacher.head_input == 'summary':
+                self.logit_losses[name] = MODELS.build(cfg['logits'])
+            elif (teacher_losses or {}).get(name, {}).get('logits'):
+                raise ValueError(
+                    f'teacher_losses.{name}.logits needs the teacher to keep '
+                    f"a summary head (head=dict(layer=..., input='summary'))")
 
         self.task_cfgs: dict[str, dict] = {}
-        self.task_heads = nn.ModuleDict()
+        # mmengine's ModuleDict: init_weights() reaches the heads (e.g. the
+        # bias priors of mmdet's classification heads)
+        self.task_heads = ModuleDict()
         for name, cfg in (task_heads or {}).items():
             cfg = copy.deepcopy(cfg)
             self.task_heads[name] = MODELS.build(
@@ -178,6 +222,18 @@ class KnowledgeInheritance(BaseModel):
         self._train_iter = 0
         self._register_state_dict_hook(_drop_teacher_state)
         self.register_load_state_dict_post_hook(_ignore_missing_teachers)
+
+    def init_weights(self) -> None:
+        """mmengine init; keeps the knowledge-preservation heads exact.
+
+        The s2t heads' own init would overwrite their skip path; when the
+        statistics are already fixed (e.g. loaded from a teacher-feature
+        cache before the Runner initialises the model) the preserved heads
+        are re-initialised as the standardiser afterwards.
+        """
+        super().init_weights()
+        if self.latent.statistics_ready:
+            self.latent.init_preservation_heads()
 
     # ------------------------------------------------------------------ #
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -197,19 +253,44 @@ class KnowledgeInheritance(BaseModel):
             (images - self.student_mean) / self.student_std)
 
     @torch.no_grad()
-    def extract_teachers(self, images: Tensor) -> dict[str, FeatureOutput]:
-        """Every teacher's raw (not standardised) output."""
-        return {name: t(images) for name, t in self.teachers.items()}
+    def extract_teachers(self, images: Tensor,
+                         data_samples: Optional[list] = None
+                         ) -> dict[str, FeatureOutput]:
+        """Every teacher's raw (not standardised) output.
 
-    def teacher_losses(self, images: Tensor
+        Args:
+            images (Tensor): ``(B, 3, H, W)`` float RGB in [0, 255].
+            data_samples (list, optional): the batch's data samples; teachers
+                with ``reads_cache = True`` (``kiv.CachedTeacher``) read
+                their stored outputs from them instead of running a model.
+
+        Returns:
+            dict[str, FeatureOutput]: per teacher, summary ``(B, C)`` (or
+            None) and dense levels ``(B, C_l, h_l, w_l)``, float32.
+        """
+        return {
+            name: t(images, data_samples=data_samples)
+            if getattr(t, 'reads_cache', False) else t(images)
+            for name, t in self.teachers.items()
+        }
+
+    def teacher_losses(self, images: Tensor,
+                       data_samples: Optional[list] = None
                        ) -> tuple[dict[str, Tensor], FeatureOutput]:
         """Per-teacher weighted distillation losses.
 
+        Args:
+            images (Tensor): ``(B, 3, H, W)`` float RGB in [0, 255].
+            data_samples (list, optional): passed to
+                :meth:`extract_teachers` (cached teachers).
+
         Returns:
-            tuple: ``{f'loss_{t}_summary': ..., f'loss_{t}_features': ...}``
-            and the student output (reused by task heads).
+            tuple: ``{f'loss_{t}_summary': ..., f'loss_{t}_features': ...,
+            f'loss_{t}_logits': ...}`` (summary only for teachers with one,
+            logits only with a ``logits`` loss) and the student output
+            (reused by task heads).
         """
-        targets = self.extract_teachers(images)
+        targets = self.extract_teachers(images, data_samples)
         student = self.extract_student(images)
         aligned = self.latent(student, targets)
         losses = {}
@@ -219,10 +300,50 @@ class KnowledgeInheritance(BaseModel):
             if target.summary is not None:  # teachers without a summary
                 losses[f'loss_{name}_summary'] = w * self.summary_losses[
                     name](pred.summary, target.summary)
-            dense = [self.feature_losses[name](p, t)
-                     for p, t in zip(pred.features, target.features)]
-            losses[f'loss_{name}_features'] = w * torch.stack(dense).mean()
+            if pred.features:
+                dense = [self.feature_losses[name](p, t)
+                         for p, t in zip(pred.features, target.features)]
+                losses[f'loss_{name}_features'] = w * torch.stack(
+                    dense).mean()
+            if name in self.logit_losses and target.summary is not None:
+                teacher = self.teachers[name]
+                inherited = self.latent.summary_standardizers[name].inverse(
+                    pred.summary)
+                losses[f'loss_{name}_logits'] = w * self.logit_losses[name](
+                    teacher.forward_head(inherited),
+                    teacher.forward_head(targets[name].summary))
         return losses, student
+
+    # ------------------------------------------------------------------ #
+    @torch.no_grad()
+    def statistic_sums(self, inputs: Tensor,
+                       data_samples: Optional[list] = None
+                       ) -> dict[str, Tensor]:
+        """This rank's packed standardiser sums of one batch of images.
+
+        Args:
+            inputs (Tensor): ``(B, 3, H, W)`` float RGB in [0, 255] (after
+                the data preprocessor).
+            data_samples (list, optional): for cached teachers.
+
+        Returns:
+            dict[str, Tensor]: see
+            :meth:`kiv.SharedLatentSpace.statistic_sums`.
+        """
+        return self.latent.statistic_sums(
+            self.extract_teachers(inputs, data_samples))
+
+    @torch.no_grad()
+    def load_statistics(self, sums: dict[str, Tensor]) -> None:
+        """Fix the standardiser statistics from summed packed sums (of a
+        warm-up pass or a teacher-feature cache) and start the base
+        teacher's heads as its standardiser.
+
+        Args:
+            sums (dict[str, Tensor]): see
+                :meth:`kiv.SharedLatentSpace.load_statistics`.
+        """
+        self.latent.load_statistics(sums, freeze=True)
 
     def gradient_shares(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
         """Share of the shared-parameter gradient norm per teacher.
@@ -240,7 +361,8 @@ class KnowledgeInheritance(BaseModel):
         norms = {}
         for name in self.teachers:
             total = sum(losses[k] for k in (f'loss_{name}_summary',
-                                            f'loss_{name}_features')
+                                            f'loss_{name}_features',
+                                            f'loss_{name}_logits')
                         if k in losses)
             grads = torch.autograd.grad(total, params, retain_graph=True,
                                         allow_unused=True)
@@ -284,7 +406,18 @@ class KnowledgeInheritance(BaseModel):
     # ------------------------------------------------------------------ #
     def loss(self, inputs: Tensor,
              data_samples: Optional[list] = None) -> dict[str, Tensor]:
-        losses, student = self.teacher_losses(inputs)
+        """Distillation losses of every teacher (+ task-head losses).
+
+        Args:
+            inputs (Tensor): ``(B, 3, H, W)`` float RGB in [0, 255].
+            data_samples (list, optional): per-image data samples.
+
+        Returns:
+            dict[str, Tensor]: named losses; every
+            ``grad_share_interval``-th training iteration also the gradient
+            shares.
+        """
+        losses, student = self.teacher_losses(inputs, data_samples)
         self._train_iter += 1
         if (self.grad_share_interval > 0 and self.training
                 and torch.is_grad_enabled()
@@ -320,7 +453,8 @@ class KnowledgeInheritance(BaseModel):
 
     @torch.no_grad()
     def inherit(self, images: Tensor, teacher: str,
-                student: Optional[FeatureOutput] = None
+                student: Optional[FeatureOutput] = None,
+                data_samples: Optional[list] = None
                 ) -> tuple[FeatureOutput, FeatureOutput]:
         """The inherited model of one teacher next to the teacher itself.
 
@@ -334,6 +468,7 @@ class KnowledgeInheritance(BaseModel):
             teacher (str): teacher name.
             student (FeatureOutput, optional): the student's output for
                 ``images`` if already computed (shared across teachers).
+            data_samples (list, optional): for cached teachers.
 
         Returns:
             tuple[FeatureOutput, FeatureOutput]: (inherited, teacher) outputs
@@ -342,7 +477,9 @@ class KnowledgeInheritance(BaseModel):
         if teacher not in self.teachers:
             raise KeyError(f'unknown teacher {teacher!r}; teachers are '
                            f'{sorted(self.teachers)}')
-        target = self.teachers[teacher](images)
+        t = self.teachers[teacher]
+        target = t(images, data_samples=data_samples) \
+            if getattr(t, 'reads_cache', False) else t(images)
         if student is None:
             student = self.extract_student(images)
         sizes = [tuple(f.shape[-2:]) for f in target.features]
@@ -355,41 +492,53 @@ class KnowledgeInheritance(BaseModel):
         """Agreement of every inherited model with its teacher, per image.
 
         Returns:
-            list[dict]: per image ``{teacher: {'summary_cos': float,
+            list[dict]: per image ``{teacher: {'summary_cos': float | None,
             'feature_cos': [float per level], 'top1': (teacher class,
-            inherited class)}}``; ``top1`` only for teachers with a
-            classification head kept (``head=dict(...)``). Cosine
-            similarities are over channels, averaged over positions, in the
-            teacher's raw feature space.
+            inherited class), 'top5': (teacher class, [inherited top-5])}}``;
+            ``top1``/``top5`` only for teachers with a classification head
+            kept (``head=dict(..., input='summary')``), ``summary_cos``
+            None for teachers without a summary. Cosine similarities are
+            over channels (averaged over positions) in the shared latent
+            space, i.e. between the student's projection and the
+            standardised target: the raw space's mean would inflate them.
         """
-        per_teacher = {}
         student = self.extract_student(inputs)
-        for name, teacher in self.teachers.items():
-            inherited, target = self.inherit(inputs, name, student)
-            item = dict(
-                summary_cos=F.cosine_similarity(
-                    inherited.summary, target.summary, dim=1),
+        targets = self.extract_teachers(inputs, data_samples)
+        per_teacher = {}
+        for name, raw in targets.items():
+            teacher = self.teachers[name]
+            target = self.latent.standardize_targets(raw, name)
+            pred = self.latent.project(
+                student, name, [tuple(f.shape[-2:]) for f in raw.features])
+            item: dict[str, Any] = dict(
+                summary_cos=None if pred.summary is None else
+                F.cosine_similarity(pred.summary, target.summary, dim=1),
                 feature_cos=[
                     F.cosine_similarity(p, t, dim=1).flatten(1).mean(1)
-                    for p, t in zip(inherited.features, target.features)
+                    for p, t in zip(pred.features, target.features)
                 ])
-            if teacher.head_layer is not None:
-                head_in = 'summary' if teacher.head_input == 'summary' \
-                    else 'features'
-                item['top1'] = (
-                    teacher.forward_head(getattr(target, head_in)).argmax(1),
-                    teacher.forward_head(getattr(inherited,
-                                                 head_in)).argmax(1))
+            if teacher.head_layer is not None and \
+                    teacher.head_input == 'summary' and \
+                    pred.summary is not None:
+                inherited = self.latent.to_teacher_space(pred, name)
+                ref = teacher.forward_head(raw.summary)
+                got = teacher.forward_head(inherited.summary)
+                k = min(5, got.shape[1])
+                item['top1'] = (ref.argmax(1), got.argmax(1))
+                item['top5'] = got.topk(k, dim=1).indices
             per_teacher[name] = item
         results = []
         for i in range(inputs.shape[0]):
             out = {}
             for name, item in per_teacher.items():
+                cos = item['summary_cos']
                 out[name] = dict(
-                    summary_cos=float(item['summary_cos'][i]),
+                    summary_cos=None if cos is None else float(cos[i]),
                     feature_cos=[float(c[i]) for c in item['feature_cos']])
                 if 'top1' in item:
-                    out[name]['top1'] = (int(item['top1'][0][i]),
-                                         int(item['top1'][1][i]))
+                    ref_cls = int(item['top1'][0][i])
+                    out[name]['top1'] = (ref_cls, int(item['top1'][1][i]))
+                    out[name]['top5'] = (ref_cls,
+                                         item['top5'][i].tolist())
             results.append(out)
         return results

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmengine.model import BaseModule
@@ -29,6 +30,11 @@ class S2THead(BaseModule):
             ``dict(type='LN')``.
         act_cfg (dict): mmcv activation config. Defaults to
             ``dict(type='GELU')``.
+        with_skip (bool): add a linear skip path, ``out = skip(x) +
+            fc2(act(norm(fc1(x))))``, for knowledge preservation: with
+            :meth:`init_as_affine` the head starts as a given affine map
+            (e.g. the teacher's standardiser, when the student *is* that
+            teacher) and ``fc2`` starts at zero. Defaults to False.
         init_cfg (dict | list[dict], optional): mmengine init config.
             Defaults to truncated normal (std 0.02) Linear weights, zero bias.
     """
@@ -39,6 +45,7 @@ class S2THead(BaseModule):
                  hidden_dim: int = 1280,
                  norm_cfg: Optional[dict] = None,
                  act_cfg: Optional[dict] = None,
+                 with_skip: bool = False,
                  init_cfg: Optional[dict | list[dict]] = None) -> None:
         if init_cfg is None:
             init_cfg = dict(type='TruncNormal', layer='Linear', std=0.02,
@@ -56,10 +63,34 @@ class S2THead(BaseModule):
                                      hidden_dim)[1]
         self.act = build_activation_layer(act_cfg or dict(type='GELU'))
         self.fc2 = nn.Linear(hidden_dim, out_dim)
+        self.skip = nn.Linear(in_dim, out_dim) if with_skip else None
 
-    def _tail(self, hidden: Tensor) -> Tensor:
-        """``fc2(act(norm(hidden)))`` over the last dim."""
-        return self.fc2(self.act(self.norm(hidden)))
+    @torch.no_grad()
+    def init_as_affine(self, weight: Tensor, bias: Tensor) -> None:
+        """Start as the affine map ``x -> weight @ x + bias`` exactly.
+
+        Sets the skip path to ``(weight, bias)`` and ``fc2`` to zero, so the
+        head's output is that map until training moves it; ``fc1`` keeps its
+        random init, so ``fc2`` gets gradients from the first step.
+
+        Args:
+            weight (Tensor): ``(out_dim, in_dim)``.
+            bias (Tensor): ``(out_dim,)``.
+        """
+        if self.skip is None:
+            raise RuntimeError(f'{type(self).__name__}: init_as_affine needs '
+                               f'with_skip=True')
+        self.skip.weight.copy_(weight)
+        self.skip.bias.copy_(bias)
+        self.fc2.weight.zero_()
+        self.fc2.bias.zero_()
+
+    def _tail(self, hidden: Tensor, x: Tensor) -> Tensor:
+        """``fc2(act(norm(hidden)))`` (+ ``skip(x)``) over the last dim."""
+        out = self.fc2(self.act(self.norm(hidden)))
+        if self.skip is not None:
+            out = out + self.skip(x)
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         """Project channel-last input.
@@ -74,19 +105,19 @@ class S2THead(BaseModule):
             raise ValueError(f'{type(self).__name__}: expected {self.in_dim} '
                              f'channels in the last dim, got shape '
                              f'{tuple(x.shape)}')
-        return self._tail(self.fc1(x))
+        return self._tail(self.fc1(x), x)
 
 
 @MODELS.register_module()
 class DenseS2THead(S2THead):
     """:class:`S2THead` for NCHW maps, resized to the teacher's grid.
 
-    The output is ``MLP(interpolate(x, size))`` with bilinear interpolation
-    (``align_corners=False``), computed on the cheaper side: bilinear
-    interpolation takes convex combinations of pixels (weights sum to 1), so
-    it commutes with the affine ``fc1``. When the teacher grid has fewer
-    pixels the input is resized first; when it has more, ``fc1`` runs on the
-    student grid and its output is resized. The MLP runs channel-last.
+    The output is ``MLP(interpolate(x, size))``: the student map is resized
+    bilinearly (``align_corners=False``) to the teacher grid first, on the
+    student's channels (e.g. 768) rather than on the wider hidden layer
+    (1280), then the MLP runs channel-last. A map already at the teacher grid
+    (e.g. the student's patch-grid level for the knowledge base) is not
+    resized at all.
 
     Args: see :class:`S2THead`.
     """
@@ -109,15 +140,7 @@ class DenseS2THead(S2THead):
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f'{type(self).__name__}: size must be '
                              f'(h, w) with positive entries, got {size}')
-        in_pixels = x.shape[-2] * x.shape[-1]
-        if tuple(x.shape[-2:]) == size:
-            hidden = self.fc1(x.permute(0, 2, 3, 1))
-        elif size[0] * size[1] <= in_pixels:
+        if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size, mode='bilinear', align_corners=False)
-            hidden = self.fc1(x.permute(0, 2, 3, 1))
-        else:
-            hidden = self.fc1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-            hidden = F.interpolate(
-                hidden, size, mode='bilinear',
-                align_corners=False).permute(0, 2, 3, 1)
-        return self._tail(hidden).permute(0, 3, 1, 2)
+        x = x.permute(0, 2, 3, 1)
+        return self._tail(self.fc1(x), x).permute(0, 3, 1, 2)

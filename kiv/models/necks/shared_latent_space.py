@@ -1,10 +1,12 @@
 """The shared latent space: standardised teacher targets and s2t heads."""
 from __future__ import annotations
 
+import logging
 from typing import Mapping, Optional, Sequence
 
 import torch
 from mmengine.dist import all_reduce
+from mmengine.logging import print_log
 from mmengine.model import BaseModule, ModuleDict, ModuleList
 from torch import Tensor
 
@@ -14,10 +16,31 @@ from .s2t_heads import DenseS2THead, S2THead
 from .standardizers import BaseStandardizer, EMAStandardizer, \
     build_standardizer
 
-__all__ = ['SharedLatentSpace']
+__all__ = ['SharedLatentSpace', 'all_reduce_sums']
+
+
+def all_reduce_sums(sums: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Sum packed statistic sums over all ranks with one ``all_reduce``.
+
+    Args:
+        sums (dict[str, Tensor]): float64 packed sums per key (every rank
+            must pass the same keys in the same order).
+
+    Returns:
+        dict[str, Tensor]: the summed vectors (a no-op outside distributed
+        runs).
+    """
+    keys = list(sums)
+    if not keys:
+        return {}
+    flat = torch.cat([sums[k].double().flatten() for k in keys])
+    all_reduce(flat, op='sum')
+    return dict(zip(keys, flat.split([sums[k].numel() for k in keys])))
+
 
 _REQUIRED_KEYS = {'summary_dim', 'feature_dims'}
-_TEACHER_KEYS = _REQUIRED_KEYS | {'student_levels'}
+_TEACHER_KEYS = _REQUIRED_KEYS | {'student_levels', 'preserve'}
+_STATISTICS = ('fixed', 'ema')
 
 
 @MODELS.register_module()
@@ -38,6 +61,29 @@ class SharedLatentSpace(BaseModule):
     ``feature_heads[t][l]``, ``summary_standardizers[t]``,
     ``feature_standardizers[t][l]``.
 
+    Statistics (``statistics=``):
+
+    * ``'fixed'`` (default, RADIOv2.5): estimated once before distillation
+      and then fixed, so the targets never move under the student and the
+      hot path does no eigendecomposition. Give the exact sums of a warm-up
+      pass (``kiv.StatisticsWarmupHook``, which uses :meth:`statistic_sums`)
+      or of a teacher-feature cache to :meth:`load_statistics`. If training
+      starts without them, the first training batch's statistics are used
+      (and fixed), with a warning.
+    * ``'ema'``: updated from every training batch (EMA with ``momentum``,
+      all-reduced), optionally frozen after ``max_stat_updates``; the PHI-S
+      transform is then recomputed (one float64 ``eigh``) after every
+      update.
+
+    Knowledge preservation (``preserve=True`` for a teacher, set by
+    ``kiv.KnowledgeInheritance`` for its ``base_teacher``): the teacher's
+    heads get a linear skip path initialised to the teacher's standardiser
+    by :meth:`init_preservation_heads` (called by :meth:`load_statistics`),
+    with ``fc2`` at zero. A student that *is* that teacher (frozen base,
+    zero-initialised adapter) then predicts the standardised targets exactly
+    at step 0: its loss is 0 and it sends no gradient into the adapter until
+    the other teachers have moved it.
+
     Args:
         student_summary_dim (int): channels of the student summary.
         student_feature_dims (list[int]): channels of each student level,
@@ -48,10 +94,14 @@ class SharedLatentSpace(BaseModule):
             ``feature_dims`` (list[int], one per teacher level, may be empty),
             ``student_levels`` (list[int], optional: the student level that
             feeds each teacher level; defaults to ``default_student_level``
-            for all).
+            for all), ``preserve`` (bool, optional: knowledge preservation,
+            see above; needs student and teacher dims to match).
         standardize (str): ``'phis'``, ``'channel'`` or ``'none'``.
             Defaults to ``'phis'``.
-        momentum (float): EMA decay of the statistics. Defaults to 0.99.
+        statistics (str): ``'fixed'`` or ``'ema'``, see above. Defaults to
+            ``'fixed'``.
+        momentum (float): EMA decay of the statistics (``'ema'``).
+            Defaults to 0.99.
         eps (float): standardiser epsilon. Defaults to 1e-6.
         max_stat_updates (int, optional): freeze the statistics after this
             many updates (PHI-S estimates them once). Defaults to None.
@@ -71,6 +121,7 @@ class SharedLatentSpace(BaseModule):
                  student_feature_dims: Sequence[int],
                  teachers: Mapping[str, Mapping],
                  standardize: str = 'phis',
+                 statistics: str = 'fixed',
                  momentum: float = 0.99,
                  eps: float = 1e-6,
                  max_stat_updates: Optional[int] = None,
@@ -88,6 +139,11 @@ class SharedLatentSpace(BaseModule):
             raise ValueError(f'{name}: teachers must name at least one '
                              f'teacher')
         self.standardize = standardize
+        if statistics not in _STATISTICS:
+            raise ValueError(f'{name}: statistics={statistics!r} is not one '
+                             f'of {list(_STATISTICS)}')
+        self.statistics = statistics
+        self._warned_first_batch = False
         std_kwargs = dict(momentum=momentum, eps=eps,
                           max_updates=max_stat_updates)
         head_kwargs = dict(hidden_dim=hidden_dim, norm_cfg=norm_cfg,
@@ -101,6 +157,8 @@ class SharedLatentSpace(BaseModule):
         self.student_levels: dict[str, list[int]] = {}
         #: teacher name -> teacher summary dim (None: no summary).
         self.teacher_summary_dims: dict[str, Optional[int]] = {}
+        #: teachers whose heads start as their standardiser.
+        self.preserved_teachers: list[str] = []
         for teacher, cfg in teachers.items():
             where = f'{name}: teachers[{teacher!r}]'
             if not isinstance(teacher, str) or not teacher or '.' in teacher:
@@ -129,13 +187,29 @@ class SharedLatentSpace(BaseModule):
                         f'student_levels or default_student_level)')
             self.student_levels[teacher] = [lv % num_levels for lv in levels]
             self.teacher_summary_dims[teacher] = summary_dim
+            preserve = bool(cfg.get('preserve', False))
+            if preserve:
+                in_dims = [self.student_summary_dim] * (summary_dim
+                                                        is not None)
+                in_dims += [self.student_feature_dims[lv]
+                            for lv in self.student_levels[teacher]]
+                out_dims = [summary_dim] * (summary_dim is not None)
+                out_dims += feature_dims
+                if in_dims != out_dims:
+                    raise ValueError(
+                        f'{where}: preserve=True needs the student dims '
+                        f'{in_dims} to equal the teacher dims {out_dims} '
+                        f'(the student must be built on this teacher)')
+                self.preserved_teachers.append(teacher)
             if summary_dim is not None:
                 self.summary_heads[teacher] = S2THead(
-                    self.student_summary_dim, int(summary_dim), **head_kwargs)
+                    self.student_summary_dim, int(summary_dim),
+                    with_skip=preserve, **head_kwargs)
                 self.summary_standardizers[teacher] = build_standardizer(
                     standardize, int(summary_dim), **std_kwargs)
             self.feature_heads[teacher] = ModuleList([
-                DenseS2THead(self.student_feature_dims[lv], dim, **head_kwargs)
+                DenseS2THead(self.student_feature_dims[lv], dim,
+                             with_skip=preserve, **head_kwargs)
                 for lv, dim in zip(self.student_levels[teacher], feature_dims)
             ])
             self.feature_standardizers[teacher] = ModuleList([
@@ -189,6 +263,124 @@ class SharedLatentSpace(BaseModule):
         if out.summary is not None:
             tensors.insert(0, out.summary)
         return tensors
+
+    def _named_standardizers(self, teacher: str
+                             ) -> list[tuple[str, BaseStandardizer]]:
+        """``(key, standardiser)`` of one teacher, summary first; keys are
+        ``'<teacher>.summary'`` and ``'<teacher>.features.<level>'``."""
+        named = [(f'{teacher}.features.{i}', std) for i, std in enumerate(
+            self.feature_standardizers[teacher])]
+        if teacher in self.summary_standardizers:
+            named.insert(0, (f'{teacher}.summary',
+                             self.summary_standardizers[teacher]))
+        return named
+
+    def statistic_keys(self) -> list[str]:
+        """Keys of every standardiser with statistics, in a fixed order."""
+        return [key for t in self.teacher_names
+                for key, std in self._named_standardizers(t)
+                if isinstance(std, EMAStandardizer)]
+
+    @property
+    def statistics_ready(self) -> bool:
+        """Whether every standardiser with statistics has them fixed."""
+        return all(std.frozen for t in self.teacher_names
+                   for _, std in self._named_standardizers(t)
+                   if isinstance(std, EMAStandardizer))
+
+    @torch.no_grad()
+    def statistic_sums(self, targets: Mapping[str, FeatureOutput]
+                       ) -> dict[str, Tensor]:
+        """This rank's packed sums of a batch of raw teacher outputs.
+
+        Summed over batches (and all-reduced over ranks) they give the exact
+        statistics of all the samples, for :meth:`load_statistics`.
+
+        Args:
+            targets (dict[str, FeatureOutput]): raw outputs per teacher.
+
+        Returns:
+            dict[str, Tensor]: float64 packed ``[count, sum x, sum x x^T]``
+            (see ``EMAStandardizer.batch_sums``) per key of
+            :meth:`statistic_keys` of the given teachers.
+        """
+        sums = {}
+        for teacher, out in targets.items():
+            self._check_teacher_output(out, teacher)
+            for (key, std), x in zip(self._named_standardizers(teacher),
+                                     self._outputs(out)):
+                if isinstance(std, EMAStandardizer):
+                    sums[key] = std.batch_sums(x)
+        return sums
+
+    @torch.no_grad()
+    def load_statistics(self, sums: Mapping[str, Tensor],
+                        freeze: bool = True, strict: bool = True) -> None:
+        """Set standardiser statistics exactly from summed sums.
+
+        Then initialises the knowledge-preservation heads
+        (:meth:`init_preservation_heads`) of the teachers whose statistics
+        are all fixed.
+
+        Args:
+            sums (dict[str, Tensor]): a packed sum per key of
+                :meth:`statistic_keys`.
+            freeze (bool): fix the statistics. Defaults to True.
+            strict (bool): every key of :meth:`statistic_keys` must be
+                given. Defaults to True.
+        """
+        keys = self.statistic_keys()
+        missing = sorted(set(keys) - set(sums)) if strict else []
+        unknown = sorted(set(sums) - set(keys))
+        if missing or unknown:
+            raise KeyError(f'{type(self).__name__}.load_statistics: missing '
+                           f'keys {missing}, unknown keys {unknown}; '
+                           f'expected {keys}')
+        for teacher in self.teacher_names:
+            for key, std in self._named_standardizers(teacher):
+                if isinstance(std, EMAStandardizer) and key in sums:
+                    std.load_sums(sums[key].double(), freeze=freeze)
+        self.init_preservation_heads()
+
+    @torch.no_grad()
+    def init_preservation_heads(self) -> None:
+        """Start the preserved teachers' heads as their standardisers.
+
+        For every teacher with ``preserve=True`` each head becomes exactly
+        the affine map of its standardiser (skip path) with ``fc2`` zero: a
+        student whose features equal the teacher's raw outputs predicts the
+        standardised targets exactly.
+        """
+        for teacher in self.preserved_teachers:
+            if not all(std.frozen for _, std in
+                       self._named_standardizers(teacher)
+                       if isinstance(std, EMAStandardizer)):
+                continue
+            heads = list(self.feature_heads[teacher])
+            if teacher in self.summary_heads:
+                heads.insert(0, self.summary_heads[teacher])
+            for head, (_, std) in zip(heads,
+                                      self._named_standardizers(teacher)):
+                head.init_as_affine(*std.affine())
+
+    def _fix_from_first_batch(self, targets: Mapping[str, FeatureOutput]
+                              ) -> None:
+        """``statistics='fixed'`` without a warm-up: use this batch for
+        every standardiser of these teachers that has no statistics yet."""
+        if not self._warned_first_batch:
+            print_log(
+                f'{type(self).__name__}: standardiser statistics were not '
+                f'estimated before training (add kiv.StatisticsWarmupHook '
+                f'or train from a teacher-feature cache); using the first '
+                f'training batch and fixing them', logger='current',
+                level=logging.WARNING)
+            self._warned_first_batch = True
+        sums = self.statistic_sums(targets)
+        ready = {key for t in targets
+                 for key, std in self._named_standardizers(t)
+                 if isinstance(std, EMAStandardizer) and std.frozen}
+        sums = {k: v for k, v in sums.items() if k not in ready}
+        self.load_statistics(all_reduce_sums(sums), strict=False)
 
     @torch.no_grad()
     def update_statistics(self, targets: Mapping[str, FeatureOutput]) -> None:
@@ -295,8 +487,11 @@ class SharedLatentSpace(BaseModule):
     ) -> dict[str, dict[str, FeatureOutput]]:
         """Predictions and standardised targets for every given teacher.
 
-        In training mode the standardiser statistics are first updated with
-        the raw targets (no grad); eval mode leaves them untouched.
+        With ``statistics='ema'`` in training mode the standardiser
+        statistics are first updated with the raw targets (no grad); with
+        ``'fixed'`` they never change here (except once, from the first
+        training batch, if nothing estimated them before). Eval mode leaves
+        them untouched.
 
         Args:
             student (FeatureOutput): student output.
@@ -309,7 +504,10 @@ class SharedLatentSpace(BaseModule):
             ``target`` (standardised, detached), with equal shapes.
         """
         if self.training:
-            self.update_statistics(targets)
+            if self.statistics == 'ema':
+                self.update_statistics(targets)
+            elif not self.statistics_ready:
+                self._fix_from_first_batch(targets)  # once: then ready
         results = {}
         for teacher, target in targets.items():
             target = self.standardize_targets(target, teacher)

@@ -41,7 +41,9 @@ class SimplePyramid(BaseModule):
       (``C/2 -> C/4``): stride ``s / 4``;
     - ``2.0``: deconv 2x2/2 (``C -> C/2``): stride ``s / 2``;
     - ``1.0``: ``x`` itself: stride ``s``;
-    - ``0.5``: max-pool 2x2/2: stride ``2 s``;
+    - ``0.5``: max-pool 2x2/2 (``ceil_mode``: a side ``n`` becomes
+      ``ceil(n / 2)``, as the stride-32 level of a ResNet or of
+      ``kiv.AdapterViT``): stride ``2 s``;
 
     then a 1x1 ``ConvModule`` to ``out_channels`` and a 3x3 ``ConvModule``
     (both with ``norm_cfg``, no activation). ``num_outs`` above the number
@@ -147,7 +149,7 @@ class SimplePyramid(BaseModule):
             return nn.ConvTranspose2d(channels, channels // 2, 2, stride=2)
         if scale == 1.0:
             return nn.Identity()
-        return nn.MaxPool2d(kernel_size=2, stride=2)
+        return nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
 
     def forward(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
         """Build the pyramid from ``inputs[in_index]``.
@@ -159,8 +161,8 @@ class SimplePyramid(BaseModule):
         Returns:
             tuple[Tensor, ...]: ``num_outs`` maps ``(B, out_channels, h_i,
             w_i)``, highest resolution first: ``(H * f, W * f)`` for each
-            scale factor ``f`` (floor for 0.5), then each extra level half
-            the previous one (rounded up).
+            scale factor ``f`` (rounded up for 0.5), then each extra level
+            half the previous one (rounded up).
         """
         if not isinstance(inputs, (tuple, list)) or not -len(inputs) <= \
                 self.in_index < len(inputs):

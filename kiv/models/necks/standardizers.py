@@ -10,6 +10,9 @@ All EMA standardisers keep float64 buffers (saved in checkpoints, restored by
 ``load_state_dict``):
 
 * ``num_updates``: number of :meth:`~EMAStandardizer.update` calls;
+* ``fixed``: True once the statistics are fixed (set exactly by
+  :meth:`~EMAStandardizer.load_sums`, or ``max_updates`` reached): later
+  updates are ignored, also after resuming from a checkpoint;
 * ``ema_mean``: EMA of the batch mean, ``(C,)``;
 * ``ema_moment2``: EMA of the batch second moment ``E[x x^T]`` (``(C, C)``,
   PHI-S) or ``E[x^2]`` (``(C,)``, per channel).
@@ -34,6 +37,15 @@ eigendecomposition) is cached in non-persistent buffers and recomputed
 lazily, only after the statistics changed (an update or ``load_state_dict``).
 Before the first update (``num_updates == 0``) every standardiser is the
 identity.
+
+Fixed statistics (the default of :class:`~kiv.SharedLatentSpace`): sum the
+packed :meth:`~EMAStandardizer.batch_sums` of every batch of a warm-up pass
+(``kiv.StatisticsWarmupHook``) or of a whole teacher-feature cache and give
+the total to :meth:`~EMAStandardizer.load_sums`: the statistics are then the
+exact statistics of all those samples, and they never move under the student.
+The transform is computed once; the training hot path does no
+eigendecomposition and no host-device synchronisation (the update counter
+and the fixed flag are mirrored in Python).
 """
 from __future__ import annotations
 
@@ -101,6 +113,15 @@ class BaseStandardizer(nn.Module, metaclass=ABCMeta):
     def inverse(self, y: Tensor) -> Tensor:
         """Map standardised ``y`` back to the raw feature space."""
 
+    @abstractmethod
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """The standardisation as ``y = W x + b``.
+
+        Returns:
+            tuple[Tensor, Tensor]: float32 ``W (C, C)`` and ``b (C,)``, e.g.
+            to initialise a linear layer that reproduces :meth:`forward`.
+        """
+
     def extra_repr(self) -> str:
         return f'dim={self.dim}'
 
@@ -122,6 +143,10 @@ class IdentityStandardizer(BaseStandardizer):
         """Return ``y`` unchanged."""
         _check_channels(y, self.dim, type(self).__name__)
         return y
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """Identity ``W = I``, ``b = 0``."""
+        return torch.eye(self.dim), torch.zeros(self.dim)
 
 
 class EMAStandardizer(BaseStandardizer):
@@ -170,19 +195,33 @@ class EMAStandardizer(BaseStandardizer):
                                                      dtype=torch.float64))
         self.register_buffer('ema_moment2',
                              torch.zeros(moment2_shape, dtype=torch.float64))
+        self.register_buffer('fixed', torch.zeros((), dtype=torch.bool))
+        # Python mirrors of ``num_updates`` and ``fixed``: reading the
+        # buffers would synchronise with the device on every step.
+        self._updates = 0
+        self._fixed = False
         self._stale = True
 
     # ------------------------------------------------------------ statistics
     @property
     def initialized(self) -> bool:
-        """Whether at least one update happened."""
-        return bool(self.num_updates > 0)
+        """Whether statistics exist (an update or :meth:`load_sums`)."""
+        return self._updates > 0
 
     @property
     def frozen(self) -> bool:
-        """Whether ``max_updates`` is reached (updates are ignored)."""
-        return self.max_updates is not None and \
-            int(self.num_updates) >= self.max_updates
+        """Whether the statistics are fixed (:meth:`load_sums` or
+        ``max_updates`` reached): updates are ignored."""
+        return self._fixed or (self.max_updates is not None
+                               and self._updates >= self.max_updates)
+
+    def freeze(self) -> None:
+        """Fix the current statistics for good (saved in checkpoints)."""
+        if not self.initialized:
+            raise RuntimeError(f'{type(self).__name__}: cannot freeze before '
+                               f'any statistics exist')
+        self.fixed.fill_(True)
+        self._fixed = True
 
     @property
     def sums_numel(self) -> int:
@@ -244,7 +283,45 @@ class EMAStandardizer(BaseStandardizer):
         self.ema_moment2.mul_(self.momentum).add_(
             moment2, alpha=1 - self.momentum)
         self.num_updates += 1
+        self._updates += 1
+        if self.max_updates is not None and self._updates >= self.max_updates:
+            self.fixed.fill_(True)
+            self._fixed = True
         self._stale = True
+
+    @torch.no_grad()
+    def load_sums(self, sums: Tensor, freeze: bool = True) -> None:
+        """Set the statistics exactly from summed :meth:`batch_sums`.
+
+        The packed vectors of any number of batches (and ranks) add up to the
+        sums of all their samples; this sets the mean and second moment to
+        exactly those samples' statistics, replacing any earlier estimate.
+
+        Args:
+            sums (Tensor): float64 ``(sums_numel,)``: ``[count, sum x,
+                sum x x^T (or x^2)]`` over all samples.
+            freeze (bool): fix the statistics afterwards (later updates are
+                ignored). Defaults to True.
+        """
+        if sums.shape != (self.sums_numel, ):
+            raise ValueError(f'{type(self).__name__}: expected packed sums of '
+                             f'shape ({self.sums_numel},), got '
+                             f'{tuple(sums.shape)}')
+        sums = sums.to(self.ema_mean)
+        count = sums[0]
+        if not bool(count > 0):
+            raise ValueError(f'{type(self).__name__}: the sums hold no '
+                             f'samples (count = {float(count)})')
+        # one EMA step from zero: its bias-corrected value is the statistic
+        weight = 1 - self.momentum
+        self.ema_mean.copy_(sums[1:1 + self.dim] / count * weight)
+        self.ema_moment2.copy_(
+            sums[1 + self.dim:].view_as(self.ema_moment2) / count * weight)
+        self.num_updates.fill_(1)
+        self._updates = 1
+        self._stale = True
+        if freeze:
+            self.freeze()
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
@@ -267,7 +344,7 @@ class EMAStandardizer(BaseStandardizer):
         if not self.initialized:
             raise RuntimeError(f'{type(self).__name__}: no statistics yet '
                                f'(num_updates == 0)')
-        correction = 1 - self.momentum**self.num_updates.double()
+        correction = 1 - self.momentum**self._updates
         return (self.ema_mean.double() / correction,
                 self.ema_moment2.double() / correction)
 
@@ -295,8 +372,18 @@ class EMAStandardizer(BaseStandardizer):
                 self._compute_transform()
             self._stale = False
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str,
+                              local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list,
+                              error_msgs: list) -> None:
+        # checkpoints written before ``fixed`` existed: not fixed
+        state_dict.setdefault(prefix + 'fixed',
+                              torch.zeros((), dtype=torch.bool))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._updates = int(self.num_updates)
+        self._fixed = bool(self.fixed)
         self._stale = True
 
     def extra_repr(self) -> str:
@@ -355,6 +442,12 @@ class ChannelStandardizer(EMAStandardizer):
     def inverse(self, y: Tensor) -> Tensor:
         """Undo :meth:`forward`: ``(N, C)`` or ``(B, C, H, W)``."""
         return self._affine(y, invert=True).to(y.dtype)
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """``W = diag(1 / std)``, ``b = -offset / std``."""
+        self._refresh()
+        return (torch.diag(1 / self.std).float(),
+                (-self.offset / self.std).float())
 
 
 @MODELS.register_module()
@@ -468,6 +561,11 @@ class PHISStandardizer(EMAStandardizer):
         """Undo :meth:`forward` exactly: ``(N, C)`` or ``(B, C, H, W)``."""
         self._refresh()
         return self._linear(y, self.inv_weight, self.inv_bias).to(y.dtype)
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """``W = alpha R U^T``, ``b = -W mu`` (the cached transform)."""
+        self._refresh()
+        return self.weight.float().clone(), self.bias.float().clone()
 
 
 #: ``standardize=`` option of :class:`~kiv.SharedLatentSpace` -> class.

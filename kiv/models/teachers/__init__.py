@@ -20,3 +20,6 @@ __all__ = [
     'import_factory', 'timm_checkpoint_filter', 'TeacherCheckpointError',
     'read_state_dict', 'load_state_dict_checked', 'load_teacher_checkpoint'
 ]
+from .cached_teacher import CachedTeacher  # noqa: E402
+
+__all__ += ['CachedTeacher']

@@ -26,6 +26,7 @@ _SUMMARY_KEYS = {
     'cls': ('index', 'token'),
     'avg': ('index', ),
     'layer': ('name', 'index'),
+    'none': (),
 }
 _HEAD_INPUTS = ('summary', 'features')
 
@@ -140,6 +141,10 @@ class Teacher(BaseModule):
       last one).
     * ``'layer'``: output of the submodule ``name`` (element ``index`` if it
       returns a tuple), flattened to ``(B, C)``, e.g. a pooling layer.
+    * ``'none'``: the teacher has no summary (e.g. SAM's image encoder or a
+      detector's FPN, whose average-pooled maps mean nothing):
+      ``summary`` is None and ``summary_dim`` is None; only its dense
+      features are distilled.
 
     Inherited head: ``head=dict(layer='_fc', input='summary')`` keeps the
     teacher's own task head (a submodule of the model) available as
@@ -315,6 +320,9 @@ class Teacher(BaseModule):
         if self.head_input not in _HEAD_INPUTS:
             raise ValueError(f'Teacher head input must be one of '
                              f'{list(_HEAD_INPUTS)}, got {self.head_input!r}')
+        if self.head_input == 'summary' and self.summary_type == 'none':
+            raise ValueError("Teacher head input 'summary' needs a summary; "
+                             "the teacher has summary=dict(type='none')")
         try:
             self.model.get_submodule(self.head_layer)
         except (AttributeError, TypeError):
@@ -334,7 +342,8 @@ class Teacher(BaseModule):
                 'Teacher features must be ordered from the highest '
                 f'resolution to the lowest; got heights {heights} at a '
                 f'{probe_hw} input (reorder features.layers / indices)')
-        self.summary_dim: int = probe.summary.shape[1]
+        self.summary_dim: int | None = None if probe.summary is None \
+            else probe.summary.shape[1]
         self.feature_dims: list[int] = [f.shape[1] for f in probe.features]
         self.feature_strides: list[int] = [
             max(round(padded_h / h), 1) for h in heights
@@ -381,16 +390,19 @@ class Teacher(BaseModule):
             Tensor: ``(B, 3, H', W')`` float32, ``(H', W')`` being
             ``input_size`` (or ``(H, W)``) rounded up to
             ``pad_to_multiple``.
+
+        Normalisation comes before resizing: bilinear weights sum to 1, so
+        the result is the same as resizing first, and the distiller's student
+        normalises the same pixels the same way.
         """
         if inputs.dim() != 4 or inputs.shape[1] != self.mean.shape[1]:
             raise ValueError(
                 f'Teacher expects (B, {self.mean.shape[1]}, H, W) images in '
                 f'[0, 255], got shape {tuple(inputs.shape)}')
-        x = inputs.float()
+        x = (inputs.float() - self.mean) / self.std
         if self.input_size is not None and x.shape[-2:] != self.input_size:
             x = F.interpolate(x, size=self.input_size, mode='bilinear',
                               align_corners=False, antialias=False)
-        x = (x - self.mean) / self.std
         pad_h = -x.shape[-2] % self.pad_to_multiple
         pad_w = -x.shape[-1] % self.pad_to_multiple
         if pad_h or pad_w:
@@ -426,9 +438,12 @@ class Teacher(BaseModule):
                            self.nhwc).float() for label, t in chosen)
 
     def _summary(self, recorded: Recorded,
-                 features: tuple[Tensor, ...]) -> Tensor:
-        """The ``(B, C_s)`` summary chosen by ``summary['type']``."""
+                 features: tuple[Tensor, ...]) -> Tensor | None:
+        """The ``(B, C_s)`` summary chosen by ``summary['type']`` (None for
+        ``'none'``)."""
         cfg = self.summary_cfg
+        if self.summary_type == 'none':
+            return None
         if self.summary_type == 'avg':
             return features[cfg.get('index', -1)].mean(dim=(2, 3))
         if self.summary_type == 'layer':
@@ -459,7 +474,8 @@ class Teacher(BaseModule):
             inputs (Tensor): ``(B, 3, H, W)`` RGB images in [0, 255].
 
         Returns:
-            FeatureOutput: ``summary`` ``(B, summary_dim)`` and ``features``,
+            FeatureOutput: ``summary`` ``(B, summary_dim)`` (None with
+            ``summary=dict(type='none')``) and ``features``,
             one ``(B, feature_dims[l], H'/feature_strides[l],
             W'/feature_strides[l])`` float32 map per level, ``(H', W')``
             being the preprocessed size.
@@ -471,7 +487,9 @@ class Teacher(BaseModule):
             try:
                 recorded = self._recorded(run(x, **self.forward_kwargs))
                 features = self._dense_features(recorded, x.shape[-2:])
-                summary = self._summary(recorded, features).float()
+                summary = self._summary(recorded, features)
+                if summary is not None:
+                    summary = summary.float()
             finally:
                 self.recorder.clear()
         return FeatureOutput(summary, features)

@@ -1,0 +1,141 @@
+"""Opt-in safe checkpoint I/O for the whole process: one explicit call.
+
+Importing :mod:`kiv` only registers kiv's modules; it does not change how
+mmengine (and every toolbox on top of it) reads and writes files.
+:func:`enable_safe_io` switches on, for the current process:
+
+- **weights-only loading** of every checkpoint mmengine opens from a plain
+  path (``load_from``, ``--resume``, ``init_cfg=dict(type='Pretrained')``)
+  through :func:`kiv.engine.checkpoint.safe_torch_load`, and of every URL
+  checkpoint (``http(s)://``, ``torchvision://``, ``open-mmlab://`` ...)
+  through :func:`kiv.engine.checkpoint.load_url` (mmengine 0.10 otherwise
+  downloads them with ``weights_only=False``);
+- **atomic local writes** for everything mmengine saves through its file
+  backend (checkpoints, ``last_checkpoint``, dumped results):
+  :class:`kiv.engine.atomic_files.AtomicLocalBackend`.
+
+kiv's tools (``tools/train.py``, ``tools/test.py``) call it first thing. In
+your own script::
+
+    import kiv
+    kiv.enable_safe_io()
+
+or, without touching the script (e.g. an upstream ``tools/train.py``), in the
+config::
+
+    custom_imports = dict(imports=['kiv', 'kiv.engine.use_safe_io'],
+                          allow_failed_imports=False)
+
+:func:`disable_safe_io` restores exactly what was there before.
+
+kiv's own loaders (teacher weights, the frozen base ViT, exported students,
+``tools/export_student.py``) call ``safe_torch_load`` directly and write
+atomically whether or not this is enabled.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional
+
+from mmengine.fileio import io as mm_io
+from mmengine.fileio.backends import registry_utils
+from mmengine.logging import print_log
+from mmengine.runner import checkpoint as mm_checkpoint
+
+from .atomic_files import AtomicLocalBackend
+from .checkpoint import load_from_local, load_url
+
+__all__ = ['enable_safe_io', 'disable_safe_io', 'safe_io_enabled']
+
+_lock = threading.Lock()
+#: what enable_safe_io replaced, to be put back by disable_safe_io
+_saved: Optional[dict[str, Any]] = None
+
+
+def _drop_cached_local_backends() -> None:
+    """Forget mmengine's singleton backends for plain paths.
+
+    ``mmengine.fileio.get_file_backend(..., enable_singleton=True)`` (used by
+    ``fileio.put``/``dump``/...) caches one instance per prefix and
+    arguments; an instance created before a switch would keep the old class.
+    """
+    for key in [k for k in mm_io.backend_instances if k.startswith(':')]:
+        del mm_io.backend_instances[key]
+
+
+def _set(table: dict, key: str, value: Any) -> None:
+    """``table[key] = value``, or remove ``key`` when ``value`` is None."""
+    if value is None:
+        table.pop(key, None)
+    else:
+        table[key] = value
+
+
+def _install(loader: Optional[Callable], url_loader: Callable,
+             prefix_backend: Optional[type],
+             local_backend: Optional[type]) -> None:
+    """Put loaders and backends in mmengine's tables (None: remove entry).
+
+    Args:
+        loader: checkpoint loader for plain paths (scheme ``''``).
+        url_loader: ``mmengine.runner.checkpoint.load_url``.
+        prefix_backend: file backend class for plain paths (prefix ``''``).
+        local_backend: file backend class named ``'local'``.
+    """
+    if loader is None:
+        mm_checkpoint.CheckpointLoader._schemes.pop('', None)
+    else:
+        mm_checkpoint.CheckpointLoader._register_scheme('', loader,
+                                                        force=True)
+    mm_checkpoint.load_url = url_loader
+    _set(registry_utils.prefix_to_backends, '', prefix_backend)
+    _set(registry_utils.backends, 'local', local_backend)
+    _drop_cached_local_backends()
+
+
+def enable_safe_io() -> bool:
+    """Switch on weights-only checkpoint loading and atomic local writes.
+
+    Idempotent and thread-safe; the first call logs one line (through
+    mmengine's current logger).
+
+    Returns:
+        bool: True if this call switched it on, False if it already was.
+    """
+    global _saved
+    with _lock:
+        if _saved is not None:
+            return False
+        _saved = dict(
+            loader=mm_checkpoint.CheckpointLoader._schemes.get(''),
+            url_loader=mm_checkpoint.load_url,
+            prefix_backend=registry_utils.prefix_to_backends.get(''),
+            local_backend=registry_utils.backends.get('local'))
+        _install(load_from_local, load_url, AtomicLocalBackend,
+                 AtomicLocalBackend)
+    print_log(
+        'kiv safe I/O enabled: mmengine loads checkpoints (paths and URLs) '
+        'with torch.load(weights_only=True) and writes local files '
+        'atomically (kiv.enable_safe_io)',
+        logger='current')
+    return True
+
+
+def disable_safe_io() -> bool:
+    """Undo :func:`enable_safe_io`: mmengine's previous loaders and backend.
+
+    Returns:
+        bool: True if safe I/O was on and is now off, False if it was off.
+    """
+    global _saved
+    with _lock:
+        if _saved is None:
+            return False
+        saved, _saved = _saved, None
+        _install(**saved)
+    return True
+
+
+def safe_io_enabled() -> bool:
+    """bool: whether :func:`enable_safe_io` is in effect."""
+    return _saved is not None

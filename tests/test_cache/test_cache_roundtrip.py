@@ -1,0 +1,327 @@
+"""The cache written from the tiny distillation config: targets equal the
+online teachers' for the same view, exact statistics, the disk estimate, and
+refusals of caches that belong to another setup."""
+import json
+import os
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+from cache_helpers import (NUM_IMAGES, SHARD_SIZE, TINY_DISTILL_CFG, VIEWS,
+                           in_dir, tiny_cfg)
+from mmengine.dataset import pseudo_collate
+
+from kiv.datasets.teacher_cache import (TeacherCacheDataset,
+                                        TeacherCacheError, load_statistics,
+                                        read_index, use_teacher_cache)
+from kiv.registry import MODELS
+
+#: the fixtures tiny_root, cache, private_root (see cache_fixtures.py)
+pytest_plugins = ['cache_fixtures']
+
+
+@pytest.fixture(scope='module')
+def online(cache):
+    """The online distiller of the tiny config (real teachers)."""
+    with in_dir(cache['root']):
+        model = MODELS.build(tiny_cfg().model)
+    return model.eval()
+
+
+def _all_targets(cache):
+    """Every stored target, stacked in sample order (float32)."""
+    with in_dir(cache['root']):  # image paths are relative to it
+        ds = TeacherCacheDataset(cache['dir'])
+    rows = [ds.targets(i) for i in range(len(ds))]
+    return {k: torch.stack([r[k] for r in rows]).float() for k in rows[0]}
+
+
+def test_index_and_layout(cache):
+    index = cache['index']
+    assert index['complete'] and index['views'] == VIEWS
+    assert index['num_shards'] == -(-NUM_IMAGES // SHARD_SIZE)
+    assert index['num_samples'] == NUM_IMAGES * VIEWS
+    assert set(index['teachers']) == {'dinov2', 'clip', 'detector'}
+    det = index['teachers']['detector']
+    assert det['summary_dim'] is None  # dense-only teacher
+    assert det['grids'] == [[8, 8], [4, 4], [2, 2]]
+    assert index['teachers']['dinov2']['grids'] == [[4, 4]]
+    with in_dir(cache['root']):  # image paths are relative to it
+        ds = TeacherCacheDataset(cache['dir'])
+    assert len(ds) == NUM_IMAGES * VIEWS
+    seen = [(ds.sample_info(i)['image_index'], ds.sample_info(i)['view'])
+            for i in range(len(ds))]
+    assert seen == [(i, v) for i in range(NUM_IMAGES) for v in range(VIEWS)]
+    # no pickle: a safetensors shard is a json header + raw tensor bytes
+    with open(osp.join(cache['dir'], 'shard-00000.safetensors'), 'rb') as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
+    assert header['__metadata__']['cache_id'] == index['cache_id']
+    assert header['target.clip.summary']['dtype'] == 'F16'
+    assert header['view.box']['shape'] == [SHARD_SIZE * VIEWS, 4]
+    assert all(s['num_samples'] == s['num_images'] * VIEWS
+               for s in index['shards'])
+
+
+def test_cached_targets_equal_online_targets(cache, online):
+    """(1) For the same view, the CachedTeacher gives the online teacher's
+    outputs up to fp16 rounding, through the real data path."""
+    from kiv.models.teachers import CachedTeacher
+    with in_dir(cache['root']):
+        ds = TeacherCacheDataset(cache['dir'])
+        batch = pseudo_collate([ds[i] for i in range(len(ds))])
+    data = online.data_preprocessor(batch, False)
+    images, samples = data['inputs'], data['data_samples']
+    flips = [s.metainfo['view_params']['flip'] for s in samples]
+    assert any(flips) and not all(flips)
+    for name, teacher in online.teachers.items():
+        cached = CachedTeacher(cache['dir'], name)
+        assert cached.summary_dim == teacher.summary_dim
+        assert cached.feature_dims == teacher.feature_dims
+        assert cached.feature_strides == teacher.feature_strides
+        assert cached.head_layer is None
+        got = cached(images, data_samples=samples)
+        ref = teacher(images)
+        pairs = list(zip(got.features, ref.features))
+        if ref.summary is None:
+            assert got.summary is None
+        else:
+            pairs.append((got.summary, ref.summary))
+        for g, r in pairs:
+            assert g.dtype == torch.float32 and g.shape == r.shape
+            # fp16 rounding: 11 significant bits (relative 2^-11), and
+            # subnormals below 2^-14 are spaced 2^-24 apart; 2x for the
+            # batch-size dependence of the fp32 forward, whose absolute
+            # noise follows the tensor's scale (matters near zero)
+            atol = max(2**-24, 2**-20 * float(r.abs().max()))
+            torch.testing.assert_close(g, r, rtol=2**-10, atol=atol)
+
+
+def test_replayed_view_is_the_config_pipeline_image(cache):
+    """A cached view without flip is pixel-identical to the tiny config's
+    own pipeline (LoadImage + mmcv.Resize) output for that image."""
+    from mmengine.dataset import Compose
+    with in_dir(cache['root']):
+        ds = TeacherCacheDataset(cache['dir'])
+        pipeline = Compose(tiny_cfg().train_pipeline[:2])  # load + Resize
+        for i in range(len(ds)):
+            item = ds[i]
+            info = ds.sample_info(i)
+            if info['view_params']['flip']:
+                continue
+            ref = pipeline(dict(img_path=info['img_path']))['img']
+            np.testing.assert_array_equal(
+                item['inputs'].permute(1, 2, 0).numpy(), ref)
+            return
+    pytest.fail('no unflipped view in the cache')
+
+
+def test_statistics_equal_direct_statistics(cache, online):
+    """(5) The stats file equals the statistics of all stored targets."""
+    index = cache['index']
+    sums = load_statistics(osp.join(cache['dir'], 'statistics.safetensors'),
+                           index['cache_id'])
+    # every stored target at once, in float64: the reference
+    targets = {k: v.double() for k, v in _all_targets(cache).items()}
+    from kiv.structures import FeatureOutput
+    outputs = {}
+    for name, entry in index['teachers'].items():
+        summary = targets.get(f'{name}.summary')
+        feats = tuple(targets[f'{name}.features.{i}']
+                      for i in range(len(entry['feature_dims'])))
+        outputs[name] = FeatureOutput(summary, feats)
+    direct = online.latent.statistic_sums(outputs)
+    assert set(direct) == set(sums) == set(online.latent.statistic_keys())
+    for key, value in direct.items():
+        # the cache sums float32 Gram matrices of its batches in float64
+        torch.testing.assert_close(sums[key], value, rtol=1e-6,
+                                   atol=1e-6 * float(value.abs().max()))
+    n = NUM_IMAGES * VIEWS
+    assert sums['dinov2.summary'][0] == n
+    assert sums['detector.features.0'][0] == n * 8 * 8
+    # ... and they load into the model exactly
+    online.load_statistics(sums)
+    std = online.latent.summary_standardizers['clip']
+    x = targets['clip.summary'].double()
+    torch.testing.assert_close(std.mean, x.mean(0))
+
+
+def test_estimate_equals_bytes_written(cache):
+    """(4) The up-front estimate is the bytes written, up to the json
+    headers of the safetensors files."""
+    est = cache['writer'].estimate()
+    index = cache['index']
+    written = sum(s['bytes'] for s in index['shards'])
+    headers = written - est['total']
+    assert 0 <= headers <= index['num_shards'] * 8192, (written, est)
+    stats_file = osp.getsize(osp.join(cache['dir'],
+                                      'statistics.safetensors'))
+    assert 0 <= stats_file - est['statistics'] <= 8192
+    assert est['per_view'] == index['bytes_per_view']
+    report = cache['writer'].report()
+    assert 'per view' in report and 'total' in report
+    assert f'{NUM_IMAGES} images x {VIEWS} views, fp16' in report
+
+
+def test_cache_of_other_teachers_is_refused(cache):
+    cfg = tiny_cfg()
+    cfg.model.teachers.clip.input_size = 48
+    with pytest.raises(TeacherCacheError,
+                       match="teacher 'clip' config differs"):
+        use_teacher_cache(cfg, cache['dir'])
+    cfg = tiny_cfg()
+    cfg.model.latent.standardize = 'channel'
+    with pytest.raises(TeacherCacheError, match="standardize='channel'"):
+        use_teacher_cache(cfg, cache['dir'])
+    cfg = tiny_cfg()
+    cfg.train_pipeline[1]['scale'] = (64, 64)
+    cfg.train_dataloader.dataset.pipeline[1]['scale'] = (64, 64)
+    with pytest.raises(TeacherCacheError, match='gives views'):
+        use_teacher_cache(cfg, cache['dir'])
+    cfg = tiny_cfg()
+    cfg.model.teachers['sam'] = cfg.model.teachers.clip
+    with pytest.raises(TeacherCacheError,
+                       match="teacher 'sam' is not cached"):
+        use_teacher_cache(cfg, cache['dir'])
+
+
+def test_writer_refuses_to_extend_a_cache_of_another_setup(cache):
+    from kiv.datasets.teacher_cache import TeacherCacheWriter
+    with in_dir(cache['root']):
+        writer = TeacherCacheWriter(tiny_cfg(), cache['dir'], views=3,
+                                    shard_size=SHARD_SIZE,
+                                    log=lambda msg: None)
+        with pytest.raises(TeacherCacheError,
+                           match='views per image: cache 2, now 3'):
+            writer.run()
+    assert read_index(cache['dir'])['complete']  # untouched
+
+
+def test_incomplete_or_missing_cache_messages(cache, tmp_path):
+    with pytest.raises(TeacherCacheError, match='does not exist'):
+        read_index(str(tmp_path))
+    index = dict(cache['index'], complete=False)
+    (tmp_path / 'index.json').write_text(json.dumps(index))
+    with pytest.raises(TeacherCacheError, match='is incomplete'):
+        TeacherCacheDataset(str(tmp_path))
+
+
+def test_cached_teacher_errors(cache):
+    from mmengine.structures import BaseDataElement
+
+    from kiv.models.teachers import CachedTeacher
+    with pytest.raises(TeacherCacheError, match="'sam' is not in the cache"):
+        CachedTeacher(cache['dir'], 'sam')
+    teacher = CachedTeacher(cache['dir'], 'clip')
+    images = torch.zeros(1, 3, 56, 56)
+    with pytest.raises(TeacherCacheError, match='cannot run on images'):
+        teacher(images)
+    other = BaseDataElement(metainfo=dict(teacher_cache='0' * 16))
+    with pytest.raises(TeacherCacheError, match='comes from cache'):
+        teacher(images, data_samples=[other])
+    mine = BaseDataElement(metainfo=dict(teacher_cache=teacher.cache_id))
+    with pytest.raises(TeacherCacheError, match="no cached target"):
+        teacher(images, data_samples=[mine])
+    assert sum(p.numel() for p in teacher.parameters()) == 0
+
+
+def test_deleted_shard_is_rewritten_and_statistics_recomputed(cache,
+                                                              tmp_path):
+    """A shard deleted from a complete cache is redone by the same command;
+    the other shards' statistics (their side files are gone once a cache is
+    complete) are recomputed from their stored targets."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from kiv.datasets.teacher_cache import TeacherCacheWriter
+    out = str(tmp_path / 'copy')
+    shutil.copytree(cache['dir'], out)
+    assert not [f for f in os.listdir(out) if '.stats.' in f]
+    original = load_file(osp.join(out, 'shard-00001.safetensors'))
+    os.remove(osp.join(out, 'shard-00001.safetensors'))
+    log = []
+    with in_dir(cache['root']):
+        writer = TeacherCacheWriter(tiny_cfg(), out, views=VIEWS,
+                                    shard_size=SHARD_SIZE, log=log.append)
+        index = writer.run()
+        assert index['complete'] and index['cache_id'] == \
+            cache['index']['cache_id']
+        assert any('recomputing the statistics of shard-00000' in m
+                   for m in log)
+        redone = load_file(osp.join(out, 'shard-00001.safetensors'))
+        assert all(torch.equal(original[k], redone[k]) for k in original)
+        stats = [load_statistics(osp.join(d, 'statistics.safetensors'))
+                 for d in (cache['dir'], out)]
+        for key, value in stats[0].items():
+            torch.testing.assert_close(
+                stats[1][key], value, rtol=1e-6,
+                atol=1e-6 * float(value.abs().max()))
+        assert not [f for f in os.listdir(out) if '.stats.' in f]
+        log.clear()
+        writer.run()  # nothing to do
+    assert any('complete already' in m for m in log)
+
+
+def test_tiny_cached_config_is_the_one_switch(cache):
+    """The shipped cached config differs from the base by ``teacher_cache``
+    only; use_teacher_cache turns it into a cache-reading run."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(TINY_DISTILL_CFG.replace('.py', '_cached.py'))
+    assert cfg.teacher_cache.startswith('work_dirs/teacher_cache/')
+    use_teacher_cache(cfg, cache['dir'])
+    assert {t['type'] for t in cfg.model.teachers.values()} == \
+        {'kiv.CachedTeacher'}
+    assert cfg.train_dataloader.dataset.type == 'kiv.TeacherCacheDataset'
+    assert cfg.train_dataloader.batch_size == 4  # the loader settings stay
+    assert cfg.val_dataloader is None and cfg.val_cfg is None
+    assert [h['type'] for h in cfg.custom_hooks].count(
+        'kiv.TeacherCacheStatisticsHook') == 1
+    use_teacher_cache(cfg, cache['dir'])  # idempotent
+    assert [h['type'] for h in cfg.custom_hooks].count(
+        'kiv.TeacherCacheStatisticsHook') == 1
+
+
+def test_missing_images_are_skipped_with_their_own_targets(cache,
+                                                           private_root):
+    """An image deleted after caching: its views are replaced by the next
+    sample, whose targets come with it; a moved image folder is named."""
+    root = osp.join(private_root, 'data', 'coco', 'train2017')
+    ds = TeacherCacheDataset(cache['dir'], img_root=root)
+    os.remove(ds.sample_info(2)['img_path'])  # image 1 (views 2 and 3)
+    item = ds[2]
+    meta = item['data_samples'].metainfo
+    assert (meta['cache_image'], meta['cache_view']) == (2, 0)
+    assert len(meta['skipped_files']) == 2
+    targets = item['data_samples'].cached_targets
+    assert all(torch.equal(targets[k], v) for k, v in ds.targets(4).items())
+    with pytest.raises(TeacherCacheError, match='first cached image'):
+        TeacherCacheDataset(cache['dir'], img_root=str(private_root))
+
+
+def test_unreadable_image_is_skipped_while_caching(private_root, tmp_path):
+    """A broken file is left out (its shard may end up empty), listed in
+    the index, and the cache stays consistent; bf16 storage."""
+    from kiv.datasets.teacher_cache import TeacherCacheWriter
+    out = str(tmp_path / 'bf16')
+    with in_dir(private_root):
+        writer = TeacherCacheWriter(tiny_cfg(), out, views=1, dtype='bf16',
+                                    shard_size=1, log=lambda msg: None)
+        writer.prepare()
+        broken = osp.join(writer._root, writer._paths[4])
+        with open(broken, 'wb') as f:
+            f.write(b'not an image')
+        index = writer.run()
+        assert index['shards'][4]['skipped'] == [4]
+        assert index['shards'][4]['num_samples'] == 0
+        assert index['num_samples'] == NUM_IMAGES - 1
+        ds = TeacherCacheDataset(out)
+        assert len(ds) == NUM_IMAGES - 1
+        assert [ds.sample_info(i)['image_index'] for i in range(len(ds))] \
+            == [0, 1, 2, 3, 5, 6, 7]
+        item = ds[4]
+        assert item['data_samples'].metainfo['cache_image'] == 5
+        assert item['data_samples'].cached_targets['clip.summary'].dtype \
+            == torch.bfloat16
+    sums = load_statistics(osp.join(out, 'statistics.safetensors'))
+    assert float(sums['clip.summary'][0]) == NUM_IMAGES - 1

@@ -1,0 +1,114 @@
+"""Distillation from the cache with a real mmengine Runner: the losses match
+an online run on the same views, and no teacher is built or read."""
+import os
+import os.path as osp
+
+import pytest
+import torch
+from cache_helpers import in_dir, tiny_cfg
+from mmengine.hooks import Hook
+from mmengine.runner import Runner
+
+from kiv.datasets.teacher_cache import use_teacher_cache
+from kiv.registry import MODELS
+
+#: the fixtures tiny_root, cache, private_root (see cache_fixtures.py)
+pytest_plugins = ['cache_fixtures']
+
+ITERS = 2
+
+
+class LossRecorder(Hook):
+    """Keeps every training iteration's logged losses."""
+
+    def __init__(self) -> None:
+        self.losses: list[dict[str, float]] = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None) -> None:
+        self.losses.append({k: float(v.detach()) for k, v in
+                            outputs.items() if k.startswith('loss')})
+
+
+def _short(cfg, work_dir: str, name: str, load_from: str | None = None):
+    """A few iterations, no validation, no checkpoints."""
+    cfg.work_dir = work_dir
+    cfg.experiment_name = name
+    cfg.train_cfg.max_iters = ITERS
+    cfg.train_cfg.val_interval = 1000
+    cfg.default_hooks.checkpoint.interval = 1000
+    cfg.default_hooks.logger.interval = 1
+    for key in ('val_dataloader', 'val_cfg', 'val_evaluator',
+                'test_dataloader', 'test_cfg', 'test_evaluator'):
+        cfg[key] = None
+    cfg.load_from = load_from
+    return cfg
+
+
+def _train(cfg) -> tuple[LossRecorder, Runner]:
+    runner = Runner.from_cfg(cfg)
+    recorder = LossRecorder()
+    runner.register_hook(recorder)
+    runner.train()
+    return recorder, runner
+
+
+def test_cached_run_matches_online_run_without_teachers(
+        cache, private_root, monkeypatch, tmp_path):
+    """(2) Same views, same initial weights, same fixed statistics: the
+    cached run's losses equal the online run's up to the fp16 targets.
+    (6) The cached run builds no teacher and reads no teacher file: the
+    teacher-only weight files are deleted and kiv.Teacher is made
+    unbuildable; the model holds no teacher weights."""
+    with in_dir(cache['root']):
+        init = str(tmp_path / 'init.pth')
+        model = MODELS.build(tiny_cfg().model)
+        torch.save({'state_dict': model.state_dict()}, init)
+        del model
+        online = _short(tiny_cfg(), str(tmp_path / 'online'), 'online', init)
+        online.train_dataloader.dataset = dict(
+            type='kiv.TeacherCacheDataset', cache_dir=cache['dir'],
+            load_targets=False)  # exactly the cached views, real teachers
+        online.custom_hooks = list(online.get('custom_hooks', [])) + [
+            dict(type='kiv.TeacherCacheStatisticsHook',
+                 cache_dir=cache['dir'])
+        ]
+        ref, _ = _train(online)
+
+    from kiv.models.teachers import teacher as teacher_module
+    teachers = osp.join(private_root, 'data', 'tiny_teachers')
+    for name in ('clip_tiny.pth', 'retinanet_tiny.pth', 'retinanet_tiny.py'):
+        os.remove(osp.join(teachers, name))
+    # dinov2_tiny.pth stays: it is also the student's frozen base
+
+    def no_teacher(self, *args, **kwargs):
+        raise AssertionError('a kiv.Teacher was built in a cached run')
+
+    monkeypatch.setattr(teacher_module.Teacher, '__init__', no_teacher)
+    with in_dir(private_root):
+        cached = tiny_cfg()
+        cached.teacher_cache = cache['dir']  # the one switch
+        use_teacher_cache(cached)
+        got, runner = _train(_short(cached, str(tmp_path / 'cached'),
+                                    'cached', init))
+
+    assert len(ref.losses) == len(got.losses) == ITERS
+    assert set(ref.losses[0]) == set(got.losses[0])
+    assert {'loss_dinov2_summary', 'loss_clip_features',
+            'loss_detector_features'} <= set(got.losses[0])
+    # the only difference is the fp16 storage of the targets; the tiny
+    # CLIP's CLS token hardly varies between images, so its rounding error
+    # is a few % of its spread (index['rounding_error']): loss within 1 %
+    assert cache['index']['rounding_error']['clip.summary'] > 0.01
+    for it, (a, b) in enumerate(zip(ref.losses, got.losses)):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-2, abs=1e-4), \
+                (it, key, a[key], b[key])
+    model = runner.model
+    assert all(type(t).__name__ == 'CachedTeacher'
+               for t in model.teachers.values())
+    assert sum(p.numel() for t in model.teachers.values()
+               for p in t.parameters()) == 0
+    assert sum(b.numel() for t in model.teachers.values()
+               for b in t.buffers()) == 0
+    assert model.latent.statistics_ready

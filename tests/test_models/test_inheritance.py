@@ -1,0 +1,375 @@
+"""Inheritance that works (issue 8): losses that learn scale, statistics that
+do not move, knowledge preserved from step 0, inherited heads that agree."""
+import copy
+import os
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.runner import Runner
+
+import kiv  # noqa: F401
+from kiv.evaluation import TeacherAgreementMetric
+from kiv.models.distillers.knowledge_inheritance import DEFAULT_LOSSES
+from kiv.models.necks.standardizers import EMAStandardizer, PHISStandardizer
+from kiv.registry import MODELS
+from conftest import REPO
+
+TINY_CFG = osp.join(REPO, 'configs', 'distill',
+                    'kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images.py')
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """Tiny COCO images and tiny teacher checkpoints; cwd for the configs."""
+    from kiv.testing import make_tiny_coco
+    from kiv.testing.tiny_teachers import create_tiny_teachers
+    root = str(tmp_path_factory.mktemp('kiv_inherit'))
+    make_tiny_coco(osp.join(root, 'data', 'coco'), num_train=8, num_val=4)
+    create_tiny_teachers(osp.join(root, 'data', 'tiny_teachers'))
+    old = os.getcwd()
+    os.chdir(root)
+    yield root
+    os.chdir(old)
+
+
+def _model(**overrides):
+    cfg = Config.fromfile(TINY_CFG)
+    cfg.model.update(overrides)
+    return MODELS.build(cfg.model)
+
+
+def _images(n=4, seed=0, size=56):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 255
+
+
+def _standardizers(model):
+    return [m for m in model.latent.modules()
+            if isinstance(m, EMAStandardizer)]
+
+
+# ------------------------------------------------------------------ losses
+def test_default_losses_are_mse_on_standardised_targets(workdir):
+    """Cosine-only losses leave the norm free (the 0 % agreement bug): the
+    defaults must be MSE, which penalises a prediction of the right
+    direction but the wrong scale."""
+    for key in ('summary', 'features'):
+        assert DEFAULT_LOSSES[key]['cosine_weight'] == 0
+        assert DEFAULT_LOSSES[key]['mse_weight'] > 0
+    model = _model()
+    target = torch.randn(8, 64)
+    for name in model.teachers:
+        for losses in (model.summary_losses, model.feature_losses):
+            loss = losses[name]
+            assert float(loss(0.4 * target, target)) > 0.3, name
+            assert float(loss(target, target)) == 0
+    assert 'loss_detector_summary' not in model.loss(_images())
+
+
+def test_logit_distillation_through_the_kept_head(workdir):
+    """Optional KL between the teacher head on its own summary and on the
+    de-standardised prediction; gradients reach the student."""
+    from kiv.models.losses import LogitDistillationLoss
+    kd = LogitDistillationLoss(temperature=2.0)
+    logits = torch.randn(4, 7)
+    assert float(kd(logits, logits)) == pytest.approx(0, abs=1e-6)
+    assert float(kd(logits.flip(0), logits)) > 0
+    model = _head_distiller(
+        workdir, losses=dict(logits=dict(type='kiv.LogitDistillationLoss',
+                                         temperature=2.0)))
+    model.train()
+    images = _images()
+    model.load_statistics(model.statistic_sums(images))
+    losses = model.loss(images)
+    assert 'loss_cls_logits' in losses
+    assert 'loss_dinov2_logits' not in losses  # no kept head
+    losses['loss_cls_logits'].backward()
+    grads = [p.grad for p in model.latent.summary_heads['cls'].parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# -------------------------------------------------------------- statistics
+def test_warmup_statistics_are_exact_and_fixed(workdir):
+    """Summed batch sums give exactly the statistics of all samples; once
+    loaded they never move, whatever training does."""
+    model = _model()
+    batches = [_images(4, seed) for seed in range(3)]
+    sums = None
+    for images in batches:
+        s = model.statistic_sums(images)
+        sums = s if sums is None else {k: sums[k] + s[k] for k in s}
+    model.load_statistics(sums)
+    assert model.latent.statistics_ready
+    outs = [model.teachers['clip'](b) for b in batches]
+    summary = torch.cat([o.summary for o in outs]).double()
+    std = model.latent.summary_standardizers['clip']
+    torch.testing.assert_close(std.mean, summary.mean(0))
+    torch.testing.assert_close(
+        std.covariance, torch.cov(summary.T, correction=0), atol=1e-6,
+        rtol=1e-5)
+    dense = torch.cat([o.features[0] for o in outs]).double()
+    dense = dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1])
+    torch.testing.assert_close(
+        model.latent.feature_standardizers['clip'][0].mean, dense.mean(0))
+    before = {k: v.clone() for k, v in model.latent.state_dict().items()
+              if 'standardizer' in k}
+    model.train()
+    model.loss(_images(4, 9))
+    after = model.latent.state_dict()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+
+
+def test_runner_fixes_statistics_once_and_no_eigh_per_step(workdir,
+                                                           monkeypatch):
+    """The warm-up hook fixes the statistics before the first step; PHI-S
+    computes one eigendecomposition per standardiser for the whole run."""
+    calls = []
+    eigh = torch.linalg.eigh
+
+    def counting_eigh(*args, **kwargs):
+        calls.append(1)
+        return eigh(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, 'eigh', counting_eigh)
+    cfg = Config.fromfile(TINY_CFG)
+    cfg.work_dir = osp.join(workdir, 'wd_fixed')
+    cfg.train_cfg.max_iters = 4
+    cfg.train_cfg.val_interval = 100
+    cfg.default_hooks.checkpoint.interval = 100
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    stds = _standardizers(runner.model)
+    assert stds and all(s.frozen and int(s.num_updates) == 1 for s in stds)
+    assert all(bool(s.fixed) for s in stds)
+    phis = [s for s in stds if isinstance(s, PHISStandardizer)]
+    assert len(calls) == len(phis)
+
+
+# -------------------------------------------------- knowledge preservation
+def test_knowledge_preserved_at_step_zero(workdir):
+    """At iteration 0 the student *is* the base teacher: same summary, the
+    base teacher's loss is 0 (its heads start as its standardiser and its
+    dense target is read at its own grid) and it sends no gradient into the
+    adapter."""
+    model = _model(grad_share_interval=1)
+    model.init_weights()
+    model.train()
+    images = _images()
+    model.load_statistics(model.statistic_sums(images))
+    student = model.extract_student(images)
+    teacher = model.teachers['dinov2'](images)
+    torch.testing.assert_close(student.summary, teacher.summary, rtol=0,
+                               atol=0)
+    losses = model.loss(images)
+    assert float(losses['loss_dinov2_summary']) < 1e-9
+    assert float(losses['loss_dinov2_features']) < 1e-9
+    assert float(losses['loss_clip_summary']) > 0.1
+    assert float(losses['grad_share/dinov2']) < 1e-3
+
+
+def test_preservation_survives_init_weights_after_loading(workdir):
+    """Statistics loaded before the Runner's init_weights (e.g. from a
+    cache) still give exact base heads."""
+    model = _model()
+    images = _images()
+    model.load_statistics(model.statistic_sums(images))
+    model.init_weights()
+    model.train()
+    losses = model.loss(images)
+    assert float(losses['loss_dinov2_summary']) < 1e-9
+
+
+# --------------------------------------------------------- inherited heads
+def _head_teacher_file(workdir, seed=0):
+    """The tiny colour classifier with its head fitted, saved to a file."""
+    from kiv.testing.tiny_classifier import (TinyConvClassifier,
+                                             fit_head, make_colour_images)
+    path = osp.join(workdir, f'colour_cls_{seed}.pth')
+    train_dir = osp.join(workdir, 'colour', 'train')
+    if not osp.exists(path):
+        import cv2
+        files, labels = make_colour_images(train_dir, 96, seed=seed)
+        imgs = np.stack([cv2.imread(f)[..., ::-1] for f in files])
+        x = torch.from_numpy(imgs.copy()).permute(0, 3, 1, 2).float()
+        mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+        std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+        torch.manual_seed(seed)
+        net = TinyConvClassifier(num_classes=4)
+        acc = fit_head(net, (x - mean) / std, torch.from_numpy(labels))
+        assert acc > 0.9, acc
+        torch.save(net.state_dict(), path)
+    return path, train_dir
+
+
+def _head_teacher_cfg(checkpoint):
+    return dict(
+        type='kiv.Teacher',
+        source=dict(type='module',
+                    factory='kiv.testing.tiny_classifier:TinyConvClassifier',
+                    kwargs=dict(num_classes=4), checkpoint=checkpoint),
+        mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+        input_size=56,
+        features=dict(layers=['features']),
+        summary=dict(type='layer', name='pool'),
+        head=dict(layer='head', input='summary'))
+
+
+def _head_distiller(workdir, **overrides):
+    cfg = Config.fromfile(TINY_CFG)
+    path, _ = _head_teacher_file(workdir)
+    cfg.model.teachers = dict(dinov2=cfg.model.teachers.dinov2,
+                              cls=_head_teacher_cfg(path))
+    cfg.model.latent.teachers = dict()
+    cfg.model.update(overrides)
+    return MODELS.build(cfg.model)
+
+
+def test_inherited_head_exact_when_student_is_teacher(workdir):
+    """Student -> s2t head -> inverse standardisation -> the teacher's own
+    head, through the real path: when the student is the teacher (base
+    teacher with a kept head, preserved heads) agreement is 100 %."""
+    import timm
+    from kiv.testing.tiny_teachers import DINOV2_TINY
+    from kiv.engine.checkpoint import safe_torch_load
+    cfg = Config.fromfile(TINY_CFG)
+    torch.manual_seed(0)
+    net = timm.create_model(DINOV2_TINY['model_name'], pretrained=False,
+                            num_classes=5, **DINOV2_TINY['model_kwargs'])
+    state = safe_torch_load('data/tiny_teachers/dinov2_tiny.pth')
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    assert sorted(missing) == ['head.bias', 'head.weight'] and not unexpected
+    teacher = copy.deepcopy(cfg.model.teachers.dinov2)
+    teacher.source = net
+    teacher.head = dict(layer='head', input='summary')
+    model = MODELS.build(dict(
+        cfg.model, teachers=dict(dinov2=teacher),
+        latent=dict(type='kiv.SharedLatentSpace', hidden_dim=64)))
+    model.load_statistics(model.statistic_sums(_images(8, 1)))
+    model.eval()
+    metric = TeacherAgreementMetric()
+    metric.process(None, model.predict(_images(8, 2)))
+    result = metric.compute_metrics(metric.results)
+    assert result['dinov2/top1_agreement'] == 100.0
+    assert result['dinov2/summary_cos'] > 0.9999
+
+
+def test_agreement_cosines_are_in_standardised_space(workdir):
+    """A large teacher mean would inflate raw-space cosines; predict()
+    reports the cosine between projection and standardised target."""
+    model = _model()
+    model.load_statistics(model.statistic_sums(_images(8, 3)))
+    model.eval()
+    images = _images(4, 4)
+    out = model.predict(images)
+    raw = model.teachers['clip'](images)
+    pred = model.latent.project(model.extract_student(images), 'clip',
+                                [f.shape[-2:] for f in raw.features])
+    target = model.latent.standardize_targets(raw, 'clip')
+    cos = torch.nn.functional.cosine_similarity(pred.summary,
+                                                target.summary)
+    got = torch.tensor([o['clip']['summary_cos'] for o in out])
+    torch.testing.assert_close(got, cos, atol=1e-5, rtol=1e-5)
+    assert all(o['detector']['summary_cos'] is None for o in out)
+
+
+def test_tiny_distillation_inherits_a_working_classifier(workdir):
+    """A short distillation (default losses: MSE on PHI-S targets) gives an
+    inherited head that agrees with the teacher's classifier far above the
+    majority-class rate on held-out images of the same distribution.
+
+    Measured on 2 CPU cores (200 iterations, batch 16, 56 px, 48 held-out
+    images, about 15 s on an idle machine): agreement 95.8 % against a
+    majority rate of 31.2 %. Half the steps or batch 8 reach about 56 %;
+    with the old cosine-only summary loss the inherited head collapses
+    towards the class of the training mean."""
+    from kiv.testing.tiny_classifier import make_colour_images
+    path, train_dir = _head_teacher_file(workdir)
+    val_dir = osp.join(workdir, 'colour', 'val')
+    make_colour_images(val_dir, 48, seed=123)
+    cfg = Config.fromfile(TINY_CFG)
+    cfg.work_dir = osp.join(workdir, 'wd_colour')
+    # the classifier teacher alone: the knowledge base's preserved summary
+    # head competes for the one shared summary (about 56 % agreement with it
+    # at this budget; see the closing note of issue 8)
+    cfg.model.teachers = dict(cls=_head_teacher_cfg(path))
+    cfg.model.base_teacher = None
+    cfg.model.latent.teachers = dict()
+    cfg.model.grad_share_interval = 0
+    for split, folder in (('train', train_dir), ('val', val_dir)):
+        loader = cfg[f'{split}_dataloader']
+        loader.dataset = dict(type='kiv.UnlabeledImageDataset',
+                              data_root=folder,
+                              pipeline=loader.dataset.pipeline)
+    cfg.train_dataloader.batch_size = 16
+    cfg.val_dataloader.batch_size = 16
+    cfg.test_dataloader = cfg.val_dataloader
+    cfg.train_cfg.max_iters = 200
+    cfg.train_cfg.val_interval = 1000
+    cfg.default_hooks.checkpoint.interval = 1000
+    cfg.default_hooks.logger.interval = 50
+    cfg.param_scheduler = [dict(type='CosineAnnealingLR', by_epoch=False,
+                                begin=0, end=200, eta_min=1e-5)]
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    metrics = runner.val_loop.run()
+    agreement = metrics['agreement/cls/top1_agreement']
+    # majority rate of the teacher's own predictions on the held-out set
+    model = runner.model.eval()
+    classes = []
+    for batch in runner.val_dataloader:
+        data = model.data_preprocessor(batch, False)
+        summary = model.teachers['cls'](data['inputs']).summary
+        classes += model.teachers['cls'].forward_head(summary).argmax(
+            1).tolist()
+    majority = 100.0 * np.bincount(classes).max() / len(classes)
+    print(f'inherited-head top-1 agreement {agreement:.1f} % '
+          f'(top-5 {metrics["agreement/cls/top5_agreement"]:.1f} %), '
+          f'majority-class rate {majority:.1f} %')
+    assert agreement >= majority + 40, (agreement, majority)
+
+
+def test_teacher_without_summary_end_to_end(workdir):
+    """summary=dict(type='none'): no summary head, loss, standardiser or
+    cosine; dense features still distilled and reported."""
+    model = _model()
+    det = model.teachers['detector']
+    assert det.summary_dim is None and det(_images(1)).summary is None
+    assert 'detector' not in model.latent.summary_heads
+    assert 'detector.summary' not in model.latent.statistic_keys()
+    model.load_statistics(model.statistic_sums(_images()))
+    model.train()
+    losses = model.loss(_images())
+    assert 'loss_detector_features' in losses
+    assert 'loss_detector_summary' not in losses
+    model.eval()
+    metric = TeacherAgreementMetric()
+    metric.process(None, model.predict(_images()))
+    result = metric.compute_metrics(metric.results)
+    assert 'detector/summary_cos' not in result
+    assert 'detector/level0_cos' in result
+
+
+def test_task_heads_are_initialised(workdir):
+    """task_heads is mmengine's ModuleDict: init_weights reaches an mmdet
+    head and sets its classification bias prior."""
+    import math
+    model = _model(task_heads=dict(det=dict(
+        head=dict(type='mmdet.RetinaHead', num_classes=2, in_channels=64,
+                  stacked_convs=1, feat_channels=16,
+                  anchor_generator=dict(type='AnchorGenerator',
+                                        octave_base_scale=4,
+                                        scales_per_octave=1, ratios=[1.0],
+                                        strides=[4, 8, 16, 32]),
+                  bbox_coder=dict(type='DeltaXYWHBBoxCoder',
+                                  target_means=[.0, .0, .0, .0],
+                                  target_stds=[1.0, 1.0, 1.0, 1.0])),
+        inputs='pyramid', gt_field='gt_instances')))
+    bias = model.task_heads['det'].retina_cls.bias
+    prior = -math.log((1 - 0.01) / 0.01)
+    assert not torch.allclose(bias, torch.full_like(bias, prior))
+    model.init_weights()
+    torch.testing.assert_close(bias.detach(), torch.full_like(bias, prior))
