@@ -5,7 +5,8 @@ Importing it registers kiv's hooks and wrappers and changes nothing global;
 and atomic writes in mmengine (see :mod:`kiv.engine.safe_io`).
 """
 from . import hooks  # noqa: F401  registers kiv.BadImageReportHook ...
-from .checkpoint import SAFE_GLOBALS, UnsafeCheckpointError, safe_torch_load
+from kiv.utils.checkpoint import (SAFE_GLOBALS, UnsafeCheckpointError,
+                                  safe_torch_load)
 from .checkpoint_hook import SafeCheckpointHook
 from .model_wrappers import CPUDistributedDataParallel
 from .nonfinite import (NonFiniteLossError, NonFiniteLossHook,

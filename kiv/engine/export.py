@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from mmengine.config import Config
 
-from kiv.engine.checkpoint import safe_torch_load
+from kiv.utils.checkpoint import safe_torch_load
 
 STUDENT_PREFIX = 'student.'
 LATENT_PREFIX = 'latent.'

@@ -122,7 +122,7 @@ def add_safe_checkpoint_hook(cfg: Config) -> None:
     """Add :class:`~kiv.engine.checkpoint_hook.SafeCheckpointHook` to a run.
 
     Checkpoints of the run then load with ``weights_only=True`` (see
-    :mod:`kiv.engine.checkpoint`), so ``--resume`` works without unpickling
+    :mod:`kiv.utils.checkpoint`), so ``--resume`` works without unpickling
     arbitrary objects. No-op if the config already has it.
     """
     hooks = list(cfg.get('custom_hooks', None) or [])

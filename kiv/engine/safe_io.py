@@ -6,9 +6,9 @@ mmengine (and every toolbox on top of it) reads and writes files.
 
 - **weights-only loading** of every checkpoint mmengine opens from a plain
   path (``load_from``, ``--resume``, ``init_cfg=dict(type='Pretrained')``)
-  through :func:`kiv.engine.checkpoint.safe_torch_load`, and of every URL
+  through :func:`kiv.utils.checkpoint.safe_torch_load`, and of every URL
   checkpoint (``http(s)://``, ``torchvision://``, ``open-mmlab://`` ...)
-  through :func:`kiv.engine.checkpoint.load_url` (mmengine 0.10 otherwise
+  through :func:`kiv.utils.checkpoint.load_url` (mmengine 0.10 otherwise
   downloads them with ``weights_only=False``);
 - **atomic local writes** for everything mmengine saves through its file
   backend (checkpoints, ``last_checkpoint``, dumped results):
@@ -43,7 +43,7 @@ from mmengine.logging import print_log
 from mmengine.runner import checkpoint as mm_checkpoint
 
 from .atomic_files import AtomicLocalBackend
-from .checkpoint import load_from_local, load_url
+from kiv.utils.checkpoint import load_from_local, load_url
 
 __all__ = ['enable_safe_io', 'disable_safe_io', 'safe_io_enabled']
 

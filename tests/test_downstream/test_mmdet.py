@@ -19,7 +19,7 @@ from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 
 from conftest import REPO, run_tool
-from kiv.engine.checkpoint import safe_torch_load
+from kiv.utils.checkpoint import safe_torch_load
 from kiv.models.backbones import AdapterViT
 from kiv.models.necks import SimplePyramid
 

@@ -14,7 +14,7 @@ from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 
-from kiv.engine.checkpoint import safe_torch_load
+from kiv.utils.checkpoint import safe_torch_load
 from kiv.models.backbones import AdapterViT
 
 from conftest import REPO, run_tool

@@ -41,7 +41,7 @@ from mmengine.config import Config, ConfigDict
 from mmengine.hub import get_config
 
 from conftest import REPO
-from kiv.engine.checkpoint import safe_torch_load
+from kiv.utils.checkpoint import safe_torch_load
 from kiv.models.backbones import AdapterViT
 
 #: For each ``[name, config, work dir]`` of its JSON argument: runs

@@ -18,7 +18,7 @@ from mmengine.model import BaseModel
 from mmengine.runner import Runner
 
 import kiv  # noqa: F401
-from kiv.engine.checkpoint import safe_torch_load
+from kiv.utils.checkpoint import safe_torch_load
 from kiv.engine.launch import add_nonfinite_loss_hook
 from kiv.engine.nonfinite import (NonFiniteLossError, NonFiniteLossHook,
                                   NonFiniteWeightsError, _describe,

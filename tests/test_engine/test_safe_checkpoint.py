@@ -19,7 +19,7 @@ from mmengine.model import BaseModel
 from mmengine.runner import Runner
 
 import kiv  # noqa: F401
-from kiv.engine.checkpoint import UnsafeCheckpointError, safe_torch_load
+from kiv.utils.checkpoint import UnsafeCheckpointError, safe_torch_load
 from kiv.engine.checkpoint_hook import from_plain, to_plain
 
 
@@ -152,7 +152,7 @@ def test_env_override_does_not_disable_weights_only(tmp_path):
     marker = tmp_path / 'pwned'
     path = str(tmp_path / 'evil.pth')
     torch.save({'meta': _Evil(str(marker))}, path)
-    code = ('import kiv\nfrom kiv.engine.checkpoint import safe_torch_load\n'
+    code = ('import kiv\nfrom kiv.utils.checkpoint import safe_torch_load\n'
             f'safe_torch_load({path!r})\n')
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
     proc = subprocess.run([sys.executable, '-c', code], env=env,

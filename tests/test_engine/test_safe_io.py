@@ -19,7 +19,7 @@ from mmengine.runner import checkpoint as mm_checkpoint
 import kiv
 from kiv.engine import safe_io
 from kiv.engine.atomic_files import AtomicLocalBackend
-from kiv.engine.checkpoint import (SAFE_GLOBALS, UnsafeCheckpointError,
+from kiv.utils.checkpoint import (SAFE_GLOBALS, UnsafeCheckpointError,
                                    load_from_local, load_url,
                                    safe_torch_load)
 
@@ -55,7 +55,7 @@ def snap():
 
 before = snap()
 import kiv
-from kiv.engine.checkpoint import SAFE_GLOBALS
+from kiv.utils.checkpoint import SAFE_GLOBALS
 after = snap()
 allowed = torch.serialization.get_safe_globals()
 print(json.dumps(dict(before=before, after=after,
@@ -225,7 +225,7 @@ def test_upstream_script_with_custom_imports(tmp_path):
     assert report['plain'] == dict(loader='mmengine.runner.checkpoint',
                                    backend='LocalBackend',
                                    refused='UnpicklingError')
-    assert report['opt_in'] == dict(loader='kiv.engine.checkpoint',
+    assert report['opt_in'] == dict(loader='kiv.utils.checkpoint',
                                     backend='AtomicLocalBackend',
                                     refused='UnsafeCheckpointError')
     assert not marker.exists()

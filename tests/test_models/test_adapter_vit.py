@@ -748,7 +748,7 @@ def test_init_cfg_prefix_loads_the_backbone_of_a_detector_checkpoint(
     kiv's safe I/O on (``kiv.enable_safe_io``, what kiv's tools run with),
     mmengine's prefix path reads it with kiv's weights-only loader, which
     refuses an unsafe file there too."""
-    from kiv.engine.checkpoint import UnsafeCheckpointError
+    from kiv.utils.checkpoint import UnsafeCheckpointError
     _, trained = _save_student(tmp_path, 15)
     state = {f'backbone.{k}': v for k, v in trained.state_dict().items()}
     state['neck.lateral_convs.0.conv.weight'] = torch.zeros(8, C, 1, 1)

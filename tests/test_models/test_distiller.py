@@ -10,7 +10,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 
 import kiv  # noqa: F401
-from kiv.engine.checkpoint import safe_torch_load
+from kiv.utils.checkpoint import safe_torch_load
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
 from conftest import REPO

@@ -234,7 +234,7 @@ def test_inherited_head_exact_when_student_is_teacher(workdir):
     teacher with a kept head, preserved heads) agreement is 100 %."""
     import timm
     from kiv.testing.tiny_teachers import DINOV2_TINY
-    from kiv.engine.checkpoint import safe_torch_load
+    from kiv.utils.checkpoint import safe_torch_load
     cfg = Config.fromfile(TINY_CFG)
     torch.manual_seed(0)
     net = timm.create_model(DINOV2_TINY['model_name'], pretrained=False,

@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from kiv.engine.checkpoint import safe_torch_load
+from kiv.utils.checkpoint import safe_torch_load
 from kiv.models.necks import (ChannelStandardizer, DenseS2THead,
                               IdentityStandardizer, PHISStandardizer,
                               S2THead, SharedLatentSpace, build_standardizer,

@@ -22,7 +22,7 @@ Implementations:
 - :class:`MMPretrainBaseViT`: ``mmpretrain.models.backbones.VisionTransformer``
   loaded from an mmpretrain backbone or classifier checkpoint.
 
-Weights are read with :func:`kiv.engine.checkpoint.safe_torch_load`
+Weights are read with :func:`kiv.utils.checkpoint.safe_torch_load`
 (``weights_only=True``) and loaded strictly at construction, so a wrapper is
 complete as soon as it exists. Wrappers are plain ``nn.Module`` s without
 ``init_weights``: mmengine's recursive ``init_weights`` never reaches (and so
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import Tensor
 
-from kiv.engine.checkpoint import safe_torch_load
+from kiv.utils.checkpoint import safe_torch_load
 from kiv.models.teachers.timm_source import load_timm_checkpoint
 from kiv.registry import MODELS
 

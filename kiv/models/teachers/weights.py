@@ -2,7 +2,7 @@
 
 Every teacher source loads its file through :func:`load_teacher_checkpoint`:
 
-1. read the file with :func:`kiv.engine.checkpoint.safe_torch_load`
+1. read the file with :func:`kiv.utils.checkpoint.safe_torch_load`
    (``weights_only=True``) or, for ``.safetensors`` files, with
    :func:`safetensors.torch.load_file` (a format that cannot hold code);
 2. take the state dict out of the checkpoint (``state_dict_key``, or the
@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from mmengine.logging import print_log
 from torch import Tensor, nn
 
-from kiv.engine.checkpoint import safe_torch_load
+from kiv.utils.checkpoint import safe_torch_load
 
 StateDict = dict[str, Tensor]
 
