@@ -177,7 +177,7 @@ def plot_pca(cfg, run: str, out: str, num_images: int) -> None:
     """
     import cv2
 
-    from kiv.engine.checkpoint import safe_torch_load
+    from kiv.utils.checkpoint import safe_torch_load
     from kiv.registry import MODELS
     plt = _pyplot()
     model = MODELS.build(cfg.model)
