@@ -105,3 +105,18 @@ def safe_io():
     yield
     if newly:
         kiv.disable_safe_io()
+
+
+@pytest.fixture(scope='module')
+def distill_workdir(tmp_path_factory):
+    """Tiny COCO images and tiny teacher checkpoints (the tiny distillation
+    config's data), and the cwd for that config while the module runs."""
+    from kiv.testing import make_tiny_coco
+    from kiv.testing.tiny_teachers import create_tiny_teachers
+    root = str(tmp_path_factory.mktemp('distill'))
+    make_tiny_coco(osp.join(root, 'data', 'coco'), num_train=8, num_val=4)
+    create_tiny_teachers(osp.join(root, 'data', 'tiny_teachers'))
+    old = os.getcwd()
+    os.chdir(root)
+    yield root
+    os.chdir(old)

@@ -1,6 +1,5 @@
 """Knowledge inheritance end to end on tiny teachers (CPU)."""
 import copy
-import os
 import os.path as osp
 
 import numpy as np
@@ -13,24 +12,7 @@ import kiv  # noqa: F401
 from kiv.utils.checkpoint import safe_torch_load
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
-from conftest import REPO
-
-TINY_CFG = osp.join(REPO, 'configs', 'distill',
-                    'kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images.py')
-
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-    """Tiny COCO images and tiny teacher checkpoints; cwd for the configs."""
-    from kiv.testing import make_tiny_coco
-    from kiv.testing.tiny_teachers import create_tiny_teachers
-    root = str(tmp_path_factory.mktemp('kiv'))
-    make_tiny_coco(osp.join(root, 'data', 'coco'), num_train=8, num_val=4)
-    create_tiny_teachers(osp.join(root, 'data', 'tiny_teachers'))
-    old = os.getcwd()
-    os.chdir(root)
-    yield root
-    os.chdir(old)
+from conftest import TINY_DISTILL_CFG as TINY_CFG
 
 
 def _cfg(work_dir: str, **model_overrides) -> Config:
@@ -46,9 +28,9 @@ def _history(runner: Runner, key: str) -> np.ndarray:
 
 
 @pytest.fixture(scope='module')
-def trained(workdir):
+def trained(distill_workdir):
     """The tiny recipe: 20 iterations, validation at the end."""
-    runner = Runner.from_cfg(_cfg(osp.join(workdir, 'wd')))
+    runner = Runner.from_cfg(_cfg(osp.join(distill_workdir, 'wd')))
     runner.train()
     return runner
 
@@ -83,9 +65,9 @@ def test_checkpoint_has_no_teachers_and_keeps_latent_statistics(trained):
     model.load_state_dict(ckpt['state_dict'], strict=True)
 
 
-def test_export_round_trip_gives_identical_features(trained, workdir):
+def test_export_round_trip_gives_identical_features(trained, distill_workdir):
     from kiv.engine.export import export_student
-    out = osp.join(workdir, 'student.pth')
+    out = osp.join(distill_workdir, 'student.pth')
     meta = export_student(osp.join(trained.work_dir, 'iter_20.pth'), out,
                           keep_heads=True)
     assert meta['base_teacher'] == 'dinov2'
@@ -107,10 +89,10 @@ def test_export_round_trip_gives_identical_features(trained, workdir):
         torch.testing.assert_close(fa, fb, rtol=0, atol=0)
 
 
-def _grad_shares(workdir, name, standardize, scale):
+def _grad_shares(distill_workdir, name, standardize, scale):
     """Train 6 iterations with the shipped default losses (MSE), one
     teacher's outputs x scale."""
-    cfg = _cfg(osp.join(workdir, name), grad_share_interval=1)
+    cfg = _cfg(osp.join(distill_workdir, name), grad_share_interval=1)
     cfg.model.latent.standardize = standardize
     cfg.train_cfg.max_iters = 6
     cfg.train_cfg.val_interval = 100
@@ -126,21 +108,21 @@ def _grad_shares(workdir, name, standardize, scale):
             for t in ('dinov2', 'clip', 'detector')}
 
 
-def test_imbalanced_transfer_and_its_fix(workdir):
+def test_imbalanced_transfer_and_its_fix(distill_workdir):
     """With the shipped default losses: without standardisation a teacher
     whose features are 100x larger takes almost all the adapter's gradient
     ("imbalanced transfer"); the shared latent space (PHI-S) restores
     balance between the purpose-specific teachers. The base teacher
     (dinov2) sends almost nothing at first by design: the student starts as
     it (knowledge preservation)."""
-    raw = _grad_shares(workdir, 'wd_none', 'none', 100.0)
+    raw = _grad_shares(distill_workdir, 'wd_none', 'none', 100.0)
     assert raw['clip'] > 0.95, raw
-    fixed = _grad_shares(workdir, 'wd_phis', 'phis', 100.0)
+    fixed = _grad_shares(distill_workdir, 'wd_phis', 'phis', 100.0)
     assert fixed['clip'] < 0.8, fixed
     assert fixed['detector'] > 0.2, fixed
 
 
-def test_multi_task_heads_train_on_labelled_samples(workdir):
+def test_multi_task_heads_train_on_labelled_samples(distill_workdir):
     """mmpretrain / mmseg / mmdet heads learn jointly with distillation,
     each only on the samples that carry its labels."""
     from mmdet.structures import DetDataSample

@@ -1,7 +1,6 @@
 """Inheritance that works (issue 8): losses that learn scale, statistics that
 do not move, knowledge preserved from step 0, inherited heads that agree."""
 import copy
-import os
 import os.path as osp
 
 import numpy as np
@@ -15,24 +14,7 @@ from kiv.evaluation import TeacherAgreementMetric
 from kiv.models.distillers.knowledge_inheritance import DEFAULT_LOSSES
 from kiv.models.necks.standardizers import EMAStandardizer, PHISStandardizer
 from kiv.registry import MODELS
-from conftest import REPO
-
-TINY_CFG = osp.join(REPO, 'configs', 'distill',
-                    'kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images.py')
-
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-    """Tiny COCO images and tiny teacher checkpoints; cwd for the configs."""
-    from kiv.testing import make_tiny_coco
-    from kiv.testing.tiny_teachers import create_tiny_teachers
-    root = str(tmp_path_factory.mktemp('kiv_inherit'))
-    make_tiny_coco(osp.join(root, 'data', 'coco'), num_train=8, num_val=4)
-    create_tiny_teachers(osp.join(root, 'data', 'tiny_teachers'))
-    old = os.getcwd()
-    os.chdir(root)
-    yield root
-    os.chdir(old)
+from conftest import TINY_DISTILL_CFG as TINY_CFG
 
 
 def _model(**overrides):
@@ -52,7 +34,7 @@ def _standardizers(model):
 
 
 # ------------------------------------------------------------------ losses
-def test_default_losses_are_mse_on_standardised_targets(workdir):
+def test_default_losses_are_mse_on_standardised_targets(distill_workdir):
     """Cosine-only losses leave the norm free (the 0 % agreement bug): the
     defaults must be MSE, which penalises a prediction of the right
     direction but the wrong scale."""
@@ -69,7 +51,7 @@ def test_default_losses_are_mse_on_standardised_targets(workdir):
     assert 'loss_detector_summary' not in model.loss(_images())
 
 
-def test_logit_distillation_through_the_kept_head(workdir):
+def test_logit_distillation_through_the_kept_head(distill_workdir):
     """Optional KL between the teacher head on its own summary and on the
     de-standardised prediction; gradients reach the student."""
     from kiv.models.losses import LogitDistillationLoss
@@ -77,9 +59,8 @@ def test_logit_distillation_through_the_kept_head(workdir):
     logits = torch.randn(4, 7)
     assert float(kd(logits, logits)) == pytest.approx(0, abs=1e-6)
     assert float(kd(logits.flip(0), logits)) > 0
-    model = _head_distiller(
-        workdir, losses=dict(logits=dict(type='kiv.LogitDistillationLoss',
-                                         temperature=2.0)))
+    kd_cfg = dict(type='kiv.LogitDistillationLoss', temperature=2.0)
+    model = _head_distiller(distill_workdir, losses=dict(logits=kd_cfg))
     model.train()
     images = _images()
     model.load_statistics(model.statistic_sums(images))
@@ -92,7 +73,7 @@ def test_logit_distillation_through_the_kept_head(workdir):
 
 
 # -------------------------------------------------------------- statistics
-def test_warmup_statistics_are_exact_and_fixed(workdir):
+def test_warmup_statistics_are_exact_and_fixed(distill_workdir):
     """Summed batch sums give exactly the statistics of all samples; once
     loaded they never move, whatever training does."""
     model = _model()
@@ -123,7 +104,7 @@ def test_warmup_statistics_are_exact_and_fixed(workdir):
         torch.testing.assert_close(after[key], value, rtol=0, atol=0)
 
 
-def test_runner_fixes_statistics_once_and_no_eigh_per_step(workdir,
+def test_runner_fixes_statistics_once_and_no_eigh_per_step(distill_workdir,
                                                            monkeypatch):
     """The warm-up hook fixes the statistics before the first step; PHI-S
     computes one eigendecomposition per standardiser for the whole run."""
@@ -136,7 +117,7 @@ def test_runner_fixes_statistics_once_and_no_eigh_per_step(workdir,
 
     monkeypatch.setattr(torch.linalg, 'eigh', counting_eigh)
     cfg = Config.fromfile(TINY_CFG)
-    cfg.work_dir = osp.join(workdir, 'wd_fixed')
+    cfg.work_dir = osp.join(distill_workdir, 'wd_fixed')
     cfg.train_cfg.max_iters = 4
     cfg.train_cfg.val_interval = 100
     cfg.default_hooks.checkpoint.interval = 100
@@ -150,7 +131,7 @@ def test_runner_fixes_statistics_once_and_no_eigh_per_step(workdir,
 
 
 # -------------------------------------------------- knowledge preservation
-def test_knowledge_preserved_at_step_zero(workdir):
+def test_knowledge_preserved_at_step_zero(distill_workdir):
     """At iteration 0 the student *is* the base teacher: same summary, the
     base teacher's loss is 0 (its heads start as its standardiser and its
     dense target is read at its own grid) and it sends no gradient into the
@@ -171,7 +152,7 @@ def test_knowledge_preserved_at_step_zero(workdir):
     assert float(losses['grad_share/dinov2']) < 1e-3
 
 
-def test_preservation_survives_init_weights_after_loading(workdir):
+def test_preservation_survives_init_weights_after_loading(distill_workdir):
     """Statistics loaded before the Runner's init_weights (e.g. from a
     cache) still give exact base heads."""
     model = _model()
@@ -184,12 +165,12 @@ def test_preservation_survives_init_weights_after_loading(workdir):
 
 
 # --------------------------------------------------------- inherited heads
-def _head_teacher_file(workdir, seed=0):
+def _head_teacher_file(distill_workdir, seed=0):
     """The tiny colour classifier with its head fitted, saved to a file."""
     from kiv.testing.tiny_classifier import (TinyConvClassifier,
                                              fit_head, make_colour_images)
-    path = osp.join(workdir, f'colour_cls_{seed}.pth')
-    train_dir = osp.join(workdir, 'colour', 'train')
+    path = osp.join(distill_workdir, f'colour_cls_{seed}.pth')
+    train_dir = osp.join(distill_workdir, 'colour', 'train')
     if not osp.exists(path):
         import cv2
         files, labels = make_colour_images(train_dir, 96, seed=seed)
@@ -218,9 +199,9 @@ def _head_teacher_cfg(checkpoint):
         head=dict(layer='head', input='summary'))
 
 
-def _head_distiller(workdir, **overrides):
+def _head_distiller(distill_workdir, **overrides):
     cfg = Config.fromfile(TINY_CFG)
-    path, _ = _head_teacher_file(workdir)
+    path, _ = _head_teacher_file(distill_workdir)
     cfg.model.teachers = dict(dinov2=cfg.model.teachers.dinov2,
                               cls=_head_teacher_cfg(path))
     cfg.model.latent.teachers = dict()
@@ -228,7 +209,7 @@ def _head_distiller(workdir, **overrides):
     return MODELS.build(cfg.model)
 
 
-def test_inherited_head_exact_when_student_is_teacher(workdir):
+def test_inherited_head_exact_when_student_is_teacher(distill_workdir):
     """Student -> s2t head -> inverse standardisation -> the teacher's own
     head, through the real path: when the student is the teacher (base
     teacher with a kept head, preserved heads) agreement is 100 %."""
@@ -257,7 +238,7 @@ def test_inherited_head_exact_when_student_is_teacher(workdir):
     assert result['dinov2/summary_cos'] > 0.9999
 
 
-def test_agreement_cosines_are_in_standardised_space(workdir):
+def test_agreement_cosines_are_in_standardised_space(distill_workdir):
     """A large teacher mean would inflate raw-space cosines; predict()
     reports the cosine between projection and standardised target."""
     model = _model()
@@ -276,7 +257,7 @@ def test_agreement_cosines_are_in_standardised_space(workdir):
     assert all(o['detector']['summary_cos'] is None for o in out)
 
 
-def test_tiny_distillation_inherits_a_working_classifier(workdir):
+def test_tiny_distillation_inherits_a_working_classifier(distill_workdir):
     """A short distillation (default losses: MSE on PHI-S targets) gives an
     inherited head that agrees with the teacher's classifier far above the
     majority-class rate on held-out images of the same distribution.
@@ -287,11 +268,11 @@ def test_tiny_distillation_inherits_a_working_classifier(workdir):
     with the old cosine-only summary loss the inherited head collapses
     towards the class of the training mean."""
     from kiv.testing.tiny_classifier import make_colour_images
-    path, train_dir = _head_teacher_file(workdir)
-    val_dir = osp.join(workdir, 'colour', 'val')
+    path, train_dir = _head_teacher_file(distill_workdir)
+    val_dir = osp.join(distill_workdir, 'colour', 'val')
     make_colour_images(val_dir, 48, seed=123)
     cfg = Config.fromfile(TINY_CFG)
-    cfg.work_dir = osp.join(workdir, 'wd_colour')
+    cfg.work_dir = osp.join(distill_workdir, 'wd_colour')
     # the classifier teacher alone: the knowledge base's preserved summary
     # head competes for the one shared summary (about 56 % agreement with it
     # at this budget; see the closing note of issue 8)
@@ -332,7 +313,7 @@ def test_tiny_distillation_inherits_a_working_classifier(workdir):
     assert agreement >= majority + 40, (agreement, majority)
 
 
-def test_teacher_without_summary_end_to_end(workdir):
+def test_teacher_without_summary_end_to_end(distill_workdir):
     """summary=dict(type='none'): no summary head, loss, standardiser or
     cosine; dense features still distilled and reported."""
     model = _model()
@@ -353,7 +334,7 @@ def test_teacher_without_summary_end_to_end(workdir):
     assert 'detector/level0_cos' in result
 
 
-def test_task_heads_are_initialised(workdir):
+def test_task_heads_are_initialised(distill_workdir):
     """task_heads is mmengine's ModuleDict: init_weights reaches an mmdet
     head and sets its classification bias prior."""
     import math
