@@ -25,6 +25,7 @@ from kiv.engine.launch import (  # noqa: E402
     DictAction,
     config_scope,
     die,
+    finish_distributed,
     load_config,
     require_file,
     setup_cpu_distributed,
@@ -123,6 +124,7 @@ def main() -> None:
         dataset = cfg.test_dataloader.dataset
         print(format_summary_table(scope, dataset.get('type', '?'), metrics,
                                    args.checkpoint))
+    finish_distributed()
 
 
 if __name__ == '__main__':

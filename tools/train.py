@@ -29,6 +29,7 @@ from kiv.engine.launch import (  # noqa: E402
     add_nonfinite_loss_hook,
     add_safe_checkpoint_hook,
     die,
+    finish_distributed,
     load_config,
     require_file,
     setup_cpu_distributed,
@@ -127,6 +128,7 @@ def main() -> None:
     except (NonFiniteLossError, NonFiniteWeightsError) as err:
         runner.logger.error(str(err))  # console and the run's log file
         raise SystemExit(3) from None
+    finish_distributed()
 
 
 if __name__ == '__main__':

@@ -16,7 +16,8 @@ from mmengine.config import Config, DictAction
 
 __all__ = [
     'DictAction', 'die', 'load_config', 'require_file', 'setup_work_dir',
-    'setup_cpu_distributed', 'config_scope', 'add_safe_checkpoint_hook',
+    'setup_cpu_distributed', 'finish_distributed', 'config_scope',
+    'add_safe_checkpoint_hook',
     'add_nonfinite_loss_hook', 'NONFINITE_LOSS_OPTIONS'
 ]
 
@@ -78,6 +79,20 @@ def setup_work_dir(cfg: Config, config_path: str,
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(config_path))[0])
+
+
+def finish_distributed() -> None:
+    """Leave the process group cleanly at the end of a tool.
+
+    Without it, a rank that finishes first exits while the process group's
+    communication threads are still alive (gloo: ``terminate called without
+    an active exception``, SIGABRT). A barrier first, so no rank tears down
+    while another still communicates. A no-op outside distributed runs.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def setup_cpu_distributed(cfg: Config, launcher: str) -> None:

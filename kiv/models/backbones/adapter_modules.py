@@ -18,9 +18,34 @@
 Queries and values are LayerNorm-ed before every interaction, so the large
 token magnitudes of deep DINOv2 layers do not leak into the attention.
 
-Attention is mmcv's :class:`~mmcv.ops.MultiScaleDeformableAttention`
-(``batch_first=True``): its CUDA kernel on GPU and its pure-PyTorch path
-(``multi_scale_deformable_attn_pytorch``) on CPU.
+Attention is :class:`MSDeformAttn`: mmcv's
+:class:`~mmcv.ops.MultiScaleDeformableAttention` (same parameters, same
+initialisation, same state dict) with
+
+- its CUDA kernel on GPU (mmcv built with CUDA ops), always fed float32: the
+  kernel dispatches float and half only, so under bf16 autocast it would
+  fail; like ViT-Adapter's ``custom_fwd(cast_inputs=torch.float32)``, the
+  sampling core runs in float32 with autocast off, the projections around
+  it in the autocast dtype;
+- everywhere else kiv's own sampling (:func:`deform_sampling_points_major`;
+  :func:`ms_deform_attn_sampling` in mmcv's layout): offsets, softmax and
+  locations are computed points-major, and one ``embedding_bag`` gathers
+  and weighs the four bilinear corners of every sampling point of every
+  level, head and query in a single pass (no per-level ``grid_sample``, no
+  ``(B * heads, C, queries, points)`` intermediate), with an analytic
+  backward. It matches mmcv's pure-PyTorch path
+  ``multi_scale_deformable_attn_pytorch`` to float rounding, gradients
+  included.
+
+The global token's attention pool folds its key projection into the
+learnable query (:func:`latent_attention_pool`), so the ~1.3k keys are
+never projected.
+
+Memory layout: the spatial prior runs channels-last and its 1x1
+projections are plain matrix products on the flattened pixels, so its maps
+are views of token-ordered ``(B, h * w, C)`` memory; :func:`tokens_to_maps`
+and :class:`ConvFFN` move between tokens and maps without copies where the
+memory allows it.
 """
 from __future__ import annotations
 
@@ -29,17 +54,24 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from mmcv.cnn import ConvModule, build_activation_layer
 from mmcv.cnn.bricks import DropPath
 from mmcv.ops import MultiScaleDeformableAttention
+from mmcv.ops.multi_scale_deform_attn import MultiScaleDeformableAttnFunction
+from mmcv.utils import IS_CUDA_AVAILABLE, IS_MLU_AVAILABLE
 from timm.layers import AttentionPoolLatent
 from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from kiv.registry import MODELS
 
 __all__ = [
-    'DeformInputs', 'make_deform_inputs', 'SpatialPriorModule', 'ConvFFN',
-    'Injector', 'Extractor', 'InteractionBlock', 'GlobalToken'
+    'DeformInputs', 'make_deform_inputs', 'tokens_to_maps',
+    'ms_deform_attn', 'ms_deform_attn_sampling',
+    'deform_sampling_points_major', 'latent_attention_pool', 'MSDeformAttn',
+    'SpatialPriorModule', 'ConvFFN', 'Injector', 'Extractor',
+    'InteractionBlock', 'GlobalToken'
 ]
 
 #: Token LayerNorm used before every interaction (as in ViT-Adapter).
@@ -97,6 +129,9 @@ def make_deform_inputs(query_shapes: LevelShapes, value_shapes: LevelShapes,
 def tokens_to_maps(tokens: Tensor, shapes: LevelShapes) -> list[Tensor]:
     """Split a flattened multi-level sequence into NCHW maps.
 
+    The maps are views of ``tokens`` (channels-last strides, no copy) when
+    its channel dimension is contiguous.
+
     Args:
         tokens (Tensor): ``(B, sum h*w, C)``.
         shapes (Sequence[tuple[int, int]]): ``(h, w)`` of each level.
@@ -107,9 +142,448 @@ def tokens_to_maps(tokens: Tensor, shapes: LevelShapes) -> list[Tensor]:
     B, _, C = tokens.shape
     chunks = tokens.split([h * w for h, w in shapes], dim=1)
     return [
-        t.transpose(1, 2).reshape(B, C, h, w)
+        t.unflatten(1, (h, w)).permute(0, 3, 1, 2)
         for t, (h, w) in zip(chunks, shapes)
     ]
+
+
+def _maps_to_tokens(maps: Sequence[Tensor]) -> Tensor:
+    """Inverse of :func:`tokens_to_maps`: ``(B, sum h*w, C)`` tokens
+    (contiguous; one copy into the result, none if there is one map whose
+    memory already is token-ordered)."""
+    tokens = [m.permute(0, 2, 3, 1).flatten(1, 2) for m in maps]
+    return tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=1)
+
+
+# --------------------------------------------------------------------------
+# multi-scale deformable attention
+class _DeformSampling(torch.autograd.Function):
+    """Bilinear multi-scale deformable sampling as one weighted gather.
+
+    Works on *points-major* tensors: sampling locations ``(2, L, P, heads,
+    B, N_q)`` and attention weights ``(L, P, heads, B, N_q)``, so every
+    elementwise step runs over long contiguous ``B * N_q`` rows and the
+    per-level constants broadcast as scalars.
+
+    Each ``(head, batch, query)`` output row is the sum over levels, points
+    and the four bilinear corners of ``weight * value row``: one
+    ``embedding_bag`` over the value table ``(heads * B * N_v, C_h)`` with
+    ``K = 4 * L * P`` entries per bag. Corners outside a level get weight 0
+    (``grid_sample``'s ``padding_mode='zeros'``, ``align_corners=False``);
+    non-finite locations give NaN outputs (never an out-of-range row).
+
+    Backward: the value gradient is the transposed gather (entries sorted
+    by value row, then one ``embedding_bag`` over the output gradient); the
+    gradient of the corner weights is ``<grad_out row, value row>`` (the
+    ``per_sample_weights`` gradient of ``embedding_bag``), chained
+    analytically to the attention weights and the sampling locations.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, value: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, locations: Tensor,
+                weights: Tensor) -> Tensor:
+        B, num_values, heads, channels = value.shape
+        levels, points, _, _, num_queries = weights.shape
+        dtype = weights.dtype
+        # per level (x, y) sizes, (2, L, 1, 1, 1, 1)
+        size = spatial_shapes.t().flip(0).to(dtype).view(
+            2, levels, 1, 1, 1, 1)
+        # pixel coordinates of grid_sample (align_corners=False) and the
+        # two corners around them, x and y at once: (2, L, P, heads, B, Q)
+        pixel = torch.addcmul(locations.new_tensor(-0.5), locations, size)
+        corner0 = pixel.floor()
+        frac = pixel - corner0
+        corner1 = corner0 + 1
+        zero = pixel.new_zeros(())
+        index0 = torch.clamp(corner0, zero, size - 1)
+        index1 = torch.clamp(corner1, zero, size - 1)
+        # a corner is inside its level iff clamping left it unchanged
+        valid0 = (index0 == corner0).to(dtype)
+        valid1 = (index1 == corner1).to(dtype)
+        # bilinear factors (zero outside): w0 = 1 - frac, w1 = frac
+        w0 = (1 - frac) * valid0
+        w1 = frac * valid1
+        ay0, ay1 = weights * w0[1], weights * w1[1]
+
+        # corner weights and value-table rows, (4 [y0x0, y0x1, y1x0, y1x1],
+        # L, P, heads, B, N_q). The table is (heads, B, N_v, C_h) and the
+        # bags are (head, b, q): the rows one slab (head, b) reads stay in
+        # cache, in the gathers of the forward and of the backward.
+        corner_weights = pixel.new_empty((4, ) + weights.shape)
+        torch.mul(ay0, w0[0], out=corner_weights[0])
+        torch.mul(ay0, w1[0], out=corner_weights[1])
+        torch.mul(ay1, w0[0], out=corner_weights[2])
+        torch.mul(ay1, w1[0], out=corner_weights[3])
+        starts = level_start_index.to(dtype).view(levels, 1, 1, 1, 1)
+        row0 = torch.addcmul(starts, index0[1], size[0])
+        row1 = torch.addcmul(starts, index1[1], size[0])
+        # positions < N_v: exact in float32 up to 2**24 values per image
+        positions = pixel.new_empty((4, ) + weights.shape)
+        torch.add(row0, index0[0], out=positions[0])
+        torch.add(row0, index1[0], out=positions[1])
+        torch.add(row1, index0[0], out=positions[2])
+        torch.add(row1, index1[0], out=positions[3])
+        slab = torch.arange(heads * B, device=value.device).view(
+            heads, B, 1) * num_values
+        # non-finite locations (a diverged run): any valid row, NaN weight
+        rows = positions.nan_to_num_(0.0).long() + slab
+        bag_shape = (-1, heads * B * num_queries)
+        index = rows.view(bag_shape).t().contiguous()
+        corner_weights = corner_weights.view(bag_shape).t().contiguous()
+
+        table = value.permute(2, 0, 1, 3).reshape(-1, channels)
+        out = F.embedding_bag(index, table, per_sample_weights=corner_weights,
+                              mode='sum')
+        ctx.save_for_backward(table, index, corner_weights, weights, w0, w1,
+                              valid0, valid1, ay0, ay1, size)
+        ctx.value_shape = value.shape
+        return out.view(heads, B, num_queries, channels).permute(
+            1, 2, 0, 3).reshape(B, num_queries, heads * channels)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple:
+        (table, index, corner_weights, weights, w0, w1, valid0, valid1, ay0,
+         ay1, size) = ctx.saved_tensors
+        need_value, _, _, need_loc, need_weights = ctx.needs_input_grad
+        B, num_values, heads, channels = ctx.value_shape
+        num_queries = grad_out.shape[1]
+        # (head, b, q) rows, as the bags
+        grad_rows = grad_out.reshape(B, num_queries, heads, channels).permute(
+            2, 0, 1, 3).reshape(-1, channels)
+        grad_value = grad_loc = grad_weights = None
+
+        if need_value:
+            # transposed gather: every table row sums weight * grad of the
+            # output rows (bags) that read it; int32 keys sort faster
+            flat = index.flatten()
+            order = torch.argsort(
+                flat.int() if table.shape[0] < 2**31 else flat)
+            counts = torch.bincount(flat, minlength=table.shape[0])
+            bags = torch.div(order, index.shape[1], rounding_mode='floor')
+            grad_value = F.embedding_bag(
+                bags, grad_rows, counts.cumsum(0) - counts,
+                per_sample_weights=corner_weights.flatten().index_select(
+                    0, order),
+                mode='sum').view(heads, B, num_values, channels).permute(
+                    1, 2, 0, 3).contiguous()
+
+        if need_loc or need_weights:
+            with torch.enable_grad():
+                w = corner_weights.detach().requires_grad_()
+                out = F.embedding_bag(index, table.detach(),
+                                      per_sample_weights=w, mode='sum')
+                grad_w, = torch.autograd.grad(out, w, grad_rows)
+            g00, g01, g10, g11 = grad_w.t().reshape(
+                (4, ) + weights.shape).unbind(0)
+            wx0, wx1 = w0[0], w1[0]
+            # d loss / d (a * wy_j) = sum_i g_ji * wx_i
+            gy0 = torch.addcmul(g00 * wx0, g01, wx1)
+            gy1 = torch.addcmul(g10 * wx0, g11, wx1)
+            if need_weights:
+                grad_weights = torch.addcmul(gy0 * w0[1], gy1, w1[1])
+            if need_loc:
+                # w0 = (1 - frac) * valid0, w1 = frac * valid1, and
+                # frac = location * size + const
+                gx1 = torch.addcmul(g01 * ay0, g11, ay1)
+                gx0 = torch.addcmul(g00 * ay0, g10, ay1)
+                grad_x = gx1 * valid1[0] - gx0 * valid0[0]
+                grad_y = (gy1 * valid1[1] - gy0 * valid0[1]) * weights
+                grad_loc = torch.stack((grad_x, grad_y)) * size
+        return grad_value, None, None, grad_loc, grad_weights
+
+
+def deform_sampling_points_major(value: Tensor, spatial_shapes: Tensor,
+                                 level_start_index: Tensor, locations: Tensor,
+                                 weights: Tensor) -> Tensor:
+    """kiv's multi-scale deformable sampling on points-major inputs.
+
+    The CPU core of :class:`MSDeformAttn` (any device, differentiable; see
+    :func:`ms_deform_attn_sampling` for mmcv's layout).
+
+    Args:
+        value (Tensor): ``(B, N_v, heads, C_h)``, levels flattened in
+            ``spatial_shapes`` order.
+        spatial_shapes (Tensor): ``(L, 2)`` long, ``(h, w)`` per level.
+        level_start_index (Tensor): ``(L,)`` long, first value of each
+            level.
+        locations (Tensor): ``(2, L, P, heads, B, N_q)`` normalised ``(x,
+            y)`` sampling locations in ``[0, 1]`` (outside: zero padding).
+        weights (Tensor): ``(L, P, heads, B, N_q)`` attention weights.
+
+    Returns:
+        Tensor: ``(B, N_q, heads * C_h)``.
+    """
+    return _DeformSampling.apply(value.contiguous(), spatial_shapes,
+                                 level_start_index, locations.contiguous(),
+                                 weights.contiguous())
+
+
+def ms_deform_attn_sampling(value: Tensor, spatial_shapes: Tensor,
+                            level_start_index: Tensor,
+                            sampling_locations: Tensor,
+                            attention_weights: Tensor) -> Tensor:
+    """kiv's multi-scale deformable sampling in mmcv's layout.
+
+    Same contract and result (to float rounding, gradients included) as
+    mmcv's ``multi_scale_deformable_attn_pytorch`` and its CUDA kernel:
+    bilinear sampling with ``align_corners=False`` and zero padding,
+    weighted by the attention weights and summed over levels and points.
+
+    Args:
+        value (Tensor): ``(B, N_v, heads, C_h)``.
+        spatial_shapes (Tensor): ``(L, 2)`` long, ``(h, w)`` per level.
+        level_start_index (Tensor): ``(L,)`` long.
+        sampling_locations (Tensor): ``(B, N_q, heads, L, P, 2)`` normalised
+            ``(x, y)``.
+        attention_weights (Tensor): ``(B, N_q, heads, L, P)``.
+
+    Returns:
+        Tensor: ``(B, N_q, heads * C_h)``.
+    """
+    return deform_sampling_points_major(
+        value, spatial_shapes, level_start_index,
+        sampling_locations.permute(5, 3, 4, 2, 0, 1),
+        attention_weights.permute(3, 4, 2, 0, 1))
+
+
+def _has_mmcv_kernel(value: Tensor) -> bool:
+    """Whether mmcv's compiled ``ms_deform_attn`` serves ``value``'s device.
+    """
+    return (IS_CUDA_AVAILABLE and value.is_cuda) or \
+        (IS_MLU_AVAILABLE and getattr(value, 'is_mlu', False))
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """float16 / bfloat16 -> float32; float32 and float64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def ms_deform_attn(value: Tensor,
+                   spatial_shapes: Tensor,
+                   level_start_index: Tensor,
+                   sampling_locations: Tensor,
+                   attention_weights: Tensor,
+                   im2col_step: int = 64,
+                   points_major: bool = False) -> Tensor:
+    """The sampling core of :class:`MSDeformAttn`, never below float32.
+
+    Half and bfloat16 inputs are cast to float32 and autocast is disabled
+    inside (float64 stays float64, e.g. for gradient checks): mmcv 2.1's
+    CUDA ``ms_deform_attn`` dispatches float and half only, and ViT-Adapter
+    runs it with ``custom_fwd(cast_inputs=torch.float32)``. Runs mmcv's CUDA
+    (or MLU) kernel when mmcv has it and the tensors are on that device,
+    kiv's sampling otherwise.
+
+    Args:
+        value (Tensor): ``(B, N_v, heads, C_h)``.
+        spatial_shapes (Tensor): ``(L, 2)`` long.
+        level_start_index (Tensor): ``(L,)`` long.
+        sampling_locations (Tensor): ``(B, N_q, heads, L, P, 2)`` (mmcv's
+            layout), or ``(2, L, P, heads, B, N_q)`` with ``points_major``.
+        attention_weights (Tensor): ``(B, N_q, heads, L, P)``, or ``(L, P,
+            heads, B, N_q)`` with ``points_major``.
+        im2col_step (int): mmcv kernel's batch chunk. Defaults to 64.
+        points_major (bool): the inputs are in kiv's points-major layout
+            (:func:`deform_sampling_points_major`; not for mmcv's kernel).
+            Defaults to False.
+
+    Returns:
+        Tensor: ``(B, N_q, heads * C_h)``, float32 (float64 for float64
+        inputs).
+    """
+    with torch.autocast(device_type=value.device.type, enabled=False):
+        value = _at_least_fp32(value)
+        sampling_locations = _at_least_fp32(sampling_locations)
+        attention_weights = _at_least_fp32(attention_weights)
+        if points_major:
+            return deform_sampling_points_major(
+                value, spatial_shapes, level_start_index, sampling_locations,
+                attention_weights)
+        if _has_mmcv_kernel(value):
+            return MultiScaleDeformableAttnFunction.apply(
+                value, spatial_shapes, level_start_index, sampling_locations,
+                attention_weights, im2col_step)
+        return ms_deform_attn_sampling(value, spatial_shapes,
+                                       level_start_index, sampling_locations,
+                                       attention_weights)
+
+
+@MODELS.register_module()
+class MSDeformAttn(MultiScaleDeformableAttention):
+    """mmcv's multi-scale deformable attention with kiv's sampling core.
+
+    A subclass of :class:`~mmcv.ops.MultiScaleDeformableAttention`: same
+    arguments, parameters (``sampling_offsets``, ``attention_weights``,
+    ``value_proj``, ``output_proj``), initialisation and state dict, and
+    :meth:`forward` has mmcv's semantics. What differs is how it computes:
+
+    - the sampling core is :func:`ms_deform_attn`: float32 under autocast;
+      mmcv's CUDA kernel on GPU; elsewhere kiv's sampling on points-major
+      tensors (offsets, softmax and locations computed in that layout too)
+      instead of mmcv's per-level ``grid_sample`` path;
+    - sampling offsets and attention logits come from one matrix product;
+    - no host-device synchronisation (mmcv asserts the value count against
+      ``spatial_shapes`` on every call; here only CPU tensors are checked).
+
+    Args:
+        *args: :class:`~mmcv.ops.MultiScaleDeformableAttention` arguments.
+        **kwargs: :class:`~mmcv.ops.MultiScaleDeformableAttention`
+            keyword arguments.
+    """
+
+    def forward(self,
+                query: Tensor,
+                key: Tensor | None = None,
+                value: Tensor | None = None,
+                identity: Tensor | None = None,
+                query_pos: Tensor | None = None,
+                key_padding_mask: Tensor | None = None,
+                reference_points: Tensor | None = None,
+                spatial_shapes: Tensor | None = None,
+                level_start_index: Tensor | None = None,
+                **kwargs) -> Tensor:
+        """mmcv's forward: ``identity + dropout(attention)``.
+
+        Args:
+            query (Tensor): ``(B, N_q, C)`` (``(N_q, B, C)`` without
+                ``batch_first``).
+            key (Tensor, optional): unused (as in mmcv).
+            value (Tensor, optional): ``(B, N_v, C)``; defaults to
+                ``query``.
+            identity (Tensor, optional): added to the output; defaults to
+                ``query``.
+            query_pos (Tensor, optional): added to ``query``.
+            key_padding_mask (Tensor, optional): ``(B, N_v)`` bool, masked
+                values are zeroed.
+            reference_points (Tensor): ``(B, N_q, L, 2)`` normalised points
+                or ``(B, N_q, L, 4)`` boxes (broadcastable).
+            spatial_shapes (Tensor): ``(L, 2)`` long.
+            level_start_index (Tensor): ``(L,)`` long.
+            **kwargs: ignored (as in mmcv).
+
+        Returns:
+            Tensor: same layout as ``query``.
+        """
+        if value is None:
+            value = query
+        if identity is None:
+            identity = query
+        if query_pos is not None:
+            query = query + query_pos
+        if not self.batch_first:
+            query = query.permute(1, 0, 2)
+            value = value.permute(1, 0, 2)
+        output = self.attend(query, value, reference_points, spatial_shapes,
+                             level_start_index, key_padding_mask)
+        if not self.batch_first:
+            output = output.permute(1, 0, 2)
+        return self.dropout(output) + identity
+
+    def attend(self,
+               query: Tensor,
+               value: Tensor,
+               reference_points: Tensor,
+               spatial_shapes: Tensor,
+               level_start_index: Tensor,
+               key_padding_mask: Tensor | None = None) -> Tensor:
+        """The attention alone (no dropout, no identity), batch first.
+
+        Args:
+            query (Tensor): ``(B, N_q, C)``.
+            value (Tensor): ``(B, N_v, C)``.
+            reference_points (Tensor): ``(B | 1, N_q, L | 1, 2 | 4)``.
+            spatial_shapes (Tensor): ``(L, 2)`` long.
+            level_start_index (Tensor): ``(L,)`` long.
+            key_padding_mask (Tensor, optional): ``(B, N_v)`` bool.
+
+        Returns:
+            Tensor: ``(B, N_q, C)``.
+        """
+        B, num_queries, _ = query.shape
+        num_values = value.shape[1]
+        heads, levels, points = self.num_heads, self.num_levels, \
+            self.num_points
+        if not spatial_shapes.is_cuda and \
+                int(spatial_shapes.prod(1).sum()) != num_values:
+            raise ValueError(
+                f'MSDeformAttn: {num_values} values but spatial_shapes '
+                f'{spatial_shapes.tolist()} hold '
+                f'{int(spatial_shapes.prod(1).sum())}')
+        if reference_points.shape[-1] not in (2, 4):
+            raise ValueError('MSDeformAttn: the last dim of reference_points '
+                             f'must be 2 or 4, got {reference_points.shape}')
+        value = self.value_proj(value)
+        if key_padding_mask is not None:
+            value = value.masked_fill(key_padding_mask[..., None], 0.0)
+        value = value.view(B, num_values, heads, -1)
+
+        num_offsets = heads * levels * points * 2
+        projected = F.linear(
+            query,
+            torch.cat((self.sampling_offsets.weight,
+                       self.attention_weights.weight)),
+            torch.cat((self.sampling_offsets.bias,
+                       self.attention_weights.bias)))
+        offsets = projected[..., :num_offsets].unflatten(
+            -1, (heads, levels, points, 2))
+        logits = projected[..., num_offsets:].unflatten(
+            -1, (heads, levels * points))
+        kernel = _has_mmcv_kernel(value)
+        if kernel:  # mmcv's layout (B, N_q, heads, L, P[, 2])
+            weights = logits.softmax(-1).unflatten(-1, (levels, points))
+            ref = reference_points[:, :, None, :, None, :]
+            normalizer = spatial_shapes.flip(-1)[None, None, None, :, None]
+        else:  # points-major (2, L, P, heads, B, N_q)
+            offsets = offsets.permute(5, 3, 4, 2, 0, 1).contiguous()
+            weights = logits.permute(3, 2, 0, 1).reshape(
+                levels * points, heads, B, num_queries).softmax(0).view(
+                    levels, points, heads, B, num_queries)
+            ref = reference_points.permute(3, 2, 0, 1)[:, :, None, None]
+            normalizer = spatial_shapes.t().flip(0).view(2, levels, 1, 1, 1,
+                                                         1)
+        if reference_points.shape[-1] == 2:
+            locations = ref + offsets / normalizer.to(offsets.dtype)
+        else:  # boxes: centre + offset / points * size / 2
+            centre, size = (ref[..., :2], ref[..., 2:]) if kernel else \
+                (ref[:2], ref[2:])
+            locations = centre + offsets / points * size * 0.5
+        output = ms_deform_attn(value, spatial_shapes, level_start_index,
+                                locations, weights, self.im2col_step,
+                                points_major=not kernel)
+        return self.output_proj(output.to(value.dtype))
+
+
+def _deform_attn(embed_dim: int, num_heads: int, num_levels: int,
+                 num_points: int, deform_ratio: float) -> MSDeformAttn:
+    """The adapter's deformable attention (batch first, no dropout)."""
+    return MSDeformAttn(
+        embed_dims=embed_dim,
+        num_heads=num_heads,
+        num_levels=num_levels,
+        num_points=num_points,
+        dropout=0.0,
+        batch_first=True,
+        value_proj_ratio=deform_ratio)
+
+
+# --------------------------------------------------------------------------
+# spatial prior and conv FFN
+def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 conv as a matrix product over channels-last pixels.
+
+    Args:
+        conv (nn.Conv2d): 1x1, stride 1, no groups.
+        x (Tensor): ``(B, C_in, h, w)``.
+
+    Returns:
+        Tensor: ``(B, C_out, h, w)``, a view of contiguous ``(B, h, w,
+        C_out)`` memory (channels last).
+    """
+    pixels = x.permute(0, 2, 3, 1)
+    out = F.linear(pixels, conv.weight.flatten(1), conv.bias)
+    return out.permute(0, 3, 1, 2)
 
 
 @MODELS.register_module()
@@ -120,6 +594,10 @@ class SpatialPriorModule(nn.Module):
     stride-2 max pool), three stride-2 3x3 convs, and 1x1 projections of all
     four levels to ``embed_dim``. Each stride-2 layer maps a side ``s`` to
     ``ceil(s / 2)``, so level ``l`` has side ``ceil(H / 2**(l+1))``.
+
+    Runs channels-last (faster convolutions and norms on CPU); the 1x1
+    projections are matrix products over the pixels, so each output map is
+    a view of token-ordered ``(B, h * w, embed_dim)`` memory.
 
     Args:
         inplanes (int): stem width; levels have ``inplanes * (1, 2, 4, 4)``
@@ -160,13 +638,17 @@ class SpatialPriorModule(nn.Module):
 
         Returns:
             tuple[Tensor, ...]: ``c1..c4``, each ``(B, embed_dim, h_l, w_l)``
-            with ``h_l = ceil(H / 2**(l+1))`` (strides 4, 8, 16, 32).
+            with ``h_l = ceil(H / 2**(l+1))`` (strides 4, 8, 16, 32),
+            channels-last memory.
         """
-        c1 = self.stem(x)
+        c1 = self.stem(x.contiguous(memory_format=torch.channels_last))
         c2 = self.conv2(c1)
         c3 = self.conv3(c2)
         c4 = self.conv4(c3)
-        return self.fc1(c1), self.fc2(c2), self.fc3(c3), self.fc4(c4)
+        return tuple(
+            _pointwise(fc, c)
+            for fc, c in zip((self.fc1, self.fc2, self.fc3, self.fc4),
+                             (c1, c2, c3, c4)))
 
 
 @MODELS.register_module()
@@ -174,6 +656,8 @@ class ConvFFN(nn.Module):
     """FFN with a 3x3 depthwise conv on every level of the token pyramid.
 
     ``fc1 -> depthwise 3x3 conv (per level) -> act -> drop -> fc2 -> drop``.
+    The depthwise conv runs channels-last on views of the tokens, so the
+    token order is kept without transposes.
 
     Args:
         embed_dim (int): token width ``C``.
@@ -205,26 +689,17 @@ class ConvFFN(nn.Module):
         Returns:
             Tensor: ``(B, N, C)``.
         """
-        x = self.fc1(x)
-        maps = tokens_to_maps(x, level_shapes)
-        x = torch.cat([self.dwconv(m).flatten(2) for m in maps], dim=2)
-        x = self.drop(self.act(x.transpose(1, 2)))
+        maps = tokens_to_maps(self.fc1(x), level_shapes)
+        x = _maps_to_tokens([
+            self.dwconv(m.contiguous(memory_format=torch.channels_last))
+            for m in maps
+        ])
+        x = self.drop(self.act(x))
         return self.drop(self.fc2(x))
 
 
-def _deform_attn(embed_dim: int, num_heads: int, num_levels: int,
-                 num_points: int,
-                 deform_ratio: float) -> MultiScaleDeformableAttention:
-    return MultiScaleDeformableAttention(
-        embed_dims=embed_dim,
-        num_heads=num_heads,
-        num_levels=num_levels,
-        num_points=num_points,
-        dropout=0.0,
-        batch_first=True,
-        value_proj_ratio=deform_ratio)
-
-
+# --------------------------------------------------------------------------
+# interactions
 @MODELS.register_module()
 class Injector(nn.Module):
     """Injects the spatial prior into the ViT patch tokens.
@@ -270,15 +745,8 @@ class Injector(nn.Module):
         Returns:
             Tensor: ``(B, N_p, C)``.
         """
-        attn = self.attn(
-            query=self.query_norm(x),
-            value=self.feat_norm(feat),
-            # mmcv adds ``identity`` to the attention output; a 0-d zero
-            # keeps the pure attention so that gamma scales only it.
-            identity=x.new_zeros(()),
-            reference_points=deform_inputs.reference_points,
-            spatial_shapes=deform_inputs.spatial_shapes,
-            level_start_index=deform_inputs.level_start_index)
+        attn = self.attn.attend(self.query_norm(x), self.feat_norm(feat),
+                                *deform_inputs)
         return x + self.gamma * attn
 
 
@@ -335,13 +803,8 @@ class Extractor(nn.Module):
         Returns:
             Tensor: ``(B, N_c, C)``.
         """
-        c = self.attn(
-            query=self.query_norm(c),
-            value=self.feat_norm(feat),
-            identity=c,
-            reference_points=deform_inputs.reference_points,
-            spatial_shapes=deform_inputs.spatial_shapes,
-            level_start_index=deform_inputs.level_start_index)
+        c = c + self.attn.attend(self.query_norm(c), self.feat_norm(feat),
+                                 *deform_inputs)
         if self.with_cffn:
             c = c + self.drop_path(self.ffn(self.ffn_norm(c), level_shapes))
         return c
@@ -426,6 +889,85 @@ class InteractionBlock(nn.Module):
         return x, c
 
 
+# --------------------------------------------------------------------------
+# global token
+def _folds_keys(pool: AttentionPoolLatent) -> bool:
+    """Whether :func:`latent_attention_pool` may fold ``pool``'s key
+    projection into its (input-independent) latent queries."""
+    return (pool.pos_embed is None and isinstance(pool.q_norm, nn.Identity)
+            and isinstance(pool.k_norm, nn.Identity))
+
+
+def latent_attention_pool(pool: AttentionPoolLatent,
+                          parts: Sequence[Tensor]) -> Tensor:
+    """``pool(torch.cat(parts, dim=1))`` without projecting every key.
+
+    timm's :class:`~timm.layers.AttentionPoolLatent` projects all ``N``
+    tokens to keys and values (``N x C x 2C`` multiply-adds) for a handful
+    of learnable queries. Both projections are linear, so with ``q`` the
+    latent queries (which do not depend on the input)
+
+    - ``q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + const``: each head
+      scores the tokens against one folded ``C``-vector;
+    - ``sum_n a_n (W_v,h x_n + b_v,h) = W_v,h (sum_n a_n x_n) + b_v,h``
+      (attention weights sum to 1): the tokens are pooled first and
+      projected once.
+
+    That is ``O(N x C x heads)`` instead of ``O(N x C^2)``, to float
+    rounding the same result and gradients. The parts are scored separately
+    (no concatenated copy of the keys). Pools with a position embedding or
+    query/key norms fall back to the module's own forward.
+
+    Args:
+        pool (AttentionPoolLatent): the pooling module (its parameters are
+            used as they are).
+        parts (Sequence[Tensor]): key/value tokens ``(B, N_i, C)``, pooled
+            as if concatenated along the tokens.
+
+    Returns:
+        Tensor: what ``pool(torch.cat(parts, 1))`` returns.
+    """
+    if not _folds_keys(pool):
+        return pool(torch.cat(list(parts), dim=1))
+    B, _, C = parts[0].shape
+    heads, head_dim, num_latents = pool.num_heads, pool.head_dim, \
+        pool.latent_len
+    # the latent queries (latents, C); nn.Linear applied functionally: a
+    # module call on a view of a parameter made under no_grad trips
+    # torch's module tracker (FlopCounterMode)
+    latent = pool.latent[0]
+    if isinstance(pool.q, nn.Linear):
+        q = F.linear(latent, pool.q.weight, pool.q.bias)
+    else:
+        q = pool.q(latent)
+    q = q.view(num_latents, heads, head_dim).transpose(0, 1)  # (h, l, d)
+    w_k, w_v = pool.kv.weight.view(2, heads, head_dim, C).unbind(0)
+    # folded keys: (heads * latents, C); scale as scaled_dot_product_attention
+    folded = torch.matmul(q, w_k).flatten(0, 1) * pool.scale
+    scores = torch.cat([torch.matmul(p, folded.t()) for p in parts], dim=1)
+    if pool.kv.bias is not None:
+        b_k, b_v = pool.kv.bias.view(2, heads, head_dim).unbind(0)
+        scores = scores + (q * b_k[:, None]).sum(-1).flatten() * pool.scale
+    attn = scores.softmax(dim=1)  # (B, N, heads * latents)
+    pooled = sum(
+        torch.bmm(a.transpose(1, 2), p)
+        for a, p in zip(attn.split([p.shape[1] for p in parts], dim=1),
+                        parts))  # (B, heads * latents, C)
+    pooled = pooled.view(B, heads, num_latents, C)
+    values = torch.einsum('bhlc,hdc->blhd', pooled, w_v)
+    if pool.kv.bias is not None:
+        values = values + b_v
+    x = pool.proj_drop(pool.proj(values.reshape(B, num_latents,
+                                                heads * head_dim)))
+    if pool.mlp is not None:
+        x = x + pool.mlp(pool.norm(x))
+    if pool.pool == 'token':
+        return x[:, 0]
+    if pool.pool == 'avg':
+        return x.mean(1)
+    return x
+
+
 @MODELS.register_module()
 class GlobalToken(nn.Module):
     """A learnable global token that reads the adapter (the summary vector).
@@ -439,7 +981,9 @@ class GlobalToken(nn.Module):
     ``summary = base_summary + gamma * Pool([base_tokens, LN(c)])``.
 
     The token is not appended to the ViT token stream: that would change what
-    the frozen base computes for every other token.
+    the frozen base computes for every other token. The pool runs through
+    :func:`latent_attention_pool` (keys folded into the latent query, so the
+    ~1.3k tokens are never projected).
 
     Args:
         embed_dim (int): width ``C``.
@@ -475,5 +1019,6 @@ class GlobalToken(nn.Module):
         Returns:
             Tensor: ``(B, C)`` summary.
         """
-        keys = torch.cat((base_tokens, self.feat_norm(adapter_tokens)), dim=1)
-        return base_summary + self.gamma * self.pool(keys)
+        pooled = latent_attention_pool(
+            self.pool, (base_tokens, self.feat_norm(adapter_tokens)))
+        return base_summary + self.gamma * pooled
