@@ -5,11 +5,13 @@
         [--work-dir work_dirs/demo] [--seed 0] [--threads 2]
 
 Trains two purpose-specific teachers (mmdet Mask R-CNN, mmseg FPN) on a
-procedural world, makes a DINOv2-like knowledge-base ViT from the real
-pretrained EfficientNet-Lite0, inherits a student from all of them with
-``kiv.KnowledgeInheritance``, exports it, and evaluates it against a
-from-scratch baseline and the knowledge base alone with mmpretrain, mmdet
-and mmseg metrics. Stages are cached in the work dir: a re-run reuses
+procedural world, caches the fixed teachers' outputs, makes a DINOv2-like
+knowledge-base ViT from the real pretrained EfficientNet-Lite0, inherits a
+student from all of them with ``kiv.KnowledgeInheritance``, exports it, and
+evaluates it with frozen-backbone probes (logistic regression / k-NN,
+mmdet, mmseg) against a multi-task baseline trained from scratch on every
+label, with 95 % bootstrap intervals, and measures its inherited heads
+against their teachers. Stages are cached in the work dir: a re-run reuses
 finished stages (``--fresh`` runs everything again); a changed preset, seed
 or config re-runs what depends on it. See docs/demo.md.
 """
@@ -35,6 +37,14 @@ def parse_args() -> argparse.Namespace:
                       help='default run plus the ablation rows')
     size.add_argument('--toy', action='store_true',
                       help='a few images, 2 iterations per stage (tests)')
+    parser.add_argument('--tune', action='store_true',
+                        help='learning-rate sweep of the inherited student '
+                        'and the baseline (same grid, same rule) on a world '
+                        'of its own (seed + 1000), in <work dir>/tune; '
+                        'prints the table and exits')
+    parser.add_argument('--check-probes', action='store_true',
+                        help='also train every det / seg probe with twice '
+                        'the steps and report whether any row changes rank')
     parser.add_argument('--fresh', action='store_true',
                         help='ignore cached stages and run everything')
     parser.add_argument('--work-dir', default='work_dirs/demo',
@@ -44,6 +54,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=2,
                         help='torch CPU threads, fixed for reproducible '
                         'numbers (default: 2)')
+    parser.add_argument('--native-kernels', action='store_true',
+                        help="use this CPU's fastest kernels (AVX-512 ...) "
+                        'instead of the AVX2 ones pinned by default; the '
+                        'numbers then depend on the CPU model')
     return parser.parse_args()
 
 
@@ -56,6 +70,16 @@ def main() -> None:
     os.environ.setdefault('OMP_NUM_THREADS', str(args.threads))
     # busy-waiting OpenMP threads make a shared 2-core machine ~10x slower
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    if not args.native_kernels:
+        # the same kernels on every x86-64 CPU with AVX2: the thread count,
+        # ATen's vectorised kernels, oneDNN's convolutions, MKL's GEMM and
+        # OpenCV's SIMD paths each change the numbers (docs/demo.md); AVX2
+        # costs about 4 % here against AVX-512
+        os.environ.setdefault('ATEN_CPU_CAPABILITY', 'avx2')
+        os.environ.setdefault('ONEDNN_MAX_CPU_ISA', 'AVX2')
+        os.environ.setdefault('MKL_CBWR', 'AVX2')
+        import cv2
+        cv2.setUseOptimized(False)  # plain C paths: the same pixels
     import torch
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -63,20 +87,42 @@ def main() -> None:
     import kiv  # noqa: F401  registers kiv.*
     kiv.enable_safe_io()  # weights-only loads, atomic checkpoint writes
     import kiv.demo  # noqa: F401  registers kiv.PlainViTStudent
-    from kiv.demo.pipeline import run_demo
+    from kiv.demo.pipeline import build_tuning_stages, run_demo
+    from kiv.demo.stages import run_stages
 
     work_dir = os.path.abspath(args.work_dir)
+    if args.tune:
+        tune_dir = os.path.join(work_dir, 'tune')
+        print(f'kiv demo: learning-rate sweep, preset {preset}, world seed '
+              f'{args.seed + 1000}, work dir {tune_dir}', flush=True)
+        results = run_stages(build_tuning_stages(preset), tune_dir,
+                             seed=args.seed + 1000, fresh=args.fresh)
+        report = results['tune_report']
+        print()
+        print(report['markdown'])
+        for kind, best in sorted(report['best'].items()):
+            print(f'best {kind}: lr {best["lr"]:g}')
+        return
+    kernels = 'native kernels' if args.native_kernels else \
+        'AVX2 kernels'
     print(f'kiv demo: preset {preset}, seed {args.seed}, {args.threads} '
-          f'threads, work dir {work_dir}', flush=True)
+          f'threads, {kernels}, work dir {work_dir}', flush=True)
     start = time.monotonic()
-    results = run_demo(preset, work_dir, seed=args.seed, fresh=args.fresh)
+    salt = dict(threads=args.threads,
+                kernels='native' if args.native_kernels else 'avx2')
+    results = run_demo(preset, work_dir, seed=args.seed, fresh=args.fresh,
+                       salt=salt, probe_check=args.check_probes)
     wall = time.monotonic() - start
     report = os.path.join(work_dir, 'report')
     print()
     print(results['report']['markdown'])
     print()
-    print(f'table: {report}/table.md, {report}/table.png')
-    print(f'pictures: {report}/curves.png, {report}/pca.png')
+    print('\n'.join(results['report']['verdict']))
+    print()
+    print(f'tables: {report}/tables.md (json: tables.json), verdict: '
+          f'{report}/verdict.md, stage times: {report}/stage_times.md')
+    print(f'pictures: {report}/results.png, {report}/curves.png, '
+          f'{report}/pca.png')
     print(f'exported inherited student: {work_dir}/inherit/student.pth')
     print(f'wall time {int(wall) // 60}:{int(wall) % 60:02d}')
 

@@ -1,17 +1,29 @@
 # Knowledge inheritance in the demo: the student is the frozen knowledge
 # base (``knowledge_base/kb_vit.pth``) plus a zero-initialised ViT-Adapter;
-# teachers: the knowledge base itself, the real EfficientNet-Lite0 (its
-# classifier kept as inherited head), and the detection and segmentation
-# teachers the demo trained (``teacher_det/``, ``teacher_seg/``). Same
-# structure as configs/distill/*8xb64*.py, at 64 px on 2 CPU cores.
+# teachers: the knowledge base itself (base teacher: its heads start as its
+# standardiser and it reads the student's own patch grid, so at step 0 its
+# loss is 0), the real EfficientNet-Lite0 (its classifier kept as inherited
+# head), and the detection and segmentation teachers the demo fine-tuned
+# (``teacher_det/``, ``teacher_seg/``: Mask R-CNN and Semantic FPN on an
+# ImageNet EfficientNet-Lite0 backbone; dense only, no summary). Losses: MSE
+# on PHI-S-standardised targets (the defaults). Multi-task: the same
+# classification, Mask R-CNN and Semantic FPN heads the data-centric
+# baseline trains, on the labelled world views of each batch
+# (``task_models``: the demo builds ``model.task_heads`` from them with
+# ``kiv.TaskHead``). The demo trains from the teacher-feature cache
+# (EfficientNet-Lite0, detector and segmenter are read from
+# ``teacher_cache/``; the knowledge base runs online, it is the student's
+# own frozen base) with statistics fixed by one pass before step 0.
+# Same structure as configs/distill/*8xb64*.py, at 64 px on 2 CPU cores.
 _base_ = [
-    '../_base_/default_runtime.py',
+    './_base_/adapter-vit-s8-reg4_world_schedule.py',
     './_base_/world_photos_images.py',
     './_base_/effnet_lite0_teacher.py',
 ]
-custom_imports = dict(imports=['kiv', 'kiv.demo'], allow_failed_imports=False)
 imagenet_norm = dict(mean=[123.675, 116.28, 103.53],
                      std=[58.395, 57.12, 57.375])
+# the det / seg teachers' backbone is EfficientNet-Lite0 (its normalisation)
+effnet_norm = dict(mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5])
 kb_vit = dict(
     model_name='vit_small_patch14_reg4_dinov2',
     checkpoint='knowledge_base/kb_vit.pth',
@@ -44,42 +56,27 @@ model = dict(
                              part='backbone+neck'),
                  input_size=64,
                  features=dict(from_output=True, indices=[0, 1, 2, 3]),
-                 summary=dict(type='avg'),
-                 **imagenet_norm),
+                 summary=dict(type='none'),
+                 **effnet_norm),
         seg=dict(type='kiv.Teacher',
                  source=dict(type='mm',
                              config='teacher_seg/teacher_seg.py',
                              checkpoint='teacher_seg/teacher_seg.pth',
                              part='whole'),
                  input_size=64,
-                 summary=dict(type='avg'),
-                 **imagenet_norm)),
+                 summary=dict(type='none'),
+                 **effnet_norm)),
     latent=dict(
         type='kiv.SharedLatentSpace',
         standardize='phis',
         hidden_dim=256,
-        teachers=dict(kb=dict(student_levels=[1]),
-                      effnet=dict(student_levels=[0, 1, 2, 3]),
+        teachers=dict(effnet=dict(student_levels=[1, 2, 3]),
                       det=dict(student_levels=[0, 1, 2, 3]),
                       seg=dict(student_levels=[0]))),
     grad_share_interval=20)
-optim_wrapper = dict(
-    type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
-    clip_grad=dict(max_norm=1.0),
-    paramwise_cfg=dict(custom_keys={'.gamma': dict(decay_mult=0.0),
-                                    '.level_embed': dict(decay_mult=0.0)}))
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
-         end=30),
-    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=False, begin=30,
-         end=300),
-]
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=300)
-default_hooks = dict(
-    logger=dict(interval=10),
-    checkpoint=dict(interval=300, by_epoch=False, max_keep_ckpts=1))
+# the distillation views with the world's labels following each view (the
+# multi-task heads read them; the teachers see the same views)
+train_dataloader = dict(dataset=dict(
+    pipeline={{_base_.labelled_view_pipeline}}))
 custom_hooks = [dict(type='kiv.SafeCheckpointHook'),
-                dict(type='kiv.StatisticsWarmupHook', num_batches=20)]
-log_processor = dict(window_size=10)
-env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
+                dict(type='kiv.StatisticsWarmupHook', num_batches=10**6)]

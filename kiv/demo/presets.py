@@ -1,7 +1,10 @@
 """Sizes of the demo runs: ``toy`` (tests), ``quick``, ``default``, ``full``.
 
-Iterations are optimizer steps; batch sizes are per step. Costs are the
-expected seconds per stage kind on 2 CPU cores, for the ETA only.
+Iterations are optimizer steps; batch sizes are per step. ``cost`` holds
+rough seconds per image (per step x batch for training) of each kind of
+work on an idle 2-core CPU; they only give the ETA of a stage that has not
+run on this machine before (afterwards its measured time is used, see
+:mod:`kiv.demo.stages`).
 """
 from __future__ import annotations
 
@@ -10,22 +13,35 @@ import copy
 __all__ = ['PRESETS', 'get_preset']
 
 _DEFAULT = dict(
-    world=dict(size=64, num_train=400, num_val=80, photo_crops=16,
+    # 64 px scenes; >= 400 validation scenes per task
+    world=dict(size=64, num_train=1000, num_val=400, photo_crops=40,
                heldout_crops=32),
-    # supervised teachers trained by the demo (mmdet / mmseg)
-    teacher_det=dict(iters=100, batch=4),
-    teacher_seg=dict(iters=100, batch=8),
-    # the knowledge base ViT distilled from EfficientNet-Lite0
-    knowledge_base=dict(iters=160, batch=16),
+    # purpose-specific teachers fine-tuned by the demo (mmdet / mmseg)
+    teacher_det=dict(iters=140, batch=8),
+    teacher_seg=dict(iters=160, batch=16),
+    # teacher-feature cache: seeded views per distillation image
+    cache=dict(views=2),
+    # the knowledge base ViT distilled from EfficientNet-Lite0 (cached)
+    knowledge_base=dict(iters=400, batch=64),
     # knowledge inheritance; the baseline gets the same iters x batch
-    inherit=dict(iters=120, batch=16),
-    # downstream heads on the frozen students (same budget for every row)
-    probe_cls=dict(iters=100, batch=16),
-    probe_det=dict(iters=80, batch=4),
-    probe_seg=dict(iters=80, batch=8),
-    effnet_size=160,
+    # learning rates: the best of the same grid for both sides, chosen on
+    # a world of its own (tools/demo.py --quick --tune, docs/demo.md)
+    inherit=dict(iters=120, batch=32, lr=1e-3),
+    baseline=dict(lr=4e-3),
+    # det / seg heads on the frozen features (same budget for every row)
+    probe_det=dict(iters=220, batch=8),
+    probe_seg=dict(iters=200, batch=16),
+    # EfficientNet-Lite0's input size (the scenes are 64 px)
+    effnet_size=128,
+    # new views of distillation images for the agreement (+ world val)
+    agreement_views=400,
+    # table rows with probes (the inherited student and the baseline always)
+    kb_alone_row=True,
     ablations=False,
     pca_images=4,
+    cost=dict(det_train=0.045, seg_train=0.008, effnet=0.012, load=0.002,
+              kb_train=0.0055, inherit_train=0.035, baseline_train=0.038,
+              features=0.004, det_probe=0.03, seg_probe=0.003),
 )
 
 PRESETS: dict[str, dict] = {'default': _DEFAULT}
@@ -35,30 +51,32 @@ PRESETS['full']['ablations'] = True
 
 PRESETS['quick'] = copy.deepcopy(_DEFAULT)
 PRESETS['quick'].update(
-    world=dict(size=64, num_train=160, num_val=40, photo_crops=8,
+    world=dict(size=64, num_train=400, num_val=400, photo_crops=16,
                heldout_crops=16),
-    teacher_det=dict(iters=30, batch=4),
-    teacher_seg=dict(iters=30, batch=8),
-    knowledge_base=dict(iters=50, batch=16),
-    inherit=dict(iters=40, batch=16),
-    probe_cls=dict(iters=40, batch=16),
-    probe_det=dict(iters=30, batch=4),
-    probe_seg=dict(iters=30, batch=8),
-    effnet_size=128,
+    teacher_det=dict(iters=40, batch=8),
+    teacher_seg=dict(iters=50, batch=16),
+    cache=dict(views=1),
+    knowledge_base=dict(iters=100, batch=64),
+    inherit=dict(iters=30, batch=32, lr=1e-3),
+    probe_det=dict(iters=40, batch=8),
+    probe_seg=dict(iters=80, batch=16),
+    agreement_views=100,
+    kb_alone_row=False,
 )
 
 PRESETS['toy'] = copy.deepcopy(_DEFAULT)
 PRESETS['toy'].update(
-    world=dict(size=64, num_train=8, num_val=4, photo_crops=1,
+    world=dict(size=64, num_train=12, num_val=6, photo_crops=1,
                heldout_crops=2),
     teacher_det=dict(iters=2, batch=2),
     teacher_seg=dict(iters=2, batch=2),
-    knowledge_base=dict(iters=2, batch=2),
-    inherit=dict(iters=2, batch=2),
-    probe_cls=dict(iters=2, batch=2),
+    cache=dict(views=1),
+    knowledge_base=dict(iters=2, batch=4),
+    inherit=dict(iters=2, batch=4),
     probe_det=dict(iters=2, batch=2),
     probe_seg=dict(iters=2, batch=2),
     effnet_size=64,
+    agreement_views=4,
     ablations=False,
     pca_images=2,
 )

@@ -1,7 +1,6 @@
-"""The demo's table, curves and PCA feature maps (matplotlib, Agg)."""
+"""The demo's tables (95 % bootstrap intervals), verdict and figures."""
 from __future__ import annotations
 
-import glob
 import json
 import os.path as osp
 from typing import Any, Sequence
@@ -9,55 +8,161 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ['COLUMNS', 'collect_table', 'table_markdown', 'render_table_png',
-           'plot_curves', 'plot_pca', 'pca_rgb']
+__all__ = ['PROBE_COLUMNS', 'AGREEMENT_COLUMNS', 'probe_table',
+           'agreement_table', 'table_markdown', 'verdict', 'probe_check',
+           'write_report',
+           'plot_results', 'plot_curves', 'plot_pca', 'pca_rgb']
 
-#: table columns: key -> (header, source)
-COLUMNS = {
-    'top1': 'top-1 (%) [mmpretrain]',
+#: probe table columns: key -> header
+PROBE_COLUMNS = {
+    'top1_logreg': 'top-1 (%) logistic regression',
+    'top1_knn': 'top-1 (%) k-NN',
     'box_ap': 'box AP [mmdet]',
     'mask_ap': 'mask AP [mmdet]',
     'miou': 'mIoU [mmseg]',
-    'agreement': 'EffNet-Lite0 top-1 agreement (%)',
 }
-_AGREEMENT_KEY = 'agreement/effnet/top1_agreement'
+#: inherited-head table columns: key -> header
+AGREEMENT_COLUMNS = {
+    'top1_in_dist': 'EffNet top-1 agreement (%), in distribution',
+    'top5_in_dist': 'EffNet top-5 agreement (%), in distribution',
+    'top1_photos': 'EffNet top-1 agreement (%), held-out photos',
+    'seg_miou': 'segmenter mIoU vs teacher',
+    'det_box_ap': 'detector box AP vs teacher',
+}
+#: the four metrics of the target: inherited student vs baseline
+TARGET = ('top1_logreg', 'box_ap', 'mask_ap', 'miou')
 
 
-def collect_table(results: dict, rows: Sequence[str]) -> list[dict]:
-    """One dict per row: ``row``, ``label`` and the :data:`COLUMNS` values
-    (``None`` where a row has no such number).
-
-    Agreement: student + its s2t head + EfficientNet-Lite0's own ``_fc`` vs
-    EfficientNet-Lite0 on held-out photo crops; the knowledge base's comes
-    from its own distillation heads; the baseline has no inherited head.
-    """
-    from .pipeline import ROWS
-    table = []
+def probe_table(results: dict, rows: Sequence[str]) -> list[dict]:
+    """Rows of the probe table: trivial baseline, teacher ceilings, then
+    ``rows``; each cell ``(value, low, high)`` or None."""
+    from .recipes import ROWS
+    table = [dict(row='trivial', label='always the majority class '
+                  f'({results["trivial"]["majority_class"]}; mIoU: '
+                  f'{results["trivial"]["seg_class"]})',
+                  **results['trivial']['table'])]
+    table.append(dict(row='effnet', label='teacher ceiling: EfficientNet-'
+                      'Lite0 pooled features (ImageNet weights)',
+                      **results['probe_cls_effnet']['table']))
+    table.append(dict(row='teachers', label='purpose-specific teachers '
+                      '(Mask R-CNN / Semantic FPN on ImageNet EfficientNet-'
+                      'Lite0, own heads)',
+                      **results['teacher_det']['table'],
+                      **results['teacher_seg']['table']))
     for row in rows:
-        entry: dict[str, Any] = dict(row=row, label=ROWS[row][0])
+        entry: dict[str, Any] = dict(row=row, label=ROWS[row])
         for task in ('cls', 'det', 'seg'):
             entry.update(results[f'probe_{task}_{row}']['table'])
-        source = {'kb_alone': 'knowledge_base'}.get(row, row)
-        agreement = results.get(source, {}).get('metrics', {}).get(
-            _AGREEMENT_KEY) if source != 'baseline' else None
-        entry['agreement'] = agreement
         table.append(entry)
+    for entry in table:
+        for key in PROBE_COLUMNS:
+            entry.setdefault(key, None)
     return table
 
 
-def _fmt(value: float | None) -> str:
-    return '—' if value is None else f'{value:.1f}'
+def agreement_table(results: dict, distilled: Sequence[str]) -> list[dict]:
+    """Rows of the inherited-head table: the two image-blind baselines,
+    then each distilled model."""
+    from .recipes import ROWS
+    first = results[f'agreement_{distilled[0]}']['trivial']
+    table = []
+    for kind, label in (('majority', "always the teacher's most frequent "
+                         'class(es) on the set'),
+                        ('mean', 'the head on the mean summary (collapsed '
+                         'student)')):
+        table.append(dict(
+            row=kind, label=label,
+            top1_in_dist=first['in_dist'][kind]['top1'],
+            top5_in_dist=first['in_dist'][kind]['top5'],
+            top1_photos=first['photos'][kind]['top1']))
+    for row in distilled:
+        res = results[f'agreement_{row}']
+        label = 'knowledge base (its distillation heads)' \
+            if row == 'knowledge_base' else ROWS[row]
+        entry = dict(row=row, label=label,
+                     top1_in_dist=res['cls']['in_dist']['top1'],
+                     top5_in_dist=res['cls']['in_dist']['top5'],
+                     top1_photos=res['cls']['photos']['top1'])
+        if 'seg' in res:
+            entry['seg_miou'] = res['seg']['miou']
+        if 'det' in res:
+            entry['det_box_ap'] = res['det']['box_ap']
+        table.append(entry)
+    for entry in table:
+        for key in AGREEMENT_COLUMNS:
+            entry.setdefault(key, None)
+    return table
 
 
-def table_markdown(table: list[dict]) -> str:
-    """The table as GitHub markdown."""
-    head = '| model | ' + ' | '.join(COLUMNS.values()) + ' |'
-    sep = '|---|' + '---:|' * len(COLUMNS)
-    lines = [head, sep]
+def _cell(value: Sequence[float] | None) -> str:
+    if value is None or not np.isfinite(value[0]):
+        return '—'
+    v, lo, hi = value
+    return f'{v:.1f} [{lo:.1f}, {hi:.1f}]'
+
+
+def table_markdown(table: list[dict], columns: dict[str, str]) -> str:
+    """A table as GitHub markdown, ``value [95 % interval]`` per cell."""
+    lines = ['| model | ' + ' | '.join(columns.values()) + ' |',
+             '|---|' + '---:|' * len(columns)]
     for entry in table:
         lines.append(f"| {entry['label']} | " + ' | '.join(
-            _fmt(entry[k]) for k in COLUMNS) + ' |')
+            _cell(entry[k]) for k in columns) + ' |')
     return '\n'.join(lines)
+
+
+def verdict(probes: list[dict], agreement: list[dict]) -> list[str]:
+    """Plain-language comparison of the inherited student with the baseline
+    (per target metric) and of its inherited classifier with the majority
+    rate, from the intervals."""
+    by_row = {e['row']: e for e in probes}
+    lines = []
+    inh, base = by_row.get('inherit'), by_row.get('baseline')
+    if inh and base:
+        for key in TARGET:
+            (a, alo, ahi), (b, blo, bhi) = inh[key], base[key]
+            if alo > bhi:
+                state = 'wins (intervals do not overlap)'
+            elif ahi < blo:
+                state = 'loses (intervals do not overlap)'
+            else:
+                state = 'intervals overlap: not resolved'
+            lines.append(f'- {PROBE_COLUMNS[key]}: inherited {a:.1f} vs '
+                         f'baseline {b:.1f} ({a - b:+.1f}): {state}')
+    agr = {e['row']: e for e in agreement}
+    if 'inherit' in agr and 'majority' in agr:
+        a = agr['inherit']['top1_in_dist']
+        m = agr['majority']['top1_in_dist']
+        mean = agr['mean']['top1_in_dist']
+        lines.append(
+            f'- inherited EfficientNet-Lite0 classifier, in distribution: '
+            f'top-1 agreement {a[0]:.1f} % [{a[1]:.1f}, {a[2]:.1f}] vs '
+            f'{m[0]:.1f} % always the most frequent class and {mean[0]:.1f}'
+            f' % for the head on the mean summary')
+    return lines
+
+
+def probe_check(results: dict, rows: Sequence[str]) -> list[str]:
+    """Whether the det / seg probes at twice the steps order the rows the
+    same way (``probe_<task>_x2_<row>`` stages): the pairs of rows whose
+    order flips, if any."""
+    lines = []
+    for task, keys in (('det', ('box_ap', 'mask_ap')), ('seg', ('miou', ))):
+        for key in keys:
+            once = {r: results[f'probe_{task}_{r}']['table'][key][0]
+                    for r in rows}
+            twice = {r: results[f'probe_{task}_x2_{r}']['table'][key][0]
+                     for r in rows}
+            flips = [f'{a} / {b}' for i, a in enumerate(rows)
+                     for b in rows[i + 1:]
+                     if (once[a] - once[b]) * (twice[a] - twice[b]) < 0]
+            values = ', '.join(f'{r} {once[r]:.1f} -> {twice[r]:.1f}'
+                               for r in rows)
+            state = 'no pair of rows changes order' if not flips else \
+                'order flips for ' + '; '.join(flips)
+            lines.append(f'- {PROBE_COLUMNS[key]} with twice the probe steps:'
+                         f' {state} ({values})')
+    return lines
 
 
 def _pyplot():
@@ -67,31 +172,40 @@ def _pyplot():
     return plt
 
 
-def render_table_png(table: list[dict], out: str) -> None:
-    """The table as a PNG; the best value of each column in bold."""
+def plot_results(table: list[dict], out: str) -> None:
+    """One panel per probe metric: every row's value with its 95 %
+    interval, the majority-class baseline as a dashed line."""
     plt = _pyplot()
-    cells = [[e['label']] + [_fmt(e[k]) for k in COLUMNS] for e in table]
-    fig, ax = plt.subplots(figsize=(14, 0.6 + 0.45 * len(table)))
-    ax.axis('off')
-    tab = ax.table(cellText=cells,
-                   colLabels=['model'] + [c.replace(' [', '\n[')
-                                          for c in COLUMNS.values()],
-                   loc='center', cellLoc='center')
-    tab.auto_set_font_size(False)
-    tab.set_fontsize(9)
-    tab.scale(1, 1.9)
-    for j, key in enumerate(COLUMNS, 1):
-        values = [e[key] for e in table]
-        known = [v for v in values if v is not None]
-        if known:
-            best = values.index(max(known))
-            tab[best + 1, j].set_text_props(weight='bold')
-    for (r, c), cell in tab.get_celld().items():
-        if c == 0:
-            cell.set_width(0.36)
-        else:
-            cell.set_width(0.128)
-    fig.savefig(out, dpi=110, bbox_inches='tight')
+    fig, axes = plt.subplots(1, len(PROBE_COLUMNS),
+                             figsize=(4.2 * len(PROBE_COLUMNS),
+                                      0.5 + 0.42 * len(table)),
+                             sharey=True)
+    labels = [e['label'] if len(e['label']) < 48 else e['label'][:46] + '…'
+              for e in table]
+    ys = np.arange(len(table))[::-1]
+    for ax, (key, title) in zip(axes, PROBE_COLUMNS.items()):
+        for y, entry in zip(ys, table):
+            cell = entry[key]
+            if cell is None or entry['row'] == 'trivial':
+                continue
+            v, lo, hi = cell
+            colour = 'C3' if entry['row'] == 'inherit' else \
+                'C0' if entry['row'] == 'baseline' else 'C7'
+            ax.errorbar(v, y, xerr=[[v - lo], [hi - v]], fmt='o',
+                        color=colour, capsize=3)
+        trivial = table[0][key]
+        if trivial is not None:
+            ax.axvline(trivial[0], color='k', ls='--', lw=1,
+                       label='majority class')
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis='x')
+    axes[0].set_yticks(ys)
+    axes[0].set_yticklabels(labels, fontsize=8)
+    axes[0].legend(fontsize=7, loc='lower right')
+    fig.suptitle('frozen-backbone probes on the world\'s validation scenes '
+                 '(95 % bootstrap intervals)', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
@@ -101,39 +215,51 @@ def _read_scalars(path: str) -> list[dict]:
 
 
 def plot_curves(runs: Sequence[str], out: str) -> None:
-    """Per-teacher loss and gradient share over training, per run.
+    """Per-teacher distillation loss and gradient share, task losses.
 
     Reads ``<run>/scalars.json`` (mmengine LocalVisBackend records).
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.6 * len(runs)),
+    fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.4 * len(runs)),
                              squeeze=False)
     for (ax_loss, ax_share), run in zip(axes, runs):
         path = osp.join(run, 'scalars.json')
         records = _read_scalars(path) if osp.isfile(path) else []
-        teachers = sorted({k[len('loss_'):].rsplit('_', 1)[0]
-                           for r in records for k in r
-                           if k.startswith('loss_') and (
-                               k.endswith('_summary')
-                               or k.endswith('_features'))})
+        keys = sorted({k for r in records for k in r})
+        teachers = sorted({k[len('loss_'):].rsplit('_', 1)[0] for k in keys
+                           if k.startswith('loss_') and k.rsplit('_', 1)[-1]
+                           in ('summary', 'features', 'logits')})
         for t in teachers:
-            pts = [(r['step'], r.get(f'loss_{t}_summary', 0.0) +
-                    r.get(f'loss_{t}_features', 0.0)) for r in records
-                   if f'loss_{t}_features' in r]
+            parts = [k for k in keys if k.startswith(f'loss_{t}_')]
+            pts = [(r['step'], sum(r.get(k, 0.0) for k in parts))
+                   for r in records if any(k in r for k in parts)]
             if pts:
-                ax_loss.plot(*zip(*pts), label=t)
+                ax_loss.plot(*zip(*pts), label=f'teacher {t}')
             shares = [(r['step'], r[f'grad_share/{t}']) for r in records
                       if f'grad_share/{t}' in r]
             if shares:
                 ax_share.plot(*zip(*shares), marker='o', label=t)
-        ax_loss.set_title(f'{run}: per-teacher loss (summary + dense)')
+        for task in ('cls', 'det', 'seg'):
+            parts = [k for k in keys if k.startswith(f'{task}.')
+                     and 'loss' in k]
+            pts = [(r['step'], sum(r.get(k, 0.0) for k in parts))
+                   for r in records if any(k in r for k in parts)]
+            if pts:
+                ax_loss.plot(*zip(*pts), ls='--', label=f'task {task}')
+        ax_loss.set_title(f'{run}: losses (per teacher: summary + dense)',
+                          fontsize=9)
         ax_loss.set_xlabel('iteration')
-        ax_share.set_title(f'{run}: gradient share (shared student params)')
+        ax_loss.set_yscale('log')
+        ax_share.set_title(f'{run}: share of the adapter\'s gradient norm',
+                           fontsize=9)
         ax_share.set_xlabel('iteration')
         ax_share.set_ylim(0, 1)
+        if len(teachers) < 2:
+            ax_share.text(0.5, 0.5, 'one teacher: no share to measure',
+                          ha='center', va='center', fontsize=9)
         for ax in (ax_loss, ax_share):
             if ax.lines:
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -165,50 +291,117 @@ def pca_rgb(maps: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def plot_pca(cfg, run: str, out: str, num_images: int) -> None:
-    """PCA maps of the student beside every teacher for a few images.
+def plot_pca(preset: dict, out: str, size: int = 128) -> None:
+    """PCA maps of EfficientNet-Lite0, the knowledge base, the inherited
+    student and the baseline on the same real photos (never trained on)
+    and world scenes, side by side.
 
     Args:
-        cfg (Config): the inheritance config of ``run`` (teachers are
-            rebuilt from their weight files).
-        run (str): the run's stage folder holding ``iter_<N>.pth``.
+        preset (dict): the run's sizes.
         out (str): PNG path.
-        num_images (int): held-out photo crops and world val images each.
+        size (int): side the photos are shown to the models at.
     """
     import cv2
 
-    from kiv.utils.checkpoint import safe_torch_load
     from kiv.registry import MODELS
+    from .recipes import effnet_teacher, probe_backbone_cfg
+    from .probes import IMAGENET_MEAN, IMAGENET_STD, world_images
+    from .world import HELDOUT_PHOTOS, load_photo
     plt = _pyplot()
-    model = MODELS.build(cfg.model)
-    ckpt = sorted(glob.glob(osp.join(run, 'iter_*.pth')))[-1]
-    model.load_state_dict(safe_torch_load(ckpt)['state_dict'])
-    model.eval()
-    paths = sorted(glob.glob('world/photos/heldout/*.jpg'))[:num_images]
-    paths += sorted(glob.glob('world/coco/val2017/*.jpg'))[:num_images]
-    imgs = [cv2.cvtColor(cv2.resize(cv2.imread(p), (64, 64)),
-                         cv2.COLOR_BGR2RGB) for p in paths]
-    batch = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-    columns = {'student (level 0)': model.extract_student(batch).features[0]}
-    for name, teacher in model.teachers.items():
-        columns[f'teacher {name}'] = teacher(batch).features[0]
-    rgb = {k: pca_rgb(v) for k, v in columns.items()}
-    ncol = 1 + len(rgb)
+    imgs = []
+    for name in HELDOUT_PHOTOS + ('astronaut', ):
+        img = load_photo(name)
+        h, w = img.shape[:2]
+        s = min(h, w)
+        img = img[(h - s) // 2:(h + s) // 2, (w - s) // 2:(w + s) // 2]
+        imgs.append(cv2.resize(img, (size, size),
+                               interpolation=cv2.INTER_AREA))
+    for path in world_images('world', 'val')[:max(0, preset['pca_images'] -
+                                                  2)]:
+        imgs.append(cv2.resize(cv2.imread(path), (size, size),
+                               interpolation=cv2.INTER_LINEAR))
+    rgb = np.stack([cv2.cvtColor(i, cv2.COLOR_BGR2RGB) for i in imgs])
+    x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float()
+    effnet = effnet_teacher(preset)
+    stride8 = effnet.feature_strides.index(8)
+    columns = {'EfficientNet-Lite0\n(teacher, stride 8)':
+               effnet(x).features[stride8]}
+    norm = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / \
+        torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for row, title in (('kb_alone', 'knowledge base'),
+                       ('inherit', 'inherited student'),
+                       ('baseline', 'baseline (scratch)')):
+        backbone = MODELS.build(probe_backbone_cfg(row, preset))
+        backbone.init_weights()
+        backbone.eval()
+        columns[f'{title}\n(stride 8)'] = \
+            backbone.forward_features(norm).features[1]
+    maps = {k: pca_rgb(v) for k, v in columns.items()}
+    ncol = 1 + len(maps)
     fig, axes = plt.subplots(len(imgs), ncol,
-                             figsize=(1.9 * ncol, 1.9 * len(imgs)),
+                             figsize=(2.0 * ncol, 2.0 * len(imgs)),
                              squeeze=False)
-    for i, img in enumerate(imgs):
-        axes[i, 0].imshow(img)
-        for j, (name, maps) in enumerate(rgb.items(), 1):
-            axes[i, j].imshow(maps[i], interpolation='nearest')
+    for i in range(len(imgs)):
+        axes[i, 0].imshow(rgb[i])
+        for j, (name, m) in enumerate(maps.items(), 1):
+            axes[i, j].imshow(m[i], interpolation='nearest')
             if i == 0:
                 axes[i, j].set_title(name, fontsize=8)
         if i == 0:
             axes[i, 0].set_title('image', fontsize=8)
         for ax in axes[i]:
             ax.axis('off')
-    fig.suptitle('PCA of dense features (first 3 components as RGB)',
-                 fontsize=10)
+    fig.suptitle('PCA of dense features (first 3 components as RGB; one PCA '
+                 'per model over all images)', fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def _stage_times(results: dict) -> str:
+    lines = ['| stage | seconds | |', '|---|---:|---|']
+    for name, info in results.get('_stages', {}).items():
+        if isinstance(info, dict):
+            lines.append(f"| {name} | {info['seconds']:.0f} | "
+                         f"{'cached' if info['cached'] else 'ran'} |")
+    return '\n'.join(lines)
+
+
+def write_report(results: dict, rows: Sequence[str],
+                 distilled: Sequence[str], preset: dict, ctx) -> dict:
+    """Write ``report/``: ``tables.md`` (+ ``tables.json``), ``verdict.md``,
+    ``stage_times.md``, ``results.png``, ``curves.png``, ``pca.png``.
+
+    Returns:
+        dict: the tables, the markdown and the verdict.
+    """
+    probes = probe_table(results, rows)
+    agreement = agreement_table(results, distilled)
+    md = ('Frozen-backbone probes (world validation scenes, '
+          f'{results["world"]["splits"]["val"]["images"]} images; '
+          'value [95 % bootstrap interval]):\n\n' +
+          table_markdown(probes, PROBE_COLUMNS) +
+          '\n\nInherited heads against their teachers (no downstream '
+          'training; in distribution = new views of distillation images + '
+          'world validation scenes):\n\n' +
+          table_markdown(agreement, AGREEMENT_COLUMNS))
+    lines = verdict(probes, agreement)
+    if preset.get('probe_check'):
+        lines += probe_check(results, rows[:3])  # the main rows
+    d = ctx.dir
+    with open(osp.join(d, 'tables.md'), 'w', encoding='utf-8') as f:
+        f.write(md + '\n')
+    with open(osp.join(d, 'verdict.md'), 'w', encoding='utf-8') as f:
+        f.write('\n'.join(lines) + '\n')
+    with open(osp.join(d, 'stage_times.md'), 'w', encoding='utf-8') as f:
+        f.write(_stage_times(results) + '\n')
+    with open(osp.join(d, 'tables.json'), 'w', encoding='utf-8') as f:
+        json.dump(dict(probes=probes, agreement=agreement), f, indent=1)
+    ctx.progress.update(0.1, 'results figure')
+    plot_results(probes, osp.join(d, 'results.png'))
+    plot_curves([r for r in ('knowledge_base', *distilled[1:])],
+                osp.join(d, 'curves.png'))
+    ctx.progress.update(0.4, 'PCA maps')
+    plot_pca(preset, osp.join(d, 'pca.png'))
+    return dict(probes=probes, agreement=agreement, markdown=md,
+                verdict=lines)

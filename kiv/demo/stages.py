@@ -25,9 +25,12 @@ from typing import Any, Callable, Iterator, Sequence
 from mmengine.hooks import Hook
 
 __all__ = ['Stage', 'StageContext', 'ProgressDisplay', 'ProgressHook',
-           'run_stages', 'working_dir']
+           'run_stages', 'working_dir', 'read_timings', 'expected_seconds',
+           'size_key']
 
 DONE = 'done'
+#: measured stage times, in the work dir
+TIMINGS = 'timings.json'
 
 
 @dataclass
@@ -44,7 +47,8 @@ class Stage:
         params (dict): JSON-safe parameters (fingerprinted).
         files (Sequence[str]): files whose content is fingerprinted (e.g.
             the configs it loads, with their ``_base_`` files).
-        cost (float): expected seconds, for the ETA.
+        cost (float): expected seconds on an idle 2-core machine, for the
+            ETA when this stage has not run here before at this size.
     """
     name: str
     title: str
@@ -211,6 +215,28 @@ def _file_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def size_key(stage: Stage) -> str:
+    """What a stage's run time depends on: its name and parameters (not the
+    seed, not the inputs' content)."""
+    blob = json.dumps(dict(name=stage.name, params=stage.params),
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_timings(work_dir: str) -> dict[str, dict]:
+    """Measured stage times of earlier runs: ``name -> {size key:
+    seconds}``."""
+    found = _read_done(osp.join(work_dir, TIMINGS))
+    return found if isinstance(found, dict) else {}
+
+
+def expected_seconds(stage: Stage, timings: dict[str, dict]) -> float:
+    """The last measured time of ``stage`` at its size, else its ``cost``.
+    """
+    measured = timings.get(stage.name, {}).get(size_key(stage))
+    return float(measured) if measured is not None else float(stage.cost)
+
+
 def fingerprint(stage: Stage, seed: int, upstream: dict[str, str]) -> str:
     """Hash of everything a stage's outputs depend on."""
     payload = dict(name=stage.name, params=stage.params, seed=seed,
@@ -266,8 +292,10 @@ def run_stages(stages: Sequence[Stage], work_dir: str, seed: int,
         if (not fresh and done is not None
                 and done.get('fingerprint') == prints[s.name]):
             cached[s.name] = done
+    timings = read_timings(work_dir)
     progress = ProgressDisplay(
-        {s.name: s.cost for s in stages if s.name not in cached}, stream)
+        {s.name: expected_seconds(s, timings) for s in stages
+         if s.name not in cached}, stream)
     results: dict[str, Any] = {'_stages': {}}
     for i, s in enumerate(stages, 1):
         progress.start_stage(i, len(stages), s, s.name in cached)
@@ -290,5 +318,7 @@ def run_stages(stages: Sequence[Stage], work_dir: str, seed: int,
                                 seconds=round(seconds, 1)))
         results[s.name] = result
         results['_stages'][s.name] = dict(cached=False, seconds=seconds)
+        timings.setdefault(s.name, {})[size_key(s)] = round(seconds, 1)
+        _write_json_atomic(osp.join(work_dir, TIMINGS), timings)
     results['_stages']['total_seconds'] = progress.elapsed()
     return results

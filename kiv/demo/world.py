@@ -14,9 +14,18 @@ written once into three real dataset layouts::
     ade/       ADEChallengeData2016/{images,annotations}/{training,validation}
                (0 = background, k + 1 = class k: ``reduce_zero_label``)
     imagenet/  {train,val}/<class>/*.JPEG, meta/{train,val}.txt
+    labels/    {train,val}2017/<coco file stem>.png: every annotation of a
+               scene in one 3-channel PNG (channel 0 = instance id, 0 for
+               background, ``i + 1`` for the ``i``-th COCO annotation of
+               the image; channel 1 = semantic class, 0 = background,
+               ``k + 1`` = class ``k``), so a crop / resize / flip of an
+               image can be applied to all its labels at once
+               (:class:`~kiv.demo.transforms.WorldViewLabels`)
 
 so mmdet's ``CocoDataset``, mmseg's segmentation datasets and mmpretrain's
-``ImageNet`` read them as they are.
+``ImageNet`` read them as they are. Image ``i`` of a split is the same scene
+in every layout (COCO id ``i + 1``, ADE index ``i``, line ``i`` of the
+ImageNet meta file).
 
 The real-photo set (:func:`write_photo_crops`) takes the photos shipped in
 scikit-image and matplotlib; some are held out (:data:`HELDOUT_PHOTOS`) and
@@ -37,7 +46,8 @@ from kiv.testing.layouts import (write_ade20k_split, write_coco_split,
 
 __all__ = [
     'CLASSES', 'TRAIN_PHOTOS', 'HELDOUT_PHOTOS', 'Scene', 'WorldConfig',
-    'draw_scene', 'write_world', 'load_photo', 'write_photo_crops'
+    'draw_scene', 'write_world', 'write_label_maps', 'label_map_path',
+    'load_photo', 'write_photo_crops'
 ]
 
 #: object classes; a class is a shape.
@@ -261,6 +271,31 @@ def draw_scene(rng: np.random.Generator, cfg: WorldConfig,
 
 
 # --------------------------------------------------------------- writing ---
+def label_map_path(root: str, split: str, index: int) -> str:
+    """The label map of image ``index`` of ``split`` under world ``root``.
+    """
+    return osp.join(root, 'labels', f'{split}2017', f'{index:012d}.png')
+
+
+def write_label_maps(root: str, split: str, scenes: Sequence[Scene]) -> None:
+    """Write every scene's instances and semantic map as one PNG.
+
+    Args:
+        root (str): the world folder.
+        split (str): ``'train'`` or ``'val'``.
+        scenes (Sequence[Scene]): the split's scenes, in order.
+    """
+    os.makedirs(osp.dirname(label_map_path(root, split, 0)), exist_ok=True)
+    for i, scene in enumerate(scenes):
+        if len(scene.masks) > 254:
+            raise ValueError('a world scene has more than 254 objects')
+        labels = np.zeros((*scene.semantic.shape, 3), np.uint8)
+        for k, mask in enumerate(scene.masks):
+            labels[mask > 0, 0] = k + 1
+        labels[..., 1] = scene.semantic
+        cv2.imwrite(label_map_path(root, split, i), labels)
+
+
 def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
     """Generate the world and write it in the COCO, ADE20K and ImageNet
     layouts under ``root`` (``coco/``, ``ade/``, ``imagenet/``).
@@ -271,8 +306,9 @@ def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
         seed (int): random seed: the same seed writes the same files.
 
     Returns:
-        dict: ``classes``, image counts per split and per-class image-label
-        counts (JSON-safe), also written to ``root/world.json``.
+        dict: ``classes``, image counts per split, per-class image-label
+        counts and per-class object counts (JSON-safe), also written to
+        ``root/world.json``.
     """
     rng = np.random.default_rng(seed)
     backgrounds = _Backgrounds()
@@ -284,6 +320,7 @@ def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
         write_ade20k_split(osp.join(root, 'ade'), split, scenes)
         counts = write_imagenet_split(osp.join(root, 'imagenet'), split,
                                       scenes, CLASSES)
+        write_label_maps(root, split, scenes)
         summary['splits'][split] = dict(images=n, objects=objects,
                                         image_labels=counts)
     write_json(osp.join(root, 'world.json'), summary)

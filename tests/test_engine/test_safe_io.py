@@ -20,8 +20,7 @@ import kiv
 from kiv.engine import safe_io
 from kiv.engine.atomic_files import AtomicLocalBackend
 from kiv.utils.checkpoint import (SAFE_GLOBALS, UnsafeCheckpointError,
-                                   load_from_local, load_url,
-                                   safe_torch_load)
+                                  load_from_local, load_url, safe_torch_load)
 
 
 @pytest.fixture

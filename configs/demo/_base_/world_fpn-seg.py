@@ -62,8 +62,11 @@ optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
     clip_grad=dict(max_norm=10.0))
+# warm-up, then cosine decay (the demo stretches both to its iterations)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=30),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=False, begin=30,
+         end=300),
 ]
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),

@@ -1,7 +1,9 @@
 # Mask R-CNN on the demo world (COCO layout, 64x64 images, 6 shape
-# classes) for any backbone giving 4 maps at strides 4/8/16/32: small
-# anchors (16 px at stride 4) and light heads. Paths are relative to the
-# demo work dir (``work_dirs/demo``), where ``world/coco`` is written.
+# classes, at most 4 objects per image) for any backbone giving 4 maps at
+# strides 4/8/16/32: small anchors (16 px at stride 4), light heads and
+# proposal / RoI budgets sized for a few objects per 64 px image. Paths
+# are relative to the demo work dir (``work_dirs/demo``), where
+# ``world/coco`` is written.
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
@@ -22,15 +24,16 @@ model = dict(
         anchor_generator=dict(scales=[4])),
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=fpn_channels),
-        bbox_head=dict(in_channels=fpn_channels, fc_out_channels=256,
+        bbox_head=dict(in_channels=fpn_channels, fc_out_channels=128,
                        num_classes=6),
         mask_roi_extractor=dict(out_channels=fpn_channels),
         mask_head=dict(num_convs=2, in_channels=fpn_channels,
                        conv_out_channels=fpn_channels, num_classes=6)),
     train_cfg=dict(
-        rpn_proposal=dict(nms_pre=500, max_per_img=200),
-        rcnn=dict(sampler=dict(num=128))),
-    test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=200),
+        rpn=dict(sampler=dict(num=64)),
+        rpn_proposal=dict(nms_pre=300, max_per_img=100),
+        rcnn=dict(sampler=dict(num=64))),
+    test_cfg=dict(rpn=dict(nms_pre=300, max_per_img=100),
                   rcnn=dict(max_per_img=20)))
 
 train_pipeline = [
@@ -69,8 +72,11 @@ optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
     clip_grad=dict(max_norm=10.0))
+# warm-up, then cosine decay (the demo stretches both to its iterations)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=30),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=False, begin=30,
+         end=300),
 ]
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),

@@ -1,8 +1,11 @@
-# Unlabelled images of the demo: random crops of the real training photos
-# (``world/photos/train``) plus the world's training scenes (labels
-# ignored), 64x64. Held-out photo crops (``world/photos/heldout``) measure
-# the inherited heads' agreement with their teachers. Paths are relative to
-# the demo work dir.
+# Unlabelled images of the demo's distillation: random crops of the real
+# training photos (``world/photos/train``) and the world's training scenes,
+# listed together in ``world/distill.txt`` (paths relative to ``world/``).
+# Views are 64x64 random resized crops, flipped half of the time; the
+# teacher-feature cache replays exactly these views (``kiv.ReplayView``).
+# Held-out photo crops (``world/photos/heldout``) are the test set of the
+# inherited heads' agreement with their teachers (generalisation). Paths are
+# relative to the demo work dir.
 train_pipeline = [
     dict(type='kiv.LoadImageFromFileSafe'),
     dict(type='mmpretrain.RandomResizedCrop', scale=64,
@@ -11,30 +14,22 @@ train_pipeline = [
     dict(type='kiv.PackImageInputs'),
 ]
 train_dataloader = dict(
-    batch_size=16,
+    batch_size=32,
     num_workers=0,
     persistent_workers=False,
     sampler=dict(type='InfiniteSampler', shuffle=True),
     collate_fn=dict(type='pseudo_collate'),
-    dataset=dict(
-        type='ConcatDataset',
-        datasets=[
-            dict(type='kiv.UnlabeledImageDataset',
-                 data_root='world/photos/train/',
-                 pipeline=train_pipeline),
-            dict(type='kiv.UnlabeledImageDataset',
-                 data_root='world/coco/',
-                 ann_file='annotations/instances_train2017.json',
-                 data_prefix=dict(img_path='train2017/'),
-                 pipeline=train_pipeline),
-        ]))
+    dataset=dict(type='kiv.UnlabeledImageDataset',
+                 data_root='world/',
+                 ann_file='distill.txt',
+                 pipeline=train_pipeline))
 test_pipeline = [
     dict(type='kiv.LoadImageFromFileSafe'),
     dict(type='mmcv.Resize', scale=(64, 64), keep_ratio=False),
     dict(type='kiv.PackImageInputs'),
 ]
 test_dataloader = dict(
-    batch_size=16,
+    batch_size=32,
     num_workers=0,
     persistent_workers=False,
     sampler=dict(type='DefaultSampler', shuffle=False),

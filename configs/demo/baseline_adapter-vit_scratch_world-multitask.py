@@ -1,0 +1,40 @@
+# The demo's data-centric baseline: the student's architecture (the
+# knowledge-base ViT layout + the same adapter), every weight random and
+# trainable, trained jointly on every label any teacher saw: image labels
+# (linear head on the summary), boxes + instance masks (Mask R-CNN) and
+# semantic maps (Semantic FPN), with the same heads, views and optimisation
+# as the inherited student's multi-task training (the shared base; the demo
+# builds ``model.tasks`` from ``task_models``), on the world's training
+# scenes, with the same optimizer steps x batch as the inheritance run. Its
+# backbone is then exported and probed like the inherited student.
+_base_ = ['./_base_/adapter-vit-s8-reg4_world_schedule.py']
+model = dict(
+    type='kiv.MultiTaskModel',
+    backbone=dict(
+        type='kiv.AdapterViT',
+        base=dict(
+            type='timm',
+            model_name='vit_small_patch14_reg4_dinov2',
+            checkpoint=None,  # from scratch
+            model_kwargs=dict(img_size=64, patch_size=8, embed_dim=128,
+                              depth=6, num_heads=4, init_values=0.1)),
+        interaction_indexes=[[0, 0], [1, 2], [3, 4], [5, 5]],
+        conv_inplane=32,
+        deform_num_heads=4,
+        n_points=4,
+        with_global_token=True,
+        freeze_base=False,
+        out_type='both'),
+    tasks=dict())
+train_dataloader = dict(
+    batch_size=32,
+    num_workers=0,
+    persistent_workers=False,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    collate_fn=dict(type='pseudo_collate'),
+    dataset=dict(
+        type='kiv.UnlabeledImageDataset',
+        data_root='world/',
+        ann_file='coco/annotations/instances_train2017.json',
+        data_prefix=dict(img_path='coco/train2017'),
+        pipeline={{_base_.labelled_view_pipeline}}))

@@ -1,0 +1,331 @@
+"""Evaluation stages of the demo: frozen features, the probes, the
+teacher's own outputs, the inherited heads against their teachers, the
+image-blind baselines and the report.
+
+Each ``stage_*`` returns the ``run(ctx)`` of a :class:`~kiv.demo.stages.Stage`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import os.path as osp
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from mmengine.config import Config
+
+from .recipes import (CACHE, CLASSES, _last_checkpoint, effnet_teacher,
+                      inherit_cfg, interval_table, keep_test_outputs,
+                      knowledge_base_cfg, probe_backbone_cfg, probe_cfg,
+                      run_runner)
+from .stages import StageContext
+
+__all__ = ['stage_features', 'stage_probe_cls', 'stage_probe',
+           'stage_effnet_eval', 'stage_agreement', 'stage_trivial',
+           'stage_report']
+
+
+def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
+    """Frozen-backbone features of a row: world train (+ flipped) and val.
+    """
+
+    def run(ctx: StageContext) -> dict:
+        from kiv.registry import MODELS
+        from .probes import extract_features, save_features, world_images
+        backbone = MODELS.build(probe_backbone_cfg(row, preset))
+        backbone.init_weights()
+        sets = [('train', False), ('train_flip', True), ('val', False)]
+        tensors = {}
+        for i, (name, flip) in enumerate(sets):
+            paths = world_images('world', name.split('_')[0])
+
+            def progress(done, total, i=i, name=name):
+                ctx.progress.update((i + done / total) / len(sets),
+                                    f'features {name} {done}/{total}')
+
+            feats = extract_features(backbone, paths, flip=flip,
+                                     progress=progress)
+            for key, value in feats.items():
+                if name == 'train_flip' and key == 'summary':
+                    continue
+                tensors[f'{name}.{key}'] = value
+        save_features(osp.join(ctx.dir, 'features.safetensors'), tensors)
+        return dict(keys=len(tensors))
+
+    return run
+
+
+def _world_labels(split: str) -> list[int]:
+    with open(f'world/imagenet/meta/{split}.txt', encoding='utf-8') as f:
+        return [int(line.split()[1]) for line in f if line.strip()]
+
+
+def _cls_table(probe: dict, labels: list[int], seed: int) -> dict:
+    from .probes import bootstrap_ci
+    out = {}
+    for key in ('logreg', 'knn'):
+        pred = probe[f'{key}_pred']
+        correct = [100.0 * (p == y) for p, y in zip(pred, labels)]
+        out[f'top1_{key}'] = bootstrap_ci(correct, seed=seed)
+    return out
+
+
+def stage_probe_cls(row: str) -> Callable[[StageContext], dict]:
+    """Logistic regression + k-NN on a row's summaries (``row='effnet'``:
+    EfficientNet-Lite0's own pooled features, the teacher ceiling)."""
+
+    def run(ctx: StageContext) -> dict:
+        from .probes import cls_probe, load_tensor
+        if row == 'effnet':
+            path, keys = 'effnet_eval/outputs.safetensors', (
+                'train.summary', 'val.summary')
+        else:
+            path, keys = f'features_{row}/features.safetensors', (
+                'train.summary', 'val.summary')
+        train_x, val_x = (load_tensor(path, k) for k in keys)
+        train_y = torch.tensor(_world_labels('train'))
+        val_y = _world_labels('val')
+        probe = cls_probe(train_x, train_y, val_x, len(CLASSES),
+                          seed=ctx.seed)
+        return dict(table=_cls_table(probe, val_y, ctx.seed),
+                    weight_decay=probe['weight_decay'], k=probe['k'],
+                    holdout_logreg=probe['holdout_logreg'],
+                    holdout_knn=probe['holdout_knn'])
+
+    return run
+
+
+def stage_probe(task: str, row: str,
+                preset: dict) -> Callable[[StageContext], dict]:
+
+    def run(ctx: StageContext) -> dict:
+        cfg = probe_cfg(task, row, preset)
+        keep_test_outputs(cfg, task, ctx.dir)
+        _, metrics = run_runner(cfg, ctx)
+        table = interval_table(task, ctx.dir, ctx.seed)
+        return dict(metrics=metrics, table=table)
+
+    return run
+
+
+def stage_effnet_eval(preset: dict) -> Callable[[StageContext], dict]:
+    """EfficientNet-Lite0 once on the probe and agreement images: world
+    train / val (pooled summary for the ceiling probe, logits), new views
+    of distillation images and held-out photo crops (logits), and its head
+    on the mean summary of the cached views."""
+
+    def run(ctx: StageContext) -> dict:
+        import cv2
+
+        from kiv.datasets.teacher_cache import (ReplayView, load_statistics,
+                                                read_index, view_rng)
+        from .probes import load_rgb, save_features, world_images
+        teacher = effnet_teacher(preset)
+        with open('world/distill.txt', encoding='utf-8') as f:
+            distill = [line.strip() for line in f if line.strip()]
+        # new views of distillation images (another seed than the cache's)
+        view = ReplayView(**{k: v for k, v in
+                             read_index(CACHE)['view'].items()
+                             if k != 'type'})
+        rng = np.random.default_rng(ctx.seed + 7919)
+        picks = rng.choice(len(distill),
+                           min(preset['agreement_views'], len(distill)),
+                           replace=False)
+        os.makedirs(osp.join(ctx.dir, 'views'), exist_ok=True)
+        view_paths = []
+        for k, i in enumerate(sorted(picks.tolist())):
+            img = cv2.imread(osp.join('world', distill[i]))
+            params = view.sample(img.shape[:2],
+                                 view_rng(ctx.seed + 7919, i, 0))
+            path = osp.join(ctx.dir, 'views', f'{k:05d}.png')
+            cv2.imwrite(path, view.apply(img, params))
+            view_paths.append(path)
+        sets = dict(train=world_images('world', 'train'),
+                    val=world_images('world', 'val'), views=view_paths,
+                    photos=sorted(glob.glob('world/photos/heldout/*.jpg')))
+        total = sum(len(v) for v in sets.values())
+        done = 0
+        out = {}
+        with torch.no_grad():
+            for name, paths in sets.items():
+                summaries, logits = [], []
+                for start in range(0, len(paths), 64):
+                    x = load_rgb(paths[start:start + 64])
+                    s = teacher(x).summary
+                    summaries.append(s)
+                    logits.append(teacher.forward_head(s))
+                    done += len(x)
+                    ctx.progress.update(done / total,
+                                        f'EfficientNet-Lite0 {done}/{total}')
+                out[f'{name}.summary'] = torch.cat(summaries)
+                out[f'{name}.logits'] = torch.cat(logits)
+            index = read_index(CACHE)
+            sums = load_statistics(osp.join(CACHE, 'statistics.safetensors'),
+                                   index['cache_id'])['effnet.summary']
+            dim = out['val.summary'].shape[1]
+            mean = (sums[1:1 + dim] / sums[0]).float()[None]
+            out['mean.summary'] = mean
+            out['mean.logits'] = teacher.forward_head(mean)
+        save_features(osp.join(ctx.dir, 'outputs.safetensors'), out)
+        with open(osp.join(ctx.dir, 'sets.json'), 'w', encoding='utf-8') as f:
+            json.dump(sets, f, indent=1)
+        return {k: len(v) for k, v in sets.items()}
+
+    return run
+
+
+def _row_cfg(row: str, preset: dict) -> tuple[Config, str]:
+    """The training config and last checkpoint of a distilled row."""
+    if row == 'knowledge_base':
+        return (knowledge_base_cfg(preset), _last_checkpoint(
+            row, preset['knowledge_base']['iters']))
+    return inherit_cfg(row, preset), _last_checkpoint(
+        row, preset['inherit']['iters'])
+
+
+def stage_agreement(row: str,
+                    preset: dict) -> Callable[[StageContext], dict]:
+    """The inherited heads of a distilled row against their teachers."""
+
+    def run(ctx: StageContext) -> dict:
+        from .agreement import (cls_agreement, det_agreement,
+                                inherited_outputs, load_distiller,
+                                seg_agreement, teacher_sizes,
+                                trivial_cls_agreement)
+        from .probes import load_rgb, load_tensor
+        cfg, ckpt = _row_cfg(row, preset)
+        model = load_distiller(cfg, ckpt)
+        outputs = 'effnet_eval/outputs.safetensors'
+        with open('effnet_eval/sets.json', encoding='utf-8') as f:
+            sets = json.load(f)
+        effnet = model.teachers['effnet']
+        sizes = {'effnet': teacher_sizes(effnet, (64, 64))}
+        mean_logits = load_tensor(outputs, 'mean.logits')[0]
+        refs, got = {}, {}
+        for i, name in enumerate(('views', 'val', 'photos')):
+            x = load_rgb(sets[name], 64)
+            refs[name] = load_tensor(outputs, f'{name}.logits')
+            got[name] = torch.cat([
+                effnet.forward_head(inherited_outputs(
+                    model, x[s:s + 64], ['effnet'], sizes)['effnet'].summary)
+                for s in range(0, len(x), 64)])
+            ctx.progress.update((i + 1) / 5, f'classifier agreement {name}')
+        # in distribution: new views of distillation images + world val
+        refs['in_dist'] = torch.cat([refs['views'], refs['val']])
+        got['in_dist'] = torch.cat([got['views'], got['val']])
+        result: dict[str, Any] = dict(
+            cls={k: cls_agreement(refs[k], got[k], ctx.seed) for k in refs},
+            trivial={k: trivial_cls_agreement(refs[k], mean_logits, ctx.seed)
+                     for k in refs})
+        val = load_rgb(sets['val'], 64)
+        if 'seg' in model.teachers:
+            seg = model.teachers['seg']
+            seg_sizes = {'seg': teacher_sizes(seg, (64, 64))}
+            ref = torch.cat([seg(val[s:s + 64]).features[0]
+                             for s in range(0, len(val), 64)])
+            inh = torch.cat([inherited_outputs(
+                model, val[s:s + 64], ['seg'], seg_sizes)['seg'].features[0]
+                for s in range(0, len(val), 64)])
+            result['seg'] = seg_agreement(
+                ref, inh, osp.join(ctx.dir, 'seg_samples.npz'), ctx.seed)
+        ctx.progress.update(0.7, 'segmenter agreement')
+        if 'det' in model.teachers:
+            from mmdet.registry import MODELS as DET_MODELS
+            from mmengine.registry import DefaultScope
+
+            from kiv.utils.checkpoint import safe_torch_load
+            det_cfg = Config.fromfile('teacher_det/teacher_det.py')
+            with DefaultScope.overwrite_default_scope('mmdet'):
+                detector = DET_MODELS.build(det_cfg.model)
+            detector.load_state_dict(safe_torch_load(
+                'teacher_det/teacher_det.pth')['state_dict'])
+            detector.eval()
+            result['det'] = det_agreement(
+                model, detector, val, ctx.dir, CLASSES, seed=ctx.seed,
+                progress=lambda d, t: ctx.progress.update(
+                    0.7 + 0.3 * d / t, f'detector agreement {d}/{t}'))
+        return result
+
+    return run
+
+
+def stage_trivial(preset: dict) -> Callable[[StageContext], dict]:
+    """Image-blind baselines of every probe metric: the most frequent
+    training class as the answer for every validation image (top-1), as
+    one whole-image box / mask (AP) and for every pixel (mIoU)."""
+
+    def run(ctx: StageContext) -> dict:
+        import cv2
+        from pycocotools import mask as mask_utils
+
+        from .probes import bootstrap_ci, coco_bootstrap, miou_bootstrap
+        train = _world_labels('train')
+        majority = int(np.bincount(train, minlength=len(CLASSES)).argmax())
+        val = _world_labels('val')
+        top1 = bootstrap_ci([100.0 * (y == majority) for y in val],
+                            seed=ctx.seed)
+        # the most frequent foreground class of the training pixels
+        pix = np.zeros(len(CLASSES) + 1)
+        ade = 'world/ade/ADEChallengeData2016/annotations'
+        for path in glob.glob(f'{ade}/training/*.png'):
+            pix += np.bincount(cv2.imread(path, cv2.IMREAD_UNCHANGED).ravel(),
+                               minlength=len(pix))[:len(pix)]
+        seg_cls = int(pix[1:].argmax())
+        val_maps = sorted(glob.glob(f'{ade}/validation/*.png'))
+        areas = {k: [] for k in ('intersect', 'union', 'pred', 'label')}
+        for path in val_maps:
+            gt = cv2.imread(path, cv2.IMREAD_UNCHANGED).astype(int) - 1
+            valid = gt >= 0
+            inter, union = np.zeros(len(CLASSES)), np.zeros(len(CLASSES))
+            label = np.bincount(gt[valid], minlength=len(CLASSES))
+            pred = np.zeros(len(CLASSES))
+            pred[seg_cls] = valid.sum()
+            inter[seg_cls] = label[seg_cls]
+            union = label + pred - inter
+            for k, v in zip(areas, (inter, union, pred, label)):
+                areas[k].append(v)
+        np.savez(osp.join(ctx.dir, 'samples.npz'),
+                 **{k: np.stack(v) for k, v in areas.items()})
+        miou = miou_bootstrap(osp.join(ctx.dir, 'samples.npz'),
+                              seed=ctx.seed)
+        gt_file = 'world/coco/annotations/instances_val2017.json'
+        with open(gt_file, encoding='utf-8') as f:
+            images = json.load(f)['images']
+        boxes, masks = [], []
+        for im in images:
+            w, h = im['width'], im['height']
+            item = dict(image_id=im['id'], category_id=majority + 1,
+                        score=1.0)
+            boxes.append(dict(item, bbox=[0, 0, w, h]))
+            rle = mask_utils.encode(np.asfortranarray(
+                np.ones((h, w), np.uint8)))
+            rle['counts'] = rle['counts'].decode('ascii')
+            masks.append(dict(item, segmentation=rle))
+        for name, res in (('bbox', boxes), ('segm', masks)):
+            with open(osp.join(ctx.dir, f'results.{name}.json'), 'w',
+                      encoding='utf-8') as f:
+                json.dump(res, f)
+        return dict(
+            majority_class=CLASSES[majority], seg_class=CLASSES[seg_cls],
+            table=dict(
+                top1_logreg=top1, top1_knn=top1,
+                box_ap=coco_bootstrap(gt_file, f'{ctx.dir}/results.bbox.json',
+                                      'bbox', seed=ctx.seed),
+                mask_ap=coco_bootstrap(gt_file,
+                                       f'{ctx.dir}/results.segm.json',
+                                       'segm', seed=ctx.seed),
+                miou=miou))
+
+    return run
+
+
+def stage_report(rows: list[str], distilled: list[str],
+                 preset: dict) -> Callable[[StageContext], dict]:
+
+    def run(ctx: StageContext) -> dict:
+        from .report import write_report
+        return write_report(ctx.results, rows, distilled, preset, ctx)
+
+    return run

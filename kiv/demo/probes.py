@@ -1,0 +1,451 @@
+"""Probes of frozen backbones and bootstrap confidence intervals.
+
+The backbones in the demo's table are frozen, so their features are
+computed once per row (:func:`extract_features`) and every probe reads
+them:
+
+* classification: multinomial logistic regression (full-batch L-BFGS) and
+  cosine k-NN on the summary (:func:`fit_logistic`, :func:`knn_predict`),
+  their regularisation / ``k`` chosen by a split of the *training* images;
+* detection / instance and semantic segmentation: mmdet's Mask R-CNN and
+  mmseg's Semantic FPN trained by the mmengine Runner on the cached pyramid
+  (``kiv.demo.AttachFeatures`` puts the features of the right image and flip
+  where the image would be; the model's backbone is
+  ``kiv.FeaturePassthrough``), evaluated by mmdet's ``CocoMetric`` and
+  mmseg's ``IoUMetric`` (:class:`IoUMetricWithSamples` also keeps the
+  per-image areas).
+
+Every number gets a 95 % percentile bootstrap interval over the validation
+images: :func:`bootstrap_ci` (per-image scores), :func:`coco_bootstrap`
+(COCO AP re-accumulated from pycocotools' per-image matches) and
+:func:`miou_bootstrap` (per-image intersections and unions).
+"""
+from __future__ import annotations
+
+import json
+import os
+import os.path as osp
+import re
+from typing import Callable, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mmcv.transforms import BaseTransform
+from mmseg.evaluation import IoUMetric
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from kiv.registry import METRICS, TRANSFORMS
+
+__all__ = [
+    'world_images', 'extract_features', 'save_features', 'AttachFeatures',
+    'IoUMetricWithSamples', 'fit_logistic', 'knn_predict', 'cls_probe',
+    'bootstrap_ci', 'coco_bootstrap', 'miou_bootstrap', 'image_index'
+]
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+# ------------------------------------------------------------- features ---
+def world_images(world: str, split: str) -> list[str]:
+    """The world's images of ``split`` in index order (COCO layout)."""
+    with open(osp.join(world, 'coco', 'annotations',
+                       f'instances_{split}2017.json'), encoding='utf-8') as f:
+        images = sorted(json.load(f)['images'], key=lambda im: im['id'])
+    return [osp.join(world, 'coco', f'{split}2017', im['file_name'])
+            for im in images]
+
+
+def load_rgb(paths: Sequence[str], size: Optional[int] = None) -> Tensor:
+    """Images as a ``(N, 3, H, W)`` float RGB tensor in [0, 255]."""
+    imgs = []
+    for p in paths:
+        img = cv2.imread(p, cv2.IMREAD_COLOR)
+        if img is None:
+            raise FileNotFoundError(f'cannot read image {p}')
+        if size is not None and img.shape[:2] != (size, size):
+            img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+        imgs.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+
+
+@torch.no_grad()
+def extract_features(backbone: torch.nn.Module, paths: Sequence[str],
+                     flip: bool = False, batch_size: int = 64,
+                     levels: int = 4,
+                     progress: Optional[Callable[[int, int], None]] = None
+                     ) -> dict[str, Tensor]:
+    """Frozen-backbone features of images.
+
+    Args:
+        backbone (nn.Module): with ``forward_features`` (summary + pyramid)
+            taking ImageNet-normalised RGB images.
+        paths (Sequence[str]): image files.
+        flip (bool): horizontally flip the images first.
+        batch_size (int): images per forward.
+        levels (int): pyramid levels kept (strides 4..32).
+        progress (callable, optional): ``progress(done, total)``.
+
+    Returns:
+        dict[str, Tensor]: ``summary`` ``(N, C)`` float32 and ``level<l>``
+        ``(N, C, h_l, w_l)`` float16.
+    """
+    backbone.eval()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, len(paths), batch_size):
+        x = load_rgb(paths[start:start + batch_size])
+        if flip:
+            x = x.flip(-1)
+        out = backbone.forward_features((x - mean) / std)
+        parts.setdefault('summary', []).append(out.summary.float())
+        for lv in range(levels):
+            parts.setdefault(f'level{lv}', []).append(
+                out.features[lv].half())
+        if progress is not None:
+            progress(min(start + batch_size, len(paths)), len(paths))
+    return {k: torch.cat(v).contiguous() for k, v in parts.items()}
+
+
+def save_features(path: str, tensors: dict[str, Tensor]) -> None:
+    """Write features as safetensors, atomically."""
+    part = path + '.part'
+    save_file({k: v.contiguous() for k, v in tensors.items()}, part)
+    os.replace(part, path)
+
+
+def load_tensor(path: str, key: str) -> Tensor:
+    """One tensor of a safetensors file."""
+    with safe_open(path, framework='pt') as f:
+        return f.get_tensor(key)
+
+
+def image_index(path: str) -> int:
+    """The scene index encoded in a world file name (COCO
+    ``000000000012.jpg``, ADE ``ADE_train_00000012.jpg``, ImageNet
+    ``train_00012.JPEG``)."""
+    found = re.search(r'(\d+)$', osp.splitext(osp.basename(path))[0])
+    if found is None:
+        raise ValueError(f'no image index in {path!r}')
+    return int(found.group(1))
+
+
+@TRANSFORMS.register_module()
+class AttachFeatures(BaseTransform):
+    """Replace a packed image by its cached frozen-backbone features.
+
+    Put after the toolbox's packing transform (``PackDetInputs``,
+    ``PackSegInputs``): the ground truth stays as the toolbox made it
+    (flipped with the image), ``inputs`` becomes the tuple of pyramid maps
+    of the same image, flipped or not (``metainfo['flip']``).
+
+    Args:
+        file (str): safetensors file of :func:`extract_features` outputs
+            under ``<split>.level<l>`` / ``<split>_flip.level<l>``.
+        split (str): ``'train'`` or ``'val'``.
+        levels (int): pyramid levels. Defaults to 4.
+    """
+
+    def __init__(self, file: str, split: str, levels: int = 4) -> None:
+        self.file = file
+        self.split = split
+        self.levels = levels
+        self._cache: dict[str, Tensor] = {}
+
+    def _get(self, key: str) -> Tensor:
+        if key not in self._cache:
+            self._cache[key] = load_tensor(self.file, key)
+        return self._cache[key]
+
+    def transform(self, results: dict) -> dict:
+        """Swap ``inputs`` for the features of the sample's image."""
+        sample = results['data_samples']
+        idx = image_index(sample.metainfo['img_path'])
+        prefix = f'{self.split}_flip' if sample.metainfo.get('flip') \
+            else self.split
+        results['inputs'] = tuple(self._get(f'{prefix}.level{lv}')[idx]
+                                  for lv in range(self.levels))
+        return results
+
+
+@METRICS.register_module()
+class IoUMetricWithSamples(IoUMetric):
+    """mmseg's ``IoUMetric`` that also saves the per-image areas.
+
+    Args:
+        samples_file (str): ``.npz`` written with ``intersect``, ``union``,
+            ``pred`` and ``label`` ``(N, K)`` arrays (for
+            :func:`miou_bootstrap`).
+        **kwargs: ``IoUMetric`` arguments.
+    """
+
+    def __init__(self, samples_file: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.samples_file = samples_file
+
+    def compute_metrics(self, results: list) -> dict[str, float]:
+        """Save the per-image areas, then mmseg's metrics."""
+        arrays = [np.stack([r[i].cpu().numpy() for r in results])
+                  for i in range(4)]
+        np.savez(self.samples_file, intersect=arrays[0], union=arrays[1],
+                 pred=arrays[2], label=arrays[3])
+        return super().compute_metrics(results)
+
+
+# ------------------------------------------------------ classification ---
+def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def fit_logistic(x: Tensor, y: Tensor, num_classes: int,
+                 weight_decay: float, max_iter: int = 200) -> Tensor:
+    """Multinomial logistic regression, full-batch L-BFGS (float64).
+
+    Args:
+        x (Tensor): ``(N, D)`` standardised features.
+        y (Tensor): ``(N,)`` labels.
+        num_classes (int): classes.
+        weight_decay (float): L2 penalty on the weights (not the bias).
+        max_iter (int): L-BFGS iterations.
+
+    Returns:
+        Tensor: ``(D + 1, K)`` weights (last row: bias).
+    """
+    x = torch.cat([x.double(), x.new_ones(len(x), 1).double()], 1)
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64,
+                    requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=max_iter,
+                            tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn='strong_wolfe')
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w, y) + 0.5 * weight_decay * \
+            w[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach()
+
+
+def logistic_predict(w: Tensor, x: Tensor) -> Tensor:
+    """Class scores of :func:`fit_logistic` weights."""
+    x = torch.cat([x.double(), x.new_ones(len(x), 1).double()], 1)
+    return x @ w
+
+
+def knn_predict(train: Tensor, labels: Tensor, query: Tensor,
+                num_classes: int, k: int, temperature: float = 0.07,
+                exclude_self: bool = False) -> Tensor:
+    """Weighted cosine k-NN (DINO's evaluation): class scores.
+
+    Args:
+        train (Tensor): ``(N, D)`` features.
+        labels (Tensor): ``(N,)``.
+        query (Tensor): ``(M, D)``.
+        num_classes (int): classes.
+        k (int): neighbours.
+        temperature (float): votes weighted by ``exp(cos / T)``.
+        exclude_self (bool): ``query`` is ``train`` (leave-one-out).
+
+    Returns:
+        Tensor: ``(M, K)`` scores.
+    """
+    a = F.normalize(train.float(), dim=1)
+    b = F.normalize(query.float(), dim=1)
+    sim = b @ a.T
+    if exclude_self:
+        sim.fill_diagonal_(-2.0)
+    k = min(k, a.shape[0] - int(exclude_self))
+    top, idx = sim.topk(k, dim=1)
+    votes = torch.zeros(len(b), num_classes)
+    votes.scatter_add_(1, labels[idx], (top / temperature).exp())
+    return votes
+
+
+def _holdout(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    cut = int(round(n * (1 - fraction)))
+    return perm[:cut], perm[cut:]
+
+
+def cls_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor,
+              num_classes: int, seed: int = 0,
+              decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+              ks: Sequence[int] = (1, 5, 10, 20, 50)) -> dict:
+    """Logistic-regression and k-NN probes, hyper-parameters chosen on a
+    20 % split of the training images (never on ``val_x``).
+
+    Returns:
+        dict: ``logreg_pred`` / ``knn_pred`` (val predictions, lists),
+        ``weight_decay``, ``k`` and the hold-out accuracies of each choice.
+    """
+    train_x, val_x = train_x.float(), val_x.float()
+    fit_idx, hold_idx = _holdout(len(train_x), 0.2, seed)
+    xs = _standardise(train_x[fit_idx], train_x[hold_idx])
+    holdout_lr = {}
+    for wd in decays:
+        w = fit_logistic(xs[0], train_y[fit_idx], num_classes, wd)
+        pred = logistic_predict(w, xs[1]).argmax(1)
+        holdout_lr[wd] = float((pred == train_y[hold_idx]).float().mean())
+    best_wd = max(decays, key=lambda d: (holdout_lr[d], d))
+    full = _standardise(train_x, val_x)
+    w = fit_logistic(full[0], train_y, num_classes, best_wd)
+    lr_pred = logistic_predict(w, full[1]).argmax(1)
+
+    holdout_knn = {}
+    for k in ks:
+        pred = knn_predict(train_x[fit_idx], train_y[fit_idx],
+                           train_x[hold_idx], num_classes, k).argmax(1)
+        holdout_knn[k] = float((pred == train_y[hold_idx]).float().mean())
+    best_k = max(ks, key=lambda k: (holdout_knn[k], -k))
+    knn_pred = knn_predict(train_x, train_y, val_x, num_classes,
+                           best_k).argmax(1)
+    return dict(logreg_pred=lr_pred.tolist(), knn_pred=knn_pred.tolist(),
+                weight_decay=best_wd, k=best_k,
+                holdout_logreg={str(k): v for k, v in holdout_lr.items()},
+                holdout_knn={str(k): v for k, v in holdout_knn.items()})
+
+
+# ------------------------------------------------------------ bootstrap ---
+def _resamples(n: int, num: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(num, n))
+
+
+def bootstrap_ci(scores: Sequence[float], num: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-image scores and its percentile bootstrap interval.
+
+    Args:
+        scores (Sequence[float]): one score per image (e.g. 0/100 correct).
+        num (int): bootstrap resamples.
+        seed (int): resampling seed.
+        level (float): interval coverage.
+
+    Returns:
+        tuple[float, float, float]: ``(mean, low, high)``.
+    """
+    s = np.asarray(scores, np.float64)
+    means = s[_resamples(len(s), num, seed)].mean(1)
+    a = (1 - level) / 2
+    return (float(s.mean()), float(np.quantile(means, a)),
+            float(np.quantile(means, 1 - a)))
+
+
+def miou_bootstrap(samples_file: str, num: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """mIoU (%) over images and its bootstrap interval from the per-image
+    areas of :class:`IoUMetricWithSamples` (classes absent from a resample
+    are left out of its mean, as mmseg does with NaN)."""
+    data = np.load(samples_file)
+    inter, union = data['intersect'], data['union']
+
+    def miou(idx: np.ndarray) -> float:
+        with np.errstate(invalid='ignore', divide='ignore'):
+            iou = inter[idx].sum(0) / union[idx].sum(0)
+        return float(np.nanmean(iou) * 100)
+
+    n = len(inter)
+    values = np.array([miou(i) for i in _resamples(n, num, seed)])
+    a = (1 - level) / 2
+    return (miou(np.arange(n)), float(np.quantile(values, a)),
+            float(np.quantile(values, 1 - a)))
+
+
+def _coco_ap(evals: list, cat_count: int, img_count: int, area_count: int,
+             images: np.ndarray, iou_thrs: np.ndarray, rec_thrs: np.ndarray,
+             max_det: int) -> float:
+    """pycocotools' ``accumulate`` (area 'all', ``max_det``) over a
+    multiset of images; returns AP (mean precision over IoUs, recalls and
+    categories with ground truth)."""
+    precisions = []
+    for k in range(cat_count):
+        entries = [evals[k * area_count * img_count + i] for i in images]
+        entries = [e for e in entries if e is not None]
+        if not entries:
+            continue
+        scores = np.concatenate([e['dtScores'][:max_det] for e in entries])
+        order = np.argsort(-scores, kind='mergesort')
+        dtm = np.concatenate([e['dtMatches'][:, :max_det] for e in entries],
+                             axis=1)[:, order]
+        dt_ig = np.concatenate([e['dtIgnore'][:, :max_det] for e in entries],
+                               axis=1)[:, order]
+        gt_ig = np.concatenate([e['gtIgnore'] for e in entries])
+        npig = int(np.count_nonzero(gt_ig == 0))
+        if npig == 0:
+            continue
+        tps = np.logical_and(dtm, np.logical_not(dt_ig))
+        fps = np.logical_and(np.logical_not(dtm), np.logical_not(dt_ig))
+        tp_sum = np.cumsum(tps, axis=1, dtype=np.float64)
+        fp_sum = np.cumsum(fps, axis=1, dtype=np.float64)
+        prec_k = np.zeros((len(iou_thrs), len(rec_thrs)))
+        for t, (tp, fp) in enumerate(zip(tp_sum, fp_sum)):
+            rc = tp / npig
+            pr = tp / (fp + tp + np.spacing(1))
+            pr = np.maximum.accumulate(pr[::-1])[::-1] if len(pr) else pr
+            inds = np.searchsorted(rc, rec_thrs, side='left')
+            q = np.zeros(len(rec_thrs))
+            valid = inds < len(pr)
+            q[valid] = pr[inds[valid]]
+            prec_k[t] = q
+        precisions.append(prec_k)
+    if not precisions:
+        return float('nan')
+    return float(np.mean(precisions))
+
+
+def coco_bootstrap(gt_file: str, results_file: str, iou_type: str,
+                   num: int = 500, seed: int = 0, level: float = 0.95
+                   ) -> tuple[float, float, float]:
+    """COCO AP (x100) and its bootstrap interval over images.
+
+    pycocotools matches detections to ground truth per image once
+    (``COCOeval.evaluate``); each resample re-accumulates AP from those
+    per-image matches (images drawn with replacement), exactly as
+    ``COCOeval.accumulate`` would on that multiset of images.
+
+    Args:
+        gt_file (str): COCO ground-truth json.
+        results_file (str): COCO results json (e.g. mmdet ``CocoMetric``'s
+            ``<outfile_prefix>.bbox.json``).
+        iou_type (str): ``'bbox'`` or ``'segm'``.
+        num (int): bootstrap resamples.
+        seed (int): resampling seed.
+        level (float): interval coverage.
+
+    Returns:
+        tuple[float, float, float]: ``(AP, low, high)`` in percent.
+    """
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(gt_file)
+        with open(results_file, encoding='utf-8') as f:
+            results = json.load(f)
+        dt = gt.loadRes(results) if results else COCO()
+        ev = COCOeval(gt, dt, iou_type)
+        if results:
+            ev.evaluate()
+    p = ev.params
+    n_img = len(p.imgIds)
+    if not results:
+        return 0.0, 0.0, 0.0
+    args = (ev.evalImgs, len(p.catIds), n_img, len(p.areaRng))
+    rest = (p.iouThrs, p.recThrs, p.maxDets[-1])
+    point = _coco_ap(*args, np.arange(n_img), *rest) * 100
+    values = np.array([_coco_ap(*args, idx, *rest) * 100
+                       for idx in _resamples(n_img, num, seed)])
+    a = (1 - level) / 2
+    return (point, float(np.nanquantile(values, a)),
+            float(np.nanquantile(values, 1 - a)))

