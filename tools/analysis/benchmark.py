@@ -469,25 +469,10 @@ class CaseBuilder:
         return self.shared['timm']
 
     def _timm_fwd(self, case: BenchCase) -> None:
-        model, _ = self._timm()
-
-        def step() -> None:
-            model.eval()
-            with torch.no_grad():
-                model.forward_features(self.images)
-
-        case.step = step
+        case.step = self._forward_step(self._timm()[0])
 
     def _timm_train(self, case: BenchCase) -> None:
-        model, optim = self._timm()
-
-        def step() -> None:
-            model.train()
-            _loss(model.forward_features(self.images)).backward()
-            optim.step()
-            optim.zero_grad(set_to_none=True)
-
-        case.step = step
+        case.step = self._train_step(*self._timm())
 
     # (b) ---------------------------------------------------------------
     def _adapter(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -504,17 +489,25 @@ class CaseBuilder:
         return self.shared['adapter']
 
     def _adapter_fwd(self, case: BenchCase) -> None:
-        model, _ = self._adapter()
+        case.step = self._forward_step(self._adapter()[0])
+
+    def _adapter_train(self, case: BenchCase) -> None:
+        case.step = self._train_step(*self._adapter())
+
+    def _forward_step(self, model: torch.nn.Module) -> Callable[[], None]:
+        """One inference ``forward_features`` of the benchmark batch."""
 
         def step() -> None:
             model.eval()
             with torch.no_grad():
                 model.forward_features(self.images)
 
-        case.step = step
+        return step
 
-    def _adapter_train(self, case: BenchCase) -> None:
-        model, optim = self._adapter()
+    def _train_step(self, model: torch.nn.Module,
+                    optim: torch.optim.Optimizer) -> Callable[[], None]:
+        """One training step of ``forward_features`` (forward, backward,
+        AdamW step) on the benchmark batch."""
 
         def step() -> None:
             model.train()
@@ -522,7 +515,7 @@ class CaseBuilder:
             optim.step()
             optim.zero_grad(set_to_none=True)
 
-        case.step = step
+        return step
 
     # (c) ---------------------------------------------------------------
     def _distiller(self, cfg: Any) -> tuple[Any, Any]:
