@@ -40,6 +40,7 @@ model = dict(
         cffn_ratio=0.25,
         drop_path_rate=0.1,
         with_global_token=True,
+        summary_names=['dinov2', 'clip'],
         # Fine-tune the whole student; freeze_base=True keeps the inherited
         # DINOv2 weights fixed (knowledge preservation, less memory).
         freeze_base=False,
@@ -74,6 +75,7 @@ optim_wrapper = dict(
             '.reg_token': dict(decay_mult=0.0),
             '.pos_embed': dict(decay_mult=0.0),
             'level_embed': dict(decay_mult=0.0),
+            'pool.latent': dict(decay_mult=0.0),  # global-token queries
         }))
 
 # 8 GPUs x 2 images; --auto-scale-lr rescales lr for other batch sizes.

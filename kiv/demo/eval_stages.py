@@ -34,7 +34,7 @@ def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
     def run(ctx: StageContext) -> dict:
         from kiv.registry import MODELS
         from .probes import extract_features, save_features, world_images
-        backbone = MODELS.build(probe_backbone_cfg(row, preset))
+        backbone = MODELS.build(probe_backbone_cfg(row))
         backbone.init_weights()
         sets = [('train', False), ('train_flip', True), ('val', False)]
         tensors = {}

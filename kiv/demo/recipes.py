@@ -307,6 +307,8 @@ def inherit_cfg(variant: str, preset: dict) -> Config:
         model.losses = dict(summary=cosine, features=cosine)
     elif variant == 'inherit_nokb':
         model.teachers.pop('kb')
+        model.student.summary_names = [
+            n for n in model.student.summary_names if n != 'kb']
         model.base_teacher = None
         model.student.base.checkpoint = None
         model.student.freeze_base = False
@@ -316,11 +318,19 @@ def inherit_cfg(variant: str, preset: dict) -> Config:
     return cfg
 
 
-def probe_backbone_cfg(row: str, preset: dict) -> dict:
+def probe_backbone_cfg(row: str) -> dict:
     """The frozen backbone of a table row, loaded from ``<row>/student.pth``.
+
+    The architecture is the one the row was trained with, as recorded in the
+    file's ``meta['student']`` (rows differ: e.g. a summary per teacher for
+    the inherited student, one global token for the baseline).
     """
-    student = copy.deepcopy(inherit_cfg('inherit', preset).model.student)
-    student = student.to_dict()
+    from kiv.utils.checkpoint import safe_torch_load
+    path = f'{row}/student.pth'
+    meta = safe_torch_load(path, map_location='cpu').get('meta') or {}
+    if not isinstance(meta.get('student'), dict):
+        raise KeyError(f'{path}: no meta["student"] backbone config')
+    student = copy.deepcopy(meta['student'])
     student['base']['checkpoint'] = None
     student.update(freeze_base=True, frozen_stages=5, out_type='both',
                    init_cfg=dict(type='Pretrained',

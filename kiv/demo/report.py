@@ -331,7 +331,7 @@ def plot_pca(preset: dict, out: str, size: int = 128) -> None:
     for row, title in (('kb_alone', 'knowledge base'),
                        ('inherit', 'inherited student'),
                        ('baseline', 'baseline (scratch)')):
-        backbone = MODELS.build(probe_backbone_cfg(row, preset))
+        backbone = MODELS.build(probe_backbone_cfg(row))
         backbone.init_weights()
         backbone.eval()
         columns[f'{title}\n(stride 8)'] = \

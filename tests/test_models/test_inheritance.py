@@ -204,6 +204,7 @@ def _head_distiller(distill_workdir, **overrides):
     path, _ = _head_teacher_file(distill_workdir)
     cfg.model.teachers = dict(dinov2=cfg.model.teachers.dinov2,
                               cls=_head_teacher_cfg(path))
+    cfg.model.student.summary_names = ['dinov2', 'cls']
     cfg.model.latent.teachers = dict()
     cfg.model.update(overrides)
     return MODELS.build(cfg.model)
@@ -226,8 +227,9 @@ def test_inherited_head_exact_when_student_is_teacher(distill_workdir):
     teacher = copy.deepcopy(cfg.model.teachers.dinov2)
     teacher.source = net
     teacher.head = dict(layer='head', input='summary')
+    student = dict(cfg.model.student, summary_names=['dinov2'])
     model = MODELS.build(dict(
-        cfg.model, teachers=dict(dinov2=teacher),
+        cfg.model, teachers=dict(dinov2=teacher), student=student,
         latent=dict(type='kiv.SharedLatentSpace', hidden_dim=64)))
     model.load_statistics(model.statistic_sums(_images(8, 1)))
     model.eval()
@@ -258,21 +260,22 @@ def test_agreement_cosines_are_in_standardised_space(distill_workdir):
 
 
 def test_tiny_distillation_inherits_a_working_classifier(distill_workdir):
-    """A short distillation (default losses: MSE on PHI-S targets) gives an
-    inherited head that agrees with the teacher's classifier far above the
-    majority-class rate on held-out images of the same distribution, and
-    predictions of the teacher's scale (de-standardised, they land on the
-    teacher's features, not near its mean).
+    """A short distillation (default losses: MSE on PHI-S targets) next to
+    the knowledge base gives an inherited head that agrees with the
+    teacher's classifier on at least 90 % of held-out images of the same
+    distribution, and predictions of the teacher's scale (de-standardised,
+    they land on the teacher's features, not near its mean).
+
+    The knowledge base stays a teacher (preserved heads): each teacher reads
+    a summary of its own. With one shared summary the knowledge base's
+    preserved head pins that summary to its CLS token and the classifier's
+    head competes with it: 77.1 % agreement at this budget (97.9 % with the
+    classifier as the only teacher). With the old default (cosine-only
+    summary loss) the norm ratio is about 0.28: the de-standardised
+    prediction sits near the teacher's mean.
 
     Measured on 2 CPU cores (200 iterations, batch 16, 56 px, 48 held-out
-    images, about 25 s): agreement 98-100 % against a majority rate of
-    31.2 %, projected / target norm 0.9-1.05. With the old default (cosine-only
-    summary loss) the norm ratio is about 0.28: the de-standardised
-    prediction sits near the teacher's mean, which with a 4-class head
-    still gives the right class here but with EfficientNet-Lite0's 1000
-    classes answered the class of the mean for every image (0 %). With the
-    knowledge base as a second teacher sharing the one summary, agreement
-    is about 56 % at this budget.
+    images): see the printed line; the closing note of issue 16 gives it.
     """
     from kiv.testing.tiny_classifier import make_colour_images
     path, train_dir = _head_teacher_file(distill_workdir)
@@ -280,11 +283,10 @@ def test_tiny_distillation_inherits_a_working_classifier(distill_workdir):
     make_colour_images(val_dir, 48, seed=123)
     cfg = Config.fromfile(TINY_CFG)
     cfg.work_dir = osp.join(distill_workdir, 'wd_colour')
-    # the classifier teacher alone: the knowledge base's preserved summary
-    # head competes for the one shared summary (about 56 % agreement with it
-    # at this budget; see the closing note of issue 8)
-    cfg.model.teachers = dict(cls=_head_teacher_cfg(path))
-    cfg.model.base_teacher = None
+    # the knowledge base and the classifier, a summary each
+    cfg.model.teachers = dict(dinov2=cfg.model.teachers.dinov2,
+                              cls=_head_teacher_cfg(path))
+    cfg.model.student.summary_names = ['dinov2', 'cls']
     cfg.model.latent.teachers = dict()
     cfg.model.grad_share_interval = 0
     for split, folder in (('train', train_dir), ('val', val_dir)):
@@ -327,8 +329,12 @@ def test_tiny_distillation_inherits_a_working_classifier(distill_workdir):
     print(f'inherited-head top-1 agreement {agreement:.1f} % '
           f'(top-5 {metrics["agreement/cls/top5_agreement"]:.1f} %), '
           f'majority-class rate {majority:.1f} %, norm ratio {ratio:.2f}')
+    assert agreement >= 90.0, (agreement, majority)
     assert agreement >= majority + 40, (agreement, majority)
     assert 0.7 < ratio < 1.3, ratio
+    # the knowledge base's summary is still its own CLS token's direction
+    kb = metrics['agreement/dinov2/summary_cos']
+    assert kb > 0.9, kb
 
 
 def test_teacher_without_summary_end_to_end(distill_workdir):

@@ -1,4 +1,5 @@
 """Shared latent space: standardisers, PHI-S rotations, s2t heads, the neck."""
+import logging
 import os.path as osp
 
 import pytest
@@ -456,3 +457,82 @@ def test_identity_mode_has_no_statistics():
         isinstance(s, IdentityStandardizer)
         for s in neck.summary_standardizers.values())
     assert not [k for k in neck.state_dict() if 'standardizers' in k]
+
+
+def _preserved_neck(**kwargs) -> SharedLatentSpace:
+    """The base teacher 'kb' preserved: student dims equal teacher dims."""
+    return SharedLatentSpace(
+        8, [8], dict(kb=dict(summary_dim=8, feature_dims=[8],
+                             student_levels=[0], preserve=True),
+                     other=dict(summary_dim=4, feature_dims=[])),
+        hidden_dim=16, **kwargs)
+
+
+def _kb_outputs(seed: int) -> FeatureOutput:
+    gen = torch.Generator().manual_seed(seed)
+    return FeatureOutput(torch.randn(6, 8, generator=gen) * 3 + 1,
+                         (torch.randn(6, 8, 4, 4, generator=gen) * 2 - 1, ))
+
+
+def _preservation_error(neck: SharedLatentSpace, out: FeatureOutput) -> float:
+    """Largest |head(teacher output) - standardised teacher output|."""
+    neck.eval()
+    target = neck.standardize_targets(out, 'kb')
+    pred = neck.project(out, 'kb', [out.features[0].shape[-2:]])
+    return max(float((p - t).abs().max()) for p, t in zip(
+        (pred.summary, ) + pred.features,
+        (target.summary, ) + target.features))
+
+
+def test_ema_statistics_initialise_the_preserved_heads_when_they_freeze():
+    """statistics='ema' with max_stat_updates: when the EMA freezes, the
+    base teacher's heads become its (final) standardiser, so the student
+    that is the base teacher predicts its targets exactly."""
+    neck = _preserved_neck(statistics='ema', max_stat_updates=3)
+    other = FeatureOutput(torch.randn(6, 4), ())
+    for step in range(3):
+        kb = _kb_outputs(step)
+        neck.train()(kb, dict(kb=kb, other=other))
+        # heads start as the standardiser once statistics first exist ...
+        if step == 0:
+            assert _preservation_error(neck, kb) < 1e-4
+        # ... while the EMA moves, the heads are trained, not re-set
+        if step == 1:
+            assert _preservation_error(neck, kb) > 0.01
+        if step < 2:  # training moves the head
+            with torch.no_grad():
+                neck.summary_heads['kb'].skip.weight.add_(0.1)
+    assert neck.statistics_ready
+    assert _preservation_error(neck, _kb_outputs(7)) < 1e-4
+    # frozen: later steps neither move the statistics nor re-set the heads
+    with torch.no_grad():
+        neck.summary_heads['kb'].skip.weight.add_(0.1)
+    kb = _kb_outputs(8)
+    neck.train()(kb, dict(kb=kb, other=other))
+    assert _preservation_error(neck, kb) > 0.01
+
+
+def test_evaluating_before_statistics_exist_warns_once():
+    from mmengine.logging import MMLogger
+    neck = _preserved_neck()
+    kb = _kb_outputs(0)
+    logger = MMLogger.get_current_instance()
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        neck.eval()
+        neck.standardize_targets(kb, 'kb')
+        neck.to_teacher_space(neck.project(kb, 'kb', [(4, 4)]), 'kb')
+        warned = [r for r in records if 'no standardiser statistics' in r]
+        assert len(warned) == 1 and "'kb.summary'" in warned[0]
+        other = FeatureOutput(torch.randn(6, 4), ())
+        neck.train()(kb, dict(kb=kb, other=other))  # fixed from this batch
+        records.clear()
+        fresh = _preserved_neck()
+        fresh.load_state_dict(neck.state_dict())
+        fresh.eval().standardize_targets(kb, 'kb')
+        assert not [r for r in records if 'no standardiser statistics' in r]
+    finally:
+        logger.removeHandler(handler)

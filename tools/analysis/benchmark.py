@@ -352,6 +352,7 @@ class Workspace:
                          base=dict(type='timm', model_name=self.arch.vit,
                                    checkpoint=self.dinov2_ckpt,
                                    model_kwargs=self.vit_kwargs()),
+                         summary_names=['dinov2', 'clip'],
                          **self.arch.adapter),
             student_mean=IMAGENET_NORM['mean'],
             student_std=IMAGENET_NORM['std'],

@@ -11,6 +11,7 @@ model = dict(
         base=dict(type='timm', model_name='vit_base_patch14_reg4_dinov2'),
         deform_num_heads=12,
         deform_ratio=0.5,
+        summary_names=['dinov2', 'clip'],
         init_cfg=dict(type='Pretrained',
                       checkpoint='checkpoints/kiv_vit-b14_student.pth')),
     neck=dict(in_channels=[768, 768, 768, 768]))

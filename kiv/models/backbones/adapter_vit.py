@@ -96,7 +96,25 @@ class AdapterViT(BaseModule):
        ``with_global_token``, ``gamma * GlobalToken(...)``: a learnable
        latent token attending over the final base tokens and ``c`` (see
        :class:`.GlobalToken`; it is not appended to the ViT stream, which
-       would change what the frozen base computes).
+       would change what the frozen base computes). With ``summary_names``
+       there is one such token per name (per teacher), each with its own
+       latent query, attention, MLP and ``gamma``: ``summary_t = base_CLS +
+       gamma_t * GlobalToken_t(...)``.
+
+    Per-teacher summaries (``summary_names``): with one summary vector,
+    every teacher's summary head reads the same vector and the knowledge
+    base's preserved head pins it to the base CLS token, so the other
+    teachers' summaries compete with it (RADIO keeps a summary token per
+    teacher for this reason, ``cls_token_per_teacher``). RADIO appends its
+    tokens to the ViT stream; here the base ViT is frozen and must compute
+    exactly what the knowledge base computes, so each teacher gets its own
+    attention pool over the final tokens instead: it reads everything the
+    stream and the adapter know, but nothing in the stream reads it. At
+    step 0 (``gamma_t = 0``) every summary is exactly the base's CLS token;
+    the knowledge base's own summary stays its CLS token until training
+    opens its gate, while the others move freely. The extra cost is one
+    latent-query attention pool per name (keys folded into the query, see
+    :func:`.latent_attention_pool`).
 
     Knowledge preservation at initialisation (step 0):
 
@@ -174,6 +192,16 @@ class AdapterViT(BaseModule):
             Defaults to 0.0.
         with_global_token (bool): add the learnable global token to the
             summary. Defaults to True.
+        summary_names (Sequence[str], optional): one summary per name
+            (teacher names in distillation), each with its own global token
+            (needs ``with_global_token``). :meth:`forward_features` returns
+            them in ``FeatureOutput.summaries`` (``summary`` is the first).
+            Downstream configs loading such a student list the same names.
+            Defaults to None: one summary.
+        summary (str, optional): which named summary :meth:`forward`
+            returns with ``out_type='global'`` / ``'both'``, e.g.
+            ``'clip'`` for CLIP's text-aligned summary. Defaults to None:
+            the first of ``summary_names`` (or the only summary).
         freeze_base (bool): freeze the base ViT (no grad, always in eval
             mode). Defaults to True.
         frozen_stages (int): adapter stages to freeze, see above.
@@ -221,7 +249,8 @@ class AdapterViT(BaseModule):
 
         ``forward`` runs only what ``out_type`` returns: with
         ``'pyramid'`` the global token is skipped, with ``'global'`` the
-        pyramid output layers are. When fine-tuning with DDP, freeze the
+        pyramid output layers are (and of named summaries only
+        ``summary``'s token runs). When fine-tuning with DDP, freeze the
         unused part, drop it (``with_global_token=False``) or set
         ``find_unused_parameters=True``.
     """
@@ -242,6 +271,8 @@ class AdapterViT(BaseModule):
                  pyramid_init_values: float = 0.0,
                  drop_path_rate: float = 0.0,
                  with_global_token: bool = True,
+                 summary_names: Sequence[str] | None = None,
+                 summary: str | None = None,
                  freeze_base: bool = True,
                  frozen_stages: int = -1,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
@@ -310,9 +341,21 @@ class AdapterViT(BaseModule):
             ])
         self.out_norms = nn.ModuleList(
             [build_norm_layer(norm_cfg, embed_dim)[1] for _ in range(4)])
+        self.summary_names = self._check_summary_names(
+            summary_names, summary, with_global_token)
+        #: the named summary :meth:`forward` returns (None: the only one)
+        self.summary = summary if summary is not None else (
+            self.summary_names[0] if self.summary_names else None)
         self.global_token = GlobalToken(
             embed_dim, num_heads=deform_num_heads,
-            init_values=init_values) if with_global_token else None
+            init_values=init_values) if with_global_token and \
+            not self.summary_names else None
+        # one global token (and gate) per named summary
+        self.summary_tokens = nn.ModuleDict({
+            name: GlobalToken(embed_dim, num_heads=deform_num_heads,
+                              init_values=init_values)
+            for name in self.summary_names
+        }) if self.summary_names else None
 
         self._init_adapter_weights()
         for module in self._frozen_modules():
@@ -346,6 +389,28 @@ class AdapterViT(BaseModule):
                 'AdapterViT: add_vit_feature=True needs 4 interaction blocks '
                 f'(one per pyramid level), got interaction_indexes={shown}')
         return pairs
+
+    @staticmethod
+    def _check_summary_names(names: Sequence[str] | None,
+                             summary: str | None,
+                             with_global_token: bool) -> tuple[str, ...]:
+        """Check ``summary_names`` / ``summary``; returns the names."""
+        names = tuple(names or ())
+        if len(set(names)) != len(names) or not all(
+                isinstance(n, str) and n and '.' not in n for n in names):
+            raise ValueError(
+                f'AdapterViT: summary_names={list(names)} must be distinct '
+                'non-empty strings without "."')
+        if names and not with_global_token:
+            raise ValueError(
+                f'AdapterViT: summary_names={list(names)} needs '
+                'with_global_token=True (each named summary is a global '
+                'token of its own)')
+        if summary is not None and summary not in names:
+            raise ValueError(
+                f'AdapterViT: summary={summary!r} is not one of '
+                f'summary_names={list(names)}')
+        return names
 
     def _adapter_modules(self) -> list[nn.Module]:
         return [m for name, m in self.named_children() if name != 'base']
@@ -444,6 +509,8 @@ class AdapterViT(BaseModule):
             outputs += [self.vit_norms, self.pyramid_gammas]
         if self.global_token is not None:
             outputs.append(self.global_token)
+        if self.summary_tokens is not None:
+            outputs.append(self.summary_tokens)
         return outputs
 
     def _frozen_modules(self) -> list[nn.Module]:
@@ -594,19 +661,35 @@ class AdapterViT(BaseModule):
             norm(crop_to(m, size))
             for norm, m, size in zip(self.out_norms, maps, sizes))
 
-    def _summary(self, tokens: Tensor, c: Tensor,
-                 normed: Tensor | None = None) -> Tensor:
-        """``(B, C)`` summary from the last base tokens and adapter tokens
-        (``normed``: the tokens after the base's final norm, if computed).
+    def _summaries(self, tokens: Tensor, c: Tensor,
+                   normed: Tensor | None = None,
+                   names: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Summaries from the last base tokens and adapter tokens.
+
+        Args:
+            tokens (Tensor): ``(B, P + N_p, C)`` last base tokens (no norm).
+            c (Tensor): ``(B, N_c, C)`` adapter tokens.
+            normed (Tensor, optional): ``tokens`` after the base's final
+                norm, if already computed.
+            names (Sequence[str], optional): the named summaries to compute.
+                Defaults to all of ``summary_names``.
+
+        Returns:
+            dict[str, Tensor]: ``(B, C)`` per name; without
+            ``summary_names`` one entry under the key ``''``.
         """
         tokens = self.base.norm(tokens) if normed is None else normed
         if self.base.has_class_token:
-            summary = tokens[:, 0]
+            base = tokens[:, 0]
         else:
-            summary = tokens[:, self.base.num_prefix_tokens:].mean(1)
-        if self.global_token is not None:
-            summary = self.global_token(summary, tokens, c)
-        return summary
+            base = tokens[:, self.base.num_prefix_tokens:].mean(1)
+        if self.summary_tokens is None:
+            if self.global_token is not None:
+                base = self.global_token(base, tokens, c)
+            return {'': base}
+        names = self.summary_names if names is None else names
+        return {name: self.summary_tokens[name](base, tokens, c)
+                for name in names}
 
     def forward_base_tokens(self, x: Tensor) -> Tensor:
         """The base token stream inside the adapter backbone.
@@ -649,15 +732,19 @@ class AdapterViT(BaseModule):
             grid (:attr:`patch_level`). With zero gammas ``summary`` and
             ``patches`` are exactly the base model's outputs, so the
             knowledge base's targets are read at their own grid, with no
-            resize round trip.
+            resize round trip. With ``summary_names``: ``summaries`` maps
+            every name to its ``(B, C)`` summary (all exactly the base's at
+            zero gammas) and ``summary`` is the one :meth:`forward` returns.
         """
         state = self._interact(x)
         normed = self.base.norm(state.tokens)
         patches = tokens_to_maps(normed[:, self.base.num_prefix_tokens:],
                                  [state.grid])[0]
-        return FeatureOutput(
-            self._summary(state.tokens, state.c, normed),
-            self._pyramid(state) + (patches, ))
+        summaries = self._summaries(state.tokens, state.c, normed)
+        features = self._pyramid(state) + (patches, )
+        if self.summary_tokens is None:
+            return FeatureOutput(summaries[''], features)
+        return FeatureOutput(summaries[self.summary], features, summaries)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Toolbox interface.
@@ -669,7 +756,7 @@ class AdapterViT(BaseModule):
             tuple[Tensor, ...]: ``out_type='pyramid'``: the maps of
             :meth:`forward_features` at ``out_indices``, level ``l`` of
             shape ``(B, C, ceil(H / s_l), ceil(W / s_l))``; ``'global'``:
-            ``(summary (B, C),)``; ``'both'``: the maps then the summary.
+            ``(summary (B, C),)`` (the named summary ``summary``); ``'both'``: the maps then the summary.
         """
         state = self._interact(x)
         outs: tuple[Tensor, ...] = ()
@@ -677,7 +764,10 @@ class AdapterViT(BaseModule):
             maps = self._pyramid(state)
             outs = tuple(maps[i] for i in self.out_indices)
         if self.out_type != 'pyramid':
-            outs = outs + (self._summary(state.tokens, state.c), )
+            names = None if self.summary is None else [self.summary]
+            summary, = self._summaries(state.tokens, state.c,
+                                       names=names).values()
+            outs = outs + (summary, )
         return outs
 
     def extra_repr(self) -> str:

@@ -53,7 +53,9 @@ class SharedLatentSpace(BaseModule):
     * a standardiser of the teacher's output (``standardize``: PHI-S,
       per channel or none), whose statistics are updated from the raw teacher
       outputs in training mode, all-reduced across ranks;
-    * a student-to-teacher head: :class:`S2THead` from the student summary,
+    * a student-to-teacher head: :class:`S2THead` from the student's
+      summary for that teacher (``FeatureOutput.summaries[t]`` when the
+      student has a summary per teacher, else its one summary),
       :class:`DenseS2THead` from student level ``student_levels[l]``, resized
       bilinearly to the teacher's grid.
 
@@ -73,7 +75,11 @@ class SharedLatentSpace(BaseModule):
     * ``'ema'``: updated from every training batch (EMA with ``momentum``,
       all-reduced), optionally frozen after ``max_stat_updates``; the PHI-S
       transform is then recomputed (one float64 ``eigh``) after every
-      update.
+      update. The preserved heads (below) start as the standardiser after
+      the first update and again when the statistics freeze.
+
+    Evaluating (``predict``, agreement metrics, inherited heads) before any
+    statistics exist would compare raw-space numbers: it warns once.
 
     Knowledge preservation (``preserve=True`` for a teacher, set by
     ``kiv.KnowledgeInheritance`` for its ``base_teacher``): the teacher's
@@ -144,6 +150,7 @@ class SharedLatentSpace(BaseModule):
                              f'of {list(_STATISTICS)}')
         self.statistics = statistics
         self._warned_first_batch = False
+        self._warned_no_statistics = False
         std_kwargs = dict(momentum=momentum, eps=eps,
                           max_updates=max_stat_updates)
         head_kwargs = dict(hidden_dim=hidden_dim, norm_cfg=norm_cfg,
@@ -230,11 +237,14 @@ class SharedLatentSpace(BaseModule):
 
     def _check_student(self, student: FeatureOutput) -> None:
         dims = [f.shape[1] for f in student.features]
-        if student.summary.shape[-1] != self.student_summary_dim or \
+        summaries = [student.summary] + list(
+            (student.summaries or {}).values())
+        summary_dims = sorted({s.shape[-1] for s in summaries})
+        if summary_dims != [self.student_summary_dim] or \
                 dims != self.student_feature_dims:
             raise ValueError(
-                f'{type(self).__name__}: student output has summary dim '
-                f'{student.summary.shape[-1]} and level dims {dims}, expected '
+                f'{type(self).__name__}: student output has summary dims '
+                f'{summary_dims} and level dims {dims}, expected '
                 f'student_summary_dim={self.student_summary_dim} and '
                 f'student_feature_dims={self.student_feature_dims}')
 
@@ -287,6 +297,33 @@ class SharedLatentSpace(BaseModule):
         return all(std.frozen for t in self.teacher_names
                    for _, std in self._named_standardizers(t)
                    if isinstance(std, EMAStandardizer))
+
+    @property
+    def statistics_exist(self) -> bool:
+        """Whether every standardiser with statistics has some (fixed or
+        running); without them the standardisers are the identity."""
+        return all(std.initialized for t in self.teacher_names
+                   for _, std in self._named_standardizers(t)
+                   if isinstance(std, EMAStandardizer))
+
+    def _warn_if_no_statistics(self) -> None:
+        """Warn once when outputs are used before statistics exist: they
+        would be compared in the teachers' raw spaces."""
+        if self._warned_no_statistics or self.statistics_exist:
+            return
+        self._warned_no_statistics = True
+        missing = [key for t in self.teacher_names
+                   for key, std in self._named_standardizers(t)
+                   if isinstance(std, EMAStandardizer)
+                   and not std.initialized]
+        print_log(
+            f'{type(self).__name__}: no standardiser statistics yet for '
+            f'{missing}: their targets and projections are in the '
+            f"teachers' raw spaces (identity standardisers), so agreement "
+            f'numbers are not comparable. Estimate them first '
+            f'(kiv.StatisticsWarmupHook, a teacher-feature cache, or '
+            f'load_statistics), or load a trained checkpoint',
+            logger='current', level=logging.WARNING)
 
     @torch.no_grad()
     def statistic_sums(self, targets: Mapping[str, FeatureOutput]
@@ -342,19 +379,39 @@ class SharedLatentSpace(BaseModule):
                     std.load_sums(sums[key].double(), freeze=freeze)
         self.init_preservation_heads()
 
+    def _preserved_state(self, attr: str) -> dict[str, bool]:
+        """Per preserved teacher: whether every standardiser with
+        statistics has ``attr`` (``'frozen'`` / ``'initialized'``)."""
+        return {t: all(getattr(std, attr) for _, std in
+                       self._named_standardizers(t)
+                       if isinstance(std, EMAStandardizer))
+                for t in self.preserved_teachers}
+
     @torch.no_grad()
-    def init_preservation_heads(self) -> None:
+    def init_preservation_heads(self,
+                                teachers: Optional[Sequence[str]] = None,
+                                require_frozen: bool = True) -> None:
         """Start the preserved teachers' heads as their standardisers.
 
         For every teacher with ``preserve=True`` each head becomes exactly
         the affine map of its standardiser (skip path) with ``fc2`` zero: a
         student whose features equal the teacher's raw outputs predicts the
         standardised targets exactly.
+
+        Args:
+            teachers (Sequence[str], optional): only these preserved
+                teachers. Defaults to all of them.
+            require_frozen (bool): skip teachers whose statistics are not
+                fixed yet (``'fixed'`` statistics); with False, teachers
+                whose statistics merely exist (``'ema'``) are initialised
+                too. Defaults to True.
         """
+        ready = self._preserved_state(
+            'frozen' if require_frozen else 'initialized')
         for teacher in self.preserved_teachers:
-            if not all(std.frozen for _, std in
-                       self._named_standardizers(teacher)
-                       if isinstance(std, EMAStandardizer)):
+            if teachers is not None and teacher not in teachers:
+                continue
+            if not ready[teacher]:
                 continue
             heads = list(self.feature_heads[teacher])
             if teacher in self.summary_heads:
@@ -393,6 +450,8 @@ class SharedLatentSpace(BaseModule):
         Args:
             targets (dict[str, FeatureOutput]): raw outputs per teacher.
         """
+        initialized = self._preserved_state('initialized')
+        frozen = self._preserved_state('frozen')
         pending: list[tuple[EMAStandardizer, Tensor]] = []
         for teacher, out in targets.items():
             self._check_teacher_output(out, teacher)
@@ -407,6 +466,17 @@ class SharedLatentSpace(BaseModule):
         for (std, _), chunk in zip(
                 pending, sums.split([s.numel() for _, s in pending])):
             std.update_from_sums(chunk)
+        # knowledge preservation with moving statistics: the preserved
+        # heads start as the standardiser once it first exists, and again
+        # when the statistics freeze (max_stat_updates), so the base
+        # teacher's loss is 0 for the statistics the run keeps
+        now_initialized = self._preserved_state('initialized')
+        now_frozen = self._preserved_state('frozen')
+        changed = [t for t in self.preserved_teachers
+                   if now_initialized[t] and not initialized[t]
+                   or now_frozen[t] and not frozen[t]]
+        if changed:
+            self.init_preservation_heads(changed, require_frozen=False)
 
     def standardize_targets(self, target: FeatureOutput,
                             teacher: str) -> FeatureOutput:
@@ -421,6 +491,7 @@ class SharedLatentSpace(BaseModule):
             FeatureOutput: same shapes, detached.
         """
         self._check_teacher_output(target, teacher)
+        self._warn_if_no_statistics()
         with torch.no_grad():
             summary = None if target.summary is None else \
                 self.summary_standardizers[teacher](target.summary.detach())
@@ -445,6 +516,7 @@ class SharedLatentSpace(BaseModule):
             FeatureOutput: same shapes, in the teacher's raw feature space.
         """
         self._check_teacher_output(pred, teacher)
+        self._warn_if_no_statistics()
         summary = None if pred.summary is None else \
             self.summary_standardizers[teacher].inverse(pred.summary)
         features = tuple(
@@ -459,8 +531,10 @@ class SharedLatentSpace(BaseModule):
         """Project the student into one teacher's standardised space.
 
         Args:
-            student (FeatureOutput): summary ``(B, student_summary_dim)``,
-                levels ``(B, student_feature_dims[l], H_l, W_l)``.
+            student (FeatureOutput): summary ``(B, student_summary_dim)``
+                (and, per teacher, ``summaries``: the teacher's summary head
+                reads ``summaries[teacher]``), levels
+                ``(B, student_feature_dims[l], H_l, W_l)``.
             teacher (str): teacher name.
             sizes (list[tuple[int, int]]): target grid ``(h, w)`` of each
                 teacher level.
@@ -475,7 +549,7 @@ class SharedLatentSpace(BaseModule):
         if len(sizes) != len(heads):
             raise ValueError(f'{type(self).__name__}: teacher {teacher!r} has '
                              f'{len(heads)} levels, got {len(sizes)} sizes')
-        summary = self.summary_heads[teacher](student.summary) \
+        summary = self.summary_heads[teacher](student.summary_for(teacher)) \
             if teacher in self.summary_heads else None
         features = tuple(
             head(student.features[lv], size) for head, lv, size in zip(
