@@ -756,7 +756,8 @@ class AdapterViT(BaseModule):
             tuple[Tensor, ...]: ``out_type='pyramid'``: the maps of
             :meth:`forward_features` at ``out_indices``, level ``l`` of
             shape ``(B, C, ceil(H / s_l), ceil(W / s_l))``; ``'global'``:
-            ``(summary (B, C),)`` (the named summary ``summary``); ``'both'``: the maps then the summary.
+            ``(summary (B, C),)`` (the named summary ``summary``);
+            ``'both'``: the maps then the summary.
         """
         state = self._interact(x)
         outs: tuple[Tensor, ...] = ()
