@@ -50,7 +50,8 @@ DISTILL_CFG = osp.join(
 #: AdapterViT arguments that change the state dict (must match the student).
 ARCH_ARGS = ('interaction_indexes', 'conv_inplane', 'deform_num_heads',
              'n_points', 'deform_ratio', 'with_cffn', 'cffn_ratio',
-             'with_global_token', 'use_extra_extractor', 'add_vit_feature')
+             'with_global_token', 'summary_names', 'use_extra_extractor',
+             'add_vit_feature')
 NOT_MATCHING = 'do not match exactly'  # mmengine's partial-load warning
 
 

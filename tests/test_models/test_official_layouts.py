@@ -202,6 +202,41 @@ def test_student_base_loads_the_same_dinov2_file(recipe, dinov2):
           written['blocks.2.attn.qkv.weight'], 'qkv')
 
 
+def test_recipe_clip_summary_head_reads_clips_own_summary(
+        recipe, dinov2, clip, sam, detector):
+    """The recipe's student has a summary per teacher with one (DINOv2,
+    CLIP); the latent space feeds CLIP's summary head CLIP's own summary,
+    which at step 0 is the knowledge base's CLS token."""
+    cfg = copy.deepcopy(recipe.model.student.to_dict())
+    cfg['base'] = dict(cfg['base'], checkpoint=dinov2.path,
+                       model_kwargs=dict(depth=VIT_DEPTH))
+    cfg['interaction_indexes'] = [[i, i] for i in range(VIT_DEPTH)]
+    cfg['with_cp'] = False
+    student = build(cfg).eval()
+    built = dict(dinov2=dinov2, clip=clip, sam=sam, detector=detector)
+    with_summary = [n for n, b in built.items()
+                    if b.teacher.summary_dim is not None]
+    assert student.summary_names == tuple(with_summary) == ('dinov2', 'clip')
+    latent_cfg = copy.deepcopy(recipe.model.latent.to_dict())
+    teachers = {n: dict(summary_dim=b.teacher.summary_dim,
+                        feature_dims=list(b.teacher.feature_dims),
+                        **latent_cfg.get('teachers', {}).get(n, {}))
+                for n, b in built.items()}
+    latent = build(dict(latent_cfg, student_summary_dim=768,
+                        student_feature_dims=[768] * 5,
+                        default_student_level=2, teachers=teachers))
+    seen = {}
+    latent.summary_heads['clip'].register_forward_pre_hook(
+        lambda module, args: seen.setdefault('clip', args[0]))
+    x = (images() - torch.tensor([123.675, 116.28, 103.53]).view(
+        1, 3, 1, 1)) / torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = student.forward_features(x)
+        latent.project(out, 'clip', [f.shape[-2:] for f in clip.out.features])
+    assert seen['clip'] is out.summaries['clip']
+    assert torch.equal(out.summaries['clip'], out.summaries['dinov2'])
+
+
 # ------------------------------------------------------------------ CLIP ---
 def test_clip_teacher_keeps_the_openai_projection(clip):
     teacher, written, out = clip.teacher, clip.written, clip.out
