@@ -15,6 +15,14 @@ Every run gets weights-only checkpoint loading and atomic writes
 (``kiv.NonFiniteLossHook``: a NaN/Inf loss is skipped before it reaches the
 weights, at most 5 in a row / 100 per run; set with the config key
 ``nonfinite_loss`` or ``--nonfinite-loss``). See docs/reliability.md.
+
+kiv's configs hold the guard and the teacher cache themselves (the default
+runtime's ``custom_hooks``; ``model.teacher_cache`` and
+``kiv.TeacherCacheDataset`` in ``*_cached.py``), so mmpretrain's, mmdet's or
+mmseg's own ``tools/train.py`` and ``Runner.from_cfg`` run them the same.
+This tool adds the guard to configs without it (one at most) and writes
+``--teacher-cache DIR`` / ``--cfg-options teacher_cache=DIR`` into every
+place that reads the cache (docs/teacher_cache.md).
 """
 import argparse
 import os
@@ -102,16 +110,20 @@ def main() -> None:
     elif cfg.get('load_from'):
         require_file(cfg.load_from, 'load_from checkpoint')
 
-    if args.teacher_cache:
-        cfg.teacher_cache = args.teacher_cache
-    if cfg.get('teacher_cache', None):
-        # teachers -> kiv.CachedTeacher, dataset -> kiv.TeacherCacheDataset
-        from kiv.datasets.teacher_cache import (TeacherCacheError,
-                                                use_teacher_cache)
-        try:
-            use_teacher_cache(cfg)
-        except TeacherCacheError as err:
-            die(str(err))
+    # --teacher-cache DIR and --cfg-options teacher_cache=DIR replace the
+    # config's cache everywhere it is read (model.teacher_cache, the
+    # kiv.TeacherCacheDataset); a config that names one is checked whole
+    from kiv.datasets.teacher_cache import TeacherCacheError
+    from kiv.datasets.teacher_cache.config import (teacher_cache_dir,
+                                                   use_teacher_cache)
+    try:
+        cache = args.teacher_cache or \
+            (args.cfg_options or {}).get('teacher_cache') or \
+            teacher_cache_dir(cfg)
+        if cache:
+            use_teacher_cache(cfg, cache)
+    except TeacherCacheError as err:
+        die(str(err))
 
     add_safe_checkpoint_hook(cfg)
     add_nonfinite_loss_hook(cfg, args.nonfinite_loss)

@@ -12,6 +12,10 @@ default_hooks = dict(
 )
 custom_hooks = [
     dict(type='kiv.SafeCheckpointHook'),
+    # a NaN/Inf loss is skipped before it reaches the weights (at most 5 in
+    # a row, 100 per run), under any entry point; configure with the key
+    # nonfinite_loss = dict(action='stop', ...) or 'off' (docs/reliability.md)
+    dict(type='kiv.NonFiniteLossHook'),
     dict(type='kiv.BadImageReportHook', interval=1000),
     # fix the latent space's statistics from a teacher-only pass (at most one
     # epoch) before the first step; skipped on resume and with a cache

@@ -150,32 +150,40 @@ def add_safe_checkpoint_hook(cfg: Config) -> None:
 def add_nonfinite_loss_hook(cfg: Config, action: str | None = None) -> None:
     """Guard the run against NaN/Inf losses (``kiv.NonFiniteLossHook``).
 
-    On by default for every run of ``tools/train.py``. Configured by, in
-    order of precedence:
+    kiv's configs carry the hook in ``custom_hooks`` (the default runtime),
+    so it runs under any entry point; for other configs ``tools/train.py``
+    adds it here, never a second one. Configured by, in order of
+    precedence:
 
     1. ``action`` (``tools/train.py --nonfinite-loss {skip,stop,off}``);
     2. the config key ``nonfinite_loss``: a dict of the hook's arguments
        (:data:`NONFINITE_LOSS_OPTIONS`, e.g. ``dict(action='stop')``, also
        settable as ``--cfg-options nonfinite_loss.max_consecutive=3``), or
-       ``'off'``;
-    3. a ``NonFiniteLossHook`` entry already in ``custom_hooks`` (kept as
-       is; then ``nonfinite_loss`` must not be set too).
+       ``'off'``; it is folded into the hook entry and the key cleared
+       (the hook reads the key itself under other entry points);
+    3. the arguments of the ``NonFiniteLossHook`` entry in ``custom_hooks``
+       (an entry with arguments and the key must not both be set; a bare
+       entry, as in kiv's default runtime, takes the key's options).
 
     Args:
         cfg (Config): the run's config; ``custom_hooks`` is updated.
         action (str, optional): ``'skip'``, ``'stop'`` or ``'off'``.
     """
     hooks = list(cfg.get('custom_hooks', None) or [])
-    existing = [h for h in hooks if h.get('type') in _NONFINITE_HOOK_NAMES]
-    setting = cfg.get('nonfinite_loss', None)
-    if existing and setting is not None:
-        die('the non-finite loss guard is set twice: by the config key '
-            'nonfinite_loss and by a NonFiniteLossHook in custom_hooks; '
+    found = [i for i, h in enumerate(hooks)
+             if h.get('type') in _NONFINITE_HOOK_NAMES]
+    if len(found) > 1:
+        die(f'custom_hooks holds {len(found)} NonFiniteLossHook entries; '
             'keep one')
-    if existing:
-        hook = existing[0]
-    elif setting is None or setting is True:
-        hook = dict(type='kiv.NonFiniteLossHook')
+    existing = dict(hooks[found[0]]) if found else None
+    setting = cfg.get('nonfinite_loss', None)
+    if existing and set(existing) != {'type'} and setting is not None:
+        die('the non-finite loss guard is set twice: by the config key '
+            'nonfinite_loss and by the arguments of the NonFiniteLossHook in '
+            'custom_hooks; keep one')
+    default = existing or dict(type='kiv.NonFiniteLossHook')
+    if setting is None or setting is True:
+        hook = default
     elif setting == 'off' or setting is False:
         hook = None
     elif isinstance(setting, dict):
@@ -184,16 +192,16 @@ def add_nonfinite_loss_hook(cfg: Config, action: str | None = None) -> None:
             die(f'config key nonfinite_loss: unknown option(s) '
                 f'{", ".join(unknown)}; expected '
                 f'{", ".join(NONFINITE_LOSS_OPTIONS)}')
-        hook = dict(type='kiv.NonFiniteLossHook', **setting)
+        hook = dict(default, **setting)
     else:
         die(f"config key nonfinite_loss must be a dict or 'off', got "
             f'{setting!r}')
     if action == 'off':
         hook = None
     elif action is not None:
-        hook = dict(hook or dict(type='kiv.NonFiniteLossHook'),
-                    action=action)
-    index = next((i for i, h in enumerate(hooks)
-                  if h.get('type') in _NONFINITE_HOOK_NAMES), len(hooks))
+        hook = dict(hook or default, action=action)
+    index = found[0] if found else len(hooks)
     hooks[index:index + 1] = [] if hook is None else [hook]
     cfg.custom_hooks = hooks
+    if setting is not None:
+        cfg.nonfinite_loss = None  # folded into the hook entry

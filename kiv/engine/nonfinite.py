@@ -26,9 +26,12 @@ wrapper's ``update_params``. For the run it guards, the hook
    (``before_save_checkpoint`` raises :class:`NonFiniteWeightsError`), so the
    last checkpoint on disk is always a finite one.
 
-Both wrappers are undone in ``after_train``. kiv's ``tools/train.py`` adds
-this hook to every run (config key ``nonfinite_loss``, CLI
-``--nonfinite-loss``); other scripts add
+Both wrappers are undone in ``after_train``. kiv's configs hold the hook in
+``custom_hooks`` (``configs/_base_/default_runtime.py``), so it guards their
+runs under any entry point (kiv's, mmpretrain's or mmdet's
+``tools/train.py``, ``Runner.from_cfg``); the config key
+``nonfinite_loss`` configures it there too. kiv's ``tools/train.py`` adds
+it to configs without it (CLI ``--nonfinite-loss``); other configs add
 ``dict(type='kiv.NonFiniteLossHook')`` to ``custom_hooks``.
 """
 from __future__ import annotations
@@ -166,18 +169,44 @@ class NonFiniteLossHook(Hook):
             ``state_dict`` has NaN/Inf values (:class:`NonFiniteWeightsError`,
             raised before the file is written). Defaults to True.
 
+    The run's config key ``nonfinite_loss`` (a dict of these arguments, or
+    ``'off'``) configures a hook built with the defaults when training
+    starts, under any entry point; see :meth:`apply_config`.
+
     Raises:
         ValueError: an unknown ``action`` or a negative limit.
     """
 
     priority = 'HIGH'
     ACTIONS = ('skip', 'stop')
+    #: the arguments' defaults, in order
+    DEFAULTS = dict(action='skip', max_consecutive=5, max_total=100,
+                    check_checkpoint=True)
 
     def __init__(self,
                  action: str = 'skip',
                  max_consecutive: int = 5,
                  max_total: Optional[int] = 100,
                  check_checkpoint: bool = True) -> None:
+        self._args = dict(action=action, max_consecutive=max_consecutive,
+                          max_total=max_total,
+                          check_checkpoint=check_checkpoint)
+        self._configure(**self._args)
+        self.enabled = True
+        self.total = 0  # skipped iterations, whole run
+        self.consecutive = 0  # skipped iterations in a row
+        self._last_bad_iter = -2  # 0-based iteration of the last skip
+        self._log_vars: Optional[Mapping[str, Any]] = None
+        self._runner = None
+        self._undo: list[Callable[[], None]] = []
+
+    def _configure(self, action: str, max_consecutive: int,
+                   max_total: Optional[int], check_checkpoint: bool) -> None:
+        """Check and set the options (see the class arguments).
+
+        Raises:
+            ValueError: an unknown ``action`` or a negative limit.
+        """
         if action not in self.ACTIONS:
             raise ValueError(f'NonFiniteLossHook: action must be one of '
                              f'{self.ACTIONS}, got {action!r}')
@@ -193,18 +222,57 @@ class NonFiniteLossHook(Hook):
         self.max_consecutive = max_consecutive
         self.max_total = max_total
         self.check_checkpoint = bool(check_checkpoint)
-        self.total = 0  # skipped iterations, whole run
-        self.consecutive = 0  # skipped iterations in a row
-        self._last_bad_iter = -2  # 0-based iteration of the last skip
-        self._log_vars: Optional[Mapping[str, Any]] = None
-        self._runner = None
-        self._undo: list[Callable[[], None]] = []
+
+    def apply_config(self, cfg: Optional[Mapping]) -> None:
+        """Take the options of the config key ``nonfinite_loss``.
+
+        ``nonfinite_loss = dict(action='stop', max_consecutive=3, ...)``
+        replaces the defaults; ``'off'`` disables the hook (no wrapper, no
+        checkpoint check). kiv's ``tools/train.py`` folds the key into the
+        hook entry and clears it; other entry points (mmpretrain's or mmdet's
+        ``tools/train.py``, ``Runner.from_cfg``) leave it to this method.
+
+        Args:
+            cfg (Mapping, optional): the run's config (``runner.cfg``).
+
+        Raises:
+            ValueError: the key is set and the hook was given arguments too
+                (set twice), an unknown option or a value of the wrong kind.
+        """
+        setting = cfg.get('nonfinite_loss', None) if cfg is not None \
+            else None
+        if setting is None or setting is True:
+            return
+        if self._args != self.DEFAULTS:
+            raise ValueError(
+                'NonFiniteLossHook: the non-finite loss guard is set twice: '
+                'by the config key nonfinite_loss and by the arguments of '
+                'the NonFiniteLossHook in custom_hooks; keep one')
+        if setting == 'off' or setting is False:
+            self.enabled = False
+            return
+        if not isinstance(setting, Mapping):
+            raise ValueError("NonFiniteLossHook: config key nonfinite_loss "
+                             f"must be a dict or 'off', got {setting!r}")
+        unknown = sorted(set(setting) - set(self.DEFAULTS))
+        if unknown:
+            raise ValueError(
+                f'NonFiniteLossHook: config key nonfinite_loss: unknown '
+                f'option(s) {", ".join(unknown)}; expected '
+                f'{", ".join(self.DEFAULTS)}')
+        self._configure(**{**self.DEFAULTS, **setting})
 
     # ------------------------------------------------------------ install --
     def before_train(self, runner) -> None:
-        """Wrap the optimizer wrapper(s) and the model's ``parse_losses``."""
+        """Read the config key ``nonfinite_loss``, then wrap the optimizer
+        wrapper(s) and the model's ``parse_losses``."""
+        self.apply_config(getattr(runner, 'cfg', None))
         self._runner = runner
         self._remove()
+        if not self.enabled:
+            runner.logger.info('NonFiniteLossHook: off (config key '
+                               "nonfinite_loss='off')")
+            return
         model = runner.model.module if is_model_wrapper(
             runner.model) else runner.model
         if callable(getattr(model, 'parse_losses', None)):
@@ -385,6 +453,8 @@ class NonFiniteLossHook(Hook):
                 floating-point tensor of ``checkpoint['state_dict']`` has a
                 NaN/Inf value. Nothing is written.
         """
+        if not self.enabled:
+            return
         if self.check_checkpoint:
             bad = [
                 key for key, value in checkpoint.get('state_dict', {}).items()

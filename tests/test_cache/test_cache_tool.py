@@ -116,27 +116,58 @@ def test_dry_run_reports_disk_use_and_writes_nothing(tiny_root, tmp_path):
 
 
 TRAIN = osp.join(REPO, 'tools', 'train.py')
-with open(TRAIN, encoding='utf-8') as _f:
-    _TRAIN_WIRED = 'teacher_cache' in _f.read()
+CACHED_CFG = TINY_DISTILL_CFG.replace('.py', '_cached.py')
 
 
-@pytest.mark.skipif(not _TRAIN_WIRED,
-                    reason='tools/train.py does not honour teacher_cache yet')
-def test_train_py_trains_from_the_cached_config(cache, private_root):
-    """The one switch through the real command line: the shipped cached
-    config trains with the teacher-only weight files deleted."""
+@pytest.mark.parametrize('config,switch', [
+    (CACHED_CFG, '--cfg-options'),  # moves the cached config's cache
+    (TINY_DISTILL_CFG, '--teacher-cache'),  # turns an online config cached
+])
+def test_train_py_trains_from_the_cache_it_is_told(cache, private_root,
+                                                   config, switch):
+    """kiv's tools/train.py: ``--cfg-options teacher_cache=DIR`` on the
+    shipped cached config and ``--teacher-cache DIR`` on the online config
+    train from DIR (not from the cached config's own path, where there is
+    no cache) with the teacher-only weight files deleted."""
     for name in ('clip_tiny.pth', 'retinanet_tiny.pth', 'retinanet_tiny.py'):
         os.remove(osp.join(private_root, 'data', 'tiny_teachers', name))
+    options = ['train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2',
+               'default_hooks.logger.interval=1']
+    if switch == '--teacher-cache':
+        args = ['--teacher-cache', cache['dir'], '--cfg-options', *options]
+    else:
+        args = ['--cfg-options', f'teacher_cache={cache["dir"]}', *options]
     proc = subprocess.run(
-        [sys.executable, TRAIN,
-         TINY_DISTILL_CFG.replace('.py', '_cached.py'), '--work-dir', 'run',
-         '--cfg-options', f'teacher_cache={cache["dir"]}',
-         'train_cfg.max_iters=2', 'default_hooks.checkpoint.interval=2',
-         'default_hooks.logger.interval=1'],
+        [sys.executable, TRAIN, config, '--work-dir', 'run', *args],
         cwd=private_root, env=_env(), capture_output=True, text=True,
         timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert 'training from the teacher cache' in out
-    assert 'TeacherCacheStatisticsHook: fixed the statistics' in out
+    assert f'training from the teacher cache {cache["dir"]}' in out
+    assert f'read from the teacher cache {cache["dir"]}' in out
+    assert 'fixed the statistics of 7 teacher outputs from all 16 cached ' \
+        'views' in out
+    assert 'StatisticsWarmupHook: fixed' not in out
     assert 'Iter(train) [2/2]' in out and 'loss_clip_summary' in out
+    # the config dumped to the work dir is the run, for any entry point
+    from mmengine.config import Config
+    dumped = Config.fromfile(osp.join(private_root, 'run',
+                                      osp.basename(config)))
+    assert dumped.model.teacher_cache == cache['dir']
+    assert dumped.train_dataloader.dataset.type == 'kiv.TeacherCacheDataset'
+    assert dumped.train_dataloader.dataset.cache_dir == cache['dir']
+    assert dumped.val_dataloader is None
+
+
+def test_train_py_refuses_a_config_naming_two_caches(cache, private_root):
+    """model.teacher_cache changed alone (not through teacher_cache): one
+    error line naming both places, nothing trained."""
+    proc = subprocess.run(
+        [sys.executable, TRAIN, CACHED_CFG, '--work-dir', 'run',
+         '--cfg-options', f'model.teacher_cache={cache["dir"]}'],
+        cwd=private_root, env=_env(), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith('error: the config names different '
+                                  'teacher caches: teacher_cache=')
+    assert f"model.teacher_cache='{cache['dir']}'" in proc.stderr

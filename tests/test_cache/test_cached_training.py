@@ -5,7 +5,8 @@ import os.path as osp
 
 import pytest
 import torch
-from cache_helpers import in_dir, tiny_cfg
+from cache_helpers import (SHARD_SIZE, TINY_DISTILL_CFG, VIEWS, in_dir,
+                           tiny_cfg)
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
@@ -112,3 +113,42 @@ def test_cached_run_matches_online_run_without_teachers(
     assert sum(b.numel() for t in model.teachers.values()
                for b in t.buffers()) == 0
     assert model.latent.statistics_ready
+
+
+def test_cached_config_names_its_cache_where_it_is_read(cache):
+    """The shipped cached config states the cache where it is consumed
+    (model.teacher_cache, kiv.TeacherCacheDataset with the base's dataset
+    as its dataset, validation off), so it is the run under any entry point;
+    use_teacher_cache moves every place to another cache, idempotently,
+    and online_config gives back what the cache is written from."""
+    from mmengine.config import Config
+
+    from kiv.datasets.teacher_cache import TeacherCacheWriter
+    from kiv.datasets.teacher_cache.config import online_config
+    cfg = Config.fromfile(TINY_DISTILL_CFG.replace('.py', '_cached.py'))
+    base = tiny_cfg()
+    assert cfg.teacher_cache.startswith('work_dirs/teacher_cache/')
+    assert cfg.model.teacher_cache == cfg.teacher_cache
+    assert cfg.model.teachers == base.model.teachers  # checked, kept
+    dataset = cfg.train_dataloader.dataset
+    assert dataset.type == 'kiv.TeacherCacheDataset'
+    assert dataset.cache_dir == cfg.teacher_cache
+    assert dataset.dataset == base.train_dataloader.dataset
+    assert cfg.val_dataloader is None and cfg.test_dataloader is None
+
+    online = online_config(cfg)
+    assert 'teacher_cache' not in online.model
+    assert online.model == base.model
+    assert online.train_dataloader.dataset == base.train_dataloader.dataset
+    with in_dir(cache['root']):  # the same cache as from the base config
+        writer = TeacherCacheWriter(online, cache['dir'] + '-again',
+                                    views=VIEWS, shard_size=SHARD_SIZE,
+                                    num_workers=0, log=lambda msg: None)
+        assert writer.prepare()['cache_id'] == cache['index']['cache_id']
+
+    for _ in range(2):
+        use_teacher_cache(cfg, cache['dir'])
+        assert cfg.teacher_cache == cfg.model.teacher_cache == \
+            cfg.train_dataloader.dataset.cache_dir == cache['dir']
+    assert cfg.train_dataloader.batch_size == 4  # the loader settings stay
+    assert cfg.model.teachers == base.model.teachers

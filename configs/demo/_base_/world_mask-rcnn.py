@@ -10,6 +10,9 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
 ]
 custom_imports = dict(imports=['kiv'], allow_failed_imports=False)
+# a NaN/Inf loss is skipped before it reaches the weights, under any
+# entry point (docs/reliability.md)
+custom_hooks = [dict(type='kiv.NonFiniteLossHook')]
 
 data_root = 'world/coco/'
 metainfo = dict(

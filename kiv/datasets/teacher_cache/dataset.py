@@ -6,7 +6,7 @@ import logging
 import os
 import os.path as osp
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import mmengine.fileio as fileio
@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from kiv.registry import DATASETS
 from ..transforms import SKIP_CAUSES, SKIPPED_FILES, UnreadableImageError
+from .config import dataset_differences
 from .format import (IMAGES_FILE, TeacherCacheError, open_shard, output_keys,
                      read_image_list, read_index, shard_metadata)
 from .views import VIEW_PARAMS, ReplayView, ViewParams
@@ -33,6 +34,18 @@ CACHE_ID = 'teacher_cache'
 
 def _join(root: str, path: str) -> str:
     return osp.join(root, path) if root else path
+
+
+def _img_root_of(dataset: Mapping) -> str | None:
+    """The image folder of a dataset config (``img_dir`` of
+    ``kiv.UnlabeledImageDataset``; built lazily, nothing is scanned), or
+    None for a dataset without one."""
+    lazy = {**dataset, 'pipeline': [], 'lazy_init': True}
+    try:
+        dataset = DATASETS.build(lazy)
+    except (TypeError, ValueError, FileNotFoundError):
+        return None
+    return getattr(dataset, 'img_dir', None) or None
 
 
 @DATASETS.register_module()
@@ -62,7 +75,15 @@ class TeacherCacheDataset(Dataset):
         teachers (Sequence[str], optional): teachers whose targets to load.
             Defaults to all the cached teachers.
         img_root (str, optional): folder the cached image paths are relative
-            to, if the images moved. Defaults to the cache's.
+            to, if the images moved. Defaults to ``dataset``'s image folder,
+            else the cache's.
+        dataset (dict, optional): the training dataset config the cache was
+            written from (what a cached config replaces; see
+            ``configs/distill/*_cached.py``). If given, the cache must
+            belong to it (dataset type and files, image loader, views;
+            :class:`TeacherCacheError` naming what differs) and its
+            ``data_root`` / ``data_prefix`` say where the images are now.
+            ``tools/cache_teachers.py`` writes the cache from it.
         load_targets (bool): attach the targets. False gives only the views
             (e.g. to run online teachers on exactly the cached views).
             Defaults to True.
@@ -77,11 +98,22 @@ class TeacherCacheDataset(Dataset):
                  pipeline: Sequence[dict | Callable] | None = None,
                  teachers: Sequence[str] | None = None,
                  img_root: str | None = None,
+                 dataset: Mapping | None = None,
                  load_targets: bool = True,
                  max_refetch: int = 1000,
                  max_open_shards: int = 8) -> None:
         self.cache_dir = cache_dir
         self.index = read_index(cache_dir)
+        if dataset is not None:
+            diffs = dataset_differences(self.index, dataset)
+            if diffs:
+                raise TeacherCacheError(
+                    f'TeacherCacheDataset: the teacher cache {cache_dir} '
+                    f'(written from {self.index.get("config")}) was not '
+                    'written from the dataset it names '
+                    f'(train_dataloader.dataset.dataset): {"; ".join(diffs)}')
+            if img_root is None:
+                img_root = _img_root_of(dataset)
         self.cache_id: str = self.index['cache_id']
         cached = self.index['teachers']
         names = list(cached) if teachers is None else list(teachers)
