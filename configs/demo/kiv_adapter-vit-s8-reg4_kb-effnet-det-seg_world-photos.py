@@ -79,4 +79,5 @@ model = dict(
 train_dataloader = dict(dataset=dict(
     pipeline={{_base_.labelled_view_pipeline}}))
 custom_hooks = [dict(type='kiv.SafeCheckpointHook'),
+                dict(type='kiv.NonFiniteLossHook'),
                 dict(type='kiv.StatisticsWarmupHook', num_batches=10**6)]

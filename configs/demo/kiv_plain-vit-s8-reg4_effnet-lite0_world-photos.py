@@ -43,6 +43,7 @@ default_hooks = dict(
     checkpoint=dict(interval=1000, by_epoch=False, max_keep_ckpts=1))
 # statistics from one full pass over the (cached) views, fixed before step 0
 custom_hooks = [dict(type='kiv.SafeCheckpointHook'),
+                dict(type='kiv.NonFiniteLossHook'),
                 dict(type='kiv.StatisticsWarmupHook', num_batches=10**6)]
 log_processor = dict(window_size=10)
 env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))

@@ -46,6 +46,7 @@ train_cfg = dict(type='IterBasedTrainLoop', max_iters=300)
 default_hooks = dict(
     logger=dict(interval=10),
     checkpoint=dict(interval=300, by_epoch=False, max_keep_ckpts=1))
-custom_hooks = [dict(type='kiv.SafeCheckpointHook')]
+custom_hooks = [dict(type='kiv.SafeCheckpointHook'),
+                dict(type='kiv.NonFiniteLossHook')]
 log_processor = dict(window_size=10)
 env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))

@@ -27,7 +27,10 @@ class CachedTeacher(BaseModule):
     samples and returns them as float32, exactly what the online teacher
     returned for the same view (up to the cache's storage precision).
     ``kiv.KnowledgeInheritance`` passes the data samples to every teacher
-    with ``reads_cache = True``.
+    with ``reads_cache = True``, and builds one in place of each of its
+    teachers when it is given ``teacher_cache`` (after checking the teacher
+    configs against the cache), so a cached config needs no rewriting by
+    any tool (docs/teacher_cache.md).
 
     The interface of :class:`~kiv.models.teachers.Teacher` that the
     distiller and the latent space read is kept: ``summary_dim`` (int or
@@ -95,7 +98,7 @@ class CachedTeacher(BaseModule):
                     f'CachedTeacher {self.name!r}: data sample {i} of the '
                     f'batch has no cached target {key!r}; train from '
                     'kiv.TeacherCacheDataset of the cache '
-                    f'{self.cache_dir} (see use_teacher_cache)')
+                    f'{self.cache_dir} (docs/teacher_cache.md)')
             value = targets[key]
             if tuple(value.shape) != self._shapes[key]:
                 raise TeacherCacheError(
