@@ -39,7 +39,8 @@ model = dict(
         conv_inplane=32,
         deform_num_heads=4,
         n_points=4,
-        with_global_token=True),
+        with_global_token=True,
+        summary_names=['kb', 'effnet']),  # a summary per teacher
     **{f'student_{k}': v for k, v in imagenet_norm.items()},
     teachers=dict(
         kb=dict(type='kiv.Teacher',

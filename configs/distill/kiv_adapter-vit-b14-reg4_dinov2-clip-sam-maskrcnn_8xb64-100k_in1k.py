@@ -55,6 +55,8 @@ model = dict(
         deform_ratio=0.5,
         drop_path_rate=0.1,
         with_global_token=True,
+        # a summary per teacher with one (CLIP's stays in its text space)
+        summary_names=['dinov2', 'clip'],
         norm_cfg=dict(type='SyncBN'),
         with_cp=True),
     **{f'student_{k}': v for k, v in imagenet_norm.items()},

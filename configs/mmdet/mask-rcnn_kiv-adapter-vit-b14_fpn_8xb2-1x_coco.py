@@ -80,3 +80,6 @@ optim_wrapper = dict(
 
 # 8 GPUs x 2 images; --auto-scale-lr rescales lr for other batch sizes.
 auto_scale_lr = dict(enable=False, base_batch_size=16)
+# a NaN/Inf loss never reaches the weights, under any training script
+# (docs/reliability.md); the tiny variants inherit it
+custom_hooks = [dict(type='kiv.NonFiniteLossHook')]

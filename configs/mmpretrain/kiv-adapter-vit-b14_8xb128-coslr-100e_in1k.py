@@ -38,6 +38,8 @@ model = dict(
         cffn_ratio=0.25,
         drop_path_rate=0.1,
         with_global_token=True,
+        summary_names=['dinov2', 'clip'],
+        summary='dinov2',  # or 'clip': CLIP's text-aligned summary
         freeze_base=False,
         frozen_stages=-1,
         out_type='global',
@@ -93,9 +95,13 @@ default_hooks = dict(
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=2,
                     save_best='auto'))
 # With out_type='global' the pyramid output layers (and the c1 projection
-# of the spatial prior) get no gradient; DDP must be told.
+# of the spatial prior), and the summaries of the other teachers, get no
+# gradient; DDP must be told.
 model_wrapper_cfg = dict(
     type='MMDistributedDataParallel', find_unused_parameters=True)
 # total batch 1024 (8 GPUs x 128): `tools/train.py --auto-scale-lr` rescales
 auto_scale_lr = dict(base_batch_size=1024)
 randomness = dict(seed=0, diff_rank_seed=True)
+# a NaN/Inf loss never reaches the weights, under any training script
+# (docs/reliability.md); the tiny variants inherit it
+custom_hooks = [dict(type='kiv.NonFiniteLossHook')]

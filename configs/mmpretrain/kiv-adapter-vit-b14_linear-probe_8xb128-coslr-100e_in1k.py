@@ -38,6 +38,8 @@ model = dict(
         deform_ratio=0.5,
         cffn_ratio=0.25,
         with_global_token=True,
+        summary_names=['dinov2', 'clip'],
+        summary='dinov2',  # or 'clip': CLIP's text-aligned summary
         # linear probing: base and every adapter stage frozen (eval mode)
         freeze_base=True,
         frozen_stages=num_interactions + 1,
@@ -75,3 +77,6 @@ default_hooks = dict(
 # total batch 1024 (8 GPUs x 128): `tools/train.py --auto-scale-lr` rescales
 auto_scale_lr = dict(base_batch_size=1024)
 randomness = dict(seed=0, diff_rank_seed=True)
+# a NaN/Inf loss never reaches the weights, under any training script
+# (docs/reliability.md); the tiny variants inherit it
+custom_hooks = [dict(type='kiv.NonFiniteLossHook')]

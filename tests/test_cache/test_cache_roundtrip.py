@@ -8,8 +8,8 @@ import os.path as osp
 import numpy as np
 import pytest
 import torch
-from cache_helpers import (NUM_IMAGES, SHARD_SIZE, TINY_DISTILL_CFG, VIEWS,
-                           in_dir, tiny_cfg)
+from cache_helpers import (NUM_IMAGES, SHARD_SIZE, VIEWS, in_dir,
+                           tiny_cfg)
 from mmengine.dataset import pseudo_collate
 
 from kiv.datasets.teacher_cache import (TeacherCacheDataset,
@@ -261,25 +261,6 @@ def test_deleted_shard_is_rewritten_and_statistics_recomputed(cache,
         log.clear()
         writer.run()  # nothing to do
     assert any('complete already' in m for m in log)
-
-
-def test_tiny_cached_config_is_the_one_switch(cache):
-    """The shipped cached config differs from the base by ``teacher_cache``
-    only; use_teacher_cache turns it into a cache-reading run."""
-    from mmengine.config import Config
-    cfg = Config.fromfile(TINY_DISTILL_CFG.replace('.py', '_cached.py'))
-    assert cfg.teacher_cache.startswith('work_dirs/teacher_cache/')
-    use_teacher_cache(cfg, cache['dir'])
-    assert {t['type'] for t in cfg.model.teachers.values()} == \
-        {'kiv.CachedTeacher'}
-    assert cfg.train_dataloader.dataset.type == 'kiv.TeacherCacheDataset'
-    assert cfg.train_dataloader.batch_size == 4  # the loader settings stay
-    assert cfg.val_dataloader is None and cfg.val_cfg is None
-    assert [h['type'] for h in cfg.custom_hooks].count(
-        'kiv.TeacherCacheStatisticsHook') == 1
-    use_teacher_cache(cfg, cache['dir'])  # idempotent
-    assert [h['type'] for h in cfg.custom_hooks].count(
-        'kiv.TeacherCacheStatisticsHook') == 1
 
 
 def test_missing_images_are_skipped_with_their_own_targets(cache,

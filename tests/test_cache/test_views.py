@@ -135,6 +135,7 @@ def test_real_scale_cached_config_replays_its_pipeline():
         repo, 'configs', 'distill', 'kiv_adapter-vit-b14-reg4_dinov2-clip-'
         'sam-maskrcnn_8xb64-100k_in1k_cached.py'))
     assert cfg.teacher_cache
-    _, view, _ = split_pipeline(cfg.train_dataloader.dataset.pipeline)
+    _, view, _ = split_pipeline(
+        cfg.train_dataloader.dataset.dataset.pipeline)
     assert view['scale'] == [224, 224] and view['flip_prob'] == 0.5
     assert view['crop_ratio_range'] == [0.35, 1.0]

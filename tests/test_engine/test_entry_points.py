@@ -314,3 +314,21 @@ def test_the_guard_is_in_the_config_and_reads_its_key():
     with pytest.raises(ValueError, match='unknown option.*max_skips'):
         NonFiniteLossHook().apply_config(
             dict(nonfinite_loss=dict(max_skips=3)))
+
+
+def test_every_trainable_kiv_config_holds_one_guard():
+    """Distillation, demo and downstream configs (not the import example,
+    a user's own config) carry exactly one NaN guard, so mmpretrain's,
+    mmdet's and mmseg's own tools/train.py run with it too."""
+    import glob
+    configs = [p for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
+                                    recursive=True)
+               if '_base_' not in p and 'import_example' not in p]
+    assert len(configs) > 15
+    for path in configs:
+        cfg = Config.fromfile(path)
+        if 'train_cfg' not in cfg:
+            continue
+        hooks = [h for h in cfg.get('custom_hooks', None) or []
+                 if 'NonFiniteLossHook' in h['type']]
+        assert len(hooks) == 1, (path, cfg.get('custom_hooks', None))

@@ -209,7 +209,8 @@ class TeacherCacheWriter:
                              f'got {dtype!r}')
         if shard_size is not None and shard_size < 1:
             raise ValueError(f'shard_size must be >= 1, got {shard_size}')
-        self.cfg = cfg
+        from .config import online_config  # config.py imports this module
+        self.cfg = online_config(cfg)
         self.out_dir = out_dir
         self.views = views
         self.dtype = dtype

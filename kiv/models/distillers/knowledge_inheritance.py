@@ -8,9 +8,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmengine.logging import MessageHub
 from mmengine.model import BaseModel, ModuleDict
 from torch import Tensor
 
+from kiv.datasets.teacher_cache.config import (cached_teachers,
+                                               fix_cache_statistics)
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
 from kiv.utils import in_own_scope
@@ -98,13 +101,31 @@ class KnowledgeInheritance(BaseModel):
             labelled samples jointly with distillation. Each entry:
             ``dict(head=<mmpretrain/mmseg/mmdet head cfg>, inputs='summary'
             | 'pyramid', gt_field='gt_label' | 'gt_sem_seg' |
-            'gt_instances', loss_kwargs=dict(), weight=1.0)``.
+            'gt_instances', loss_kwargs=dict(), weight=1.0)``; with
+            per-teacher summaries ``summary=<name>`` picks the one a
+            ``'summary'`` head reads (default: the student's first).
+        summary_per_teacher (bool): when two or more teachers have a
+            summary, each teacher's summary head reads a summary of its own
+            (``student.summary_names`` must list exactly those teachers;
+            the knowledge base's stays its CLS token at step 0). False
+            shares one summary between all teachers (the ablation).
+            Defaults to True.
         grad_share_interval (int): compute per-teacher gradient shares every
             this many training iterations (0 disables). Costs one extra
             backward pass per teacher on those iterations: with ``T``
             teachers about ``T * 0.7 / grad_share_interval`` of the
             training time (4 teachers at the default 100: under 3 %).
             Defaults to 100.
+        teacher_cache (str, optional): a teacher-feature cache written by
+            ``tools/cache_teachers.py`` from these teachers. Each teacher's
+            config is checked against the cache, then a ``kiv.CachedTeacher``
+            stands in for it, reading its outputs from the batch's
+            ``kiv.TeacherCacheDataset`` samples (no teacher model is built,
+            no teacher weight file opened), and the standardiser statistics
+            are fixed here from the cache's exact ones. Cached configs
+            (``configs/distill/*_cached.py``) set it, so they train from the
+            cache under any entry point (docs/teacher_cache.md). Defaults to
+            None: teachers online.
         data_preprocessor (dict, optional): defaults to stacking images as
             float RGB in [0, 255] (teachers and student normalise
             themselves).
@@ -122,7 +143,9 @@ class KnowledgeInheritance(BaseModel):
                  teacher_losses: Optional[dict[str, dict]] = None,
                  teacher_weights: Optional[dict[str, float]] = None,
                  task_heads: Optional[dict[str, dict]] = None,
+                 summary_per_teacher: bool = True,
                  grad_share_interval: int = 100,
+                 teacher_cache: Optional[str] = None,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None) -> None:
         if data_preprocessor is None:
@@ -136,9 +159,10 @@ class KnowledgeInheritance(BaseModel):
             raise KeyError(f'base_teacher {base_teacher!r} is not one of the '
                            f'teachers {sorted(teachers)}')
         self.base_teacher = base_teacher
-        self.student = MODELS.build(student)
-        self.teachers = nn.ModuleDict(
-            {name: MODELS.build(cfg) for name, cfg in teachers.items()})
+        self.teachers = self._build_teachers(teachers, teacher_cache, latent,
+                                             task_heads)
+        self.student = MODELS.build(
+            self._check_summary_names(student, summary_per_teacher))
         num_levels = len(getattr(self.student, 'feature_strides',
                                  (4, 8, 16, 32)))
         patch_level = getattr(self.student, 'patch_level', None)
@@ -150,6 +174,11 @@ class KnowledgeInheritance(BaseModel):
                              persistent=False)
 
         latent = copy.deepcopy(latent)
+        unknown = set(latent.get('teachers', None) or {}) - set(self.teachers)
+        if unknown:
+            raise KeyError(f'latent.teachers names unknown teachers '
+                           f'{sorted(unknown)}; teachers are '
+                           f'{sorted(self.teachers)}')
         latent_teachers = {}
         for name, t in self.teachers.items():
             cfg = dict(summary_dim=t.summary_dim,
@@ -169,6 +198,8 @@ class KnowledgeInheritance(BaseModel):
             student_feature_dims=[self.student.embed_dim] * num_levels,
             teachers=latent_teachers)
         self.latent = MODELS.build(latent)
+        if teacher_cache is not None:
+            self._fix_cache_statistics(teacher_cache)
 
         unknown = set(teacher_weights or {}) | set(teacher_losses or {})
         unknown -= set(self.teachers)
@@ -212,6 +243,12 @@ class KnowledgeInheritance(BaseModel):
             self.task_heads[name] = MODELS.build(
                 in_own_scope(cfg.pop('head')))
             cfg.setdefault('inputs', 'summary')
+            cfg.setdefault('summary', None)
+            names = getattr(self.student, 'summary_names', None) or ()
+            if cfg['summary'] is not None and cfg['summary'] not in names:
+                raise KeyError(f'task_heads.{name}.summary='
+                               f"{cfg['summary']!r} is not one of the "
+                               f'student summaries {list(names)}')
             cfg.setdefault('weight', 1.0)
             cfg.setdefault('loss_kwargs', {})
             if 'gt_field' not in cfg:
@@ -222,6 +259,96 @@ class KnowledgeInheritance(BaseModel):
         self._train_iter = 0
         self._register_state_dict_hook(_drop_teacher_state)
         self.register_load_state_dict_post_hook(_ignore_missing_teachers)
+
+    def _check_summary_names(self, student: dict,
+                             per_teacher: bool) -> dict:
+        """Check the student's per-teacher summaries against the teachers.
+
+        Args:
+            student (dict): the student config.
+            per_teacher (bool): ``summary_per_teacher``.
+
+        Returns:
+            dict: the student config (unchanged).
+
+        Raises:
+            ValueError: the student's ``summary_names`` are not exactly the
+                teachers with a summary (when two or more have one), or are
+                given with ``summary_per_teacher=False``.
+        """
+        with_summary = [n for n, t in self.teachers.items()
+                        if t.summary_dim is not None]
+        if self.base_teacher in with_summary:  # the knowledge base first
+            with_summary.remove(self.base_teacher)
+            with_summary.insert(0, self.base_teacher)
+        names = list(student.get('summary_names', None) or [])
+        if not per_teacher:
+            if names:
+                raise ValueError(
+                    f'student.summary_names={names} contradicts '
+                    'summary_per_teacher=False (one shared summary)')
+            return student
+        if len(with_summary) < 2:
+            if names and names != with_summary:
+                raise ValueError(
+                    f'student.summary_names={names} must name the teachers '
+                    f'with a summary, {with_summary}')
+            return student
+        if sorted(names) != sorted(with_summary):
+            missing = [n for n in with_summary if n not in names]
+            unknown = [n for n in names if n not in with_summary]
+            raise ValueError(
+                f'teachers {with_summary} each have a summary: give the '
+                f'student one per teacher, student.summary_names='
+                f'{with_summary} (missing {missing}, not teachers with a '
+                f'summary {unknown}), or set summary_per_teacher=False to '
+                'share one summary between them')
+        return student
+
+    def _build_teachers(self, teachers: dict[str, dict],
+                        teacher_cache: Optional[str], latent: dict,
+                        task_heads: Optional[dict[str, dict]]
+                        ) -> nn.ModuleDict:
+        """Build the teachers, or with a cache their cached stand-ins.
+
+        Args:
+            teachers (dict[str, dict]): teacher name -> ``kiv.Teacher``
+                config.
+            teacher_cache (str, optional): the cache to read them from.
+            latent (dict): the latent-space config (its ``standardize`` must
+                be the cache's).
+            task_heads (dict, optional): must be empty with a cache.
+
+        Returns:
+            nn.ModuleDict: name -> teacher; ``kiv.CachedTeacher`` for every
+            teacher with ``teacher_cache`` (see
+            :func:`kiv.datasets.teacher_cache.config.cached_teachers`).
+
+        Raises:
+            TeacherCacheError: the cache does not belong to the teachers
+                (one message naming what differs), or task heads with a
+                cache.
+        """
+        self.teacher_cache = teacher_cache
+        if teacher_cache is not None:
+            teachers = cached_teachers(
+                teachers, teacher_cache,
+                standardize=latent.get('standardize', 'phis'),
+                task_heads=task_heads)
+        return nn.ModuleDict(
+            {name: MODELS.build(cfg) for name, cfg in teachers.items()})
+
+    def _fix_cache_statistics(self, teacher_cache: str) -> None:
+        """Fix the standardiser statistics to the cache's exact ones.
+
+        The sums over all cached targets (``statistics.safetensors``); a
+        checkpoint loaded later (``load_from``, ``--resume``) replaces them
+        with its own.
+
+        Args:
+            teacher_cache (str): the cache directory.
+        """
+        fix_cache_statistics(self, teacher_cache)
 
     def init_weights(self) -> None:
         """mmengine init; keeps the knowledge-preservation heads exact.
@@ -391,7 +518,9 @@ class KnowledgeInheritance(BaseModel):
                 continue
             sel = torch.as_tensor(idx, device=student.summary.device)
             if cfg['inputs'] == 'summary':
-                feats = (student.summary.index_select(0, sel), )
+                summary = student.summary if cfg['summary'] is None else \
+                    student.summary_for(cfg['summary'])
+                feats = (summary.index_select(0, sel), )
             else:
                 feats = tuple(f.index_select(0, sel)
                               for f in student.features)
@@ -418,13 +547,25 @@ class KnowledgeInheritance(BaseModel):
             shares.
         """
         losses, student = self.teacher_losses(inputs, data_samples)
-        self._train_iter += 1
         if (self.grad_share_interval > 0 and self.training
                 and torch.is_grad_enabled()
-                and self._train_iter % self.grad_share_interval == 0):
+                and self._next_train_iter() % self.grad_share_interval == 0):
             losses.update(self.gradient_shares(losses))
         losses.update(self.task_losses(student, data_samples))
         return losses
+
+    def _next_train_iter(self) -> int:
+        """1-based number of this training iteration.
+
+        The Runner's iteration (mmengine's ``MessageHub`` info ``'iter'``,
+        restored on resume, so a resumed run measures gradient shares at
+        the same iterations as an uninterrupted one); a counter of calls
+        outside a Runner.
+        """
+        self._train_iter += 1
+        runner_iter = MessageHub.get_current_instance().get_info('iter')
+        return self._train_iter if runner_iter is None else \
+            int(runner_iter) + 1
 
     def forward(self,
                 inputs: Tensor,
