@@ -7,7 +7,6 @@ import os
 import os.path as osp
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -185,42 +184,73 @@ def test_multitask_model_trains_every_head_from_the_probe_configs():
 
 
 def test_adapter_gates_get_the_same_fast_lr_on_both_sides():
-    """The adapter's zero-initialised gates (injector / global-token
-    ``gamma`` s, pyramid gates) train at 10x the learning rate without
-    decay, in the inherited student's and the baseline's optimizer alike;
-    every other weight keeps the base lr (the ViT's LayerScale ``gamma`` s
-    too). At the base lr the gates ended the demo's inheritance run at
-    ~0.02, so the adapter added ~2 % to the frozen knowledge base's maps."""
+    """The adapter's zero-initialised gates (injector / global-token /
+    summary-token ``gamma`` s, pyramid gates) train at 10x the learning
+    rate without decay, in the inherited student's and the baseline's
+    optimizer alike; every other weight keeps the base lr. No weight decay
+    on the gates, the ViT's LayerScale ``gamma`` s, norms, biases, other
+    1-d parameters, the level embedding, position embedding and tokens,
+    the attention pools' latent queries and the knowledge base's preserved
+    skip paths; the base decay on every other weight. At the base lr the
+    gates ended the demo's inheritance run at ~0.02, so the adapter added
+    ~2 % to the frozen knowledge base's maps."""
     import kiv.demo  # noqa: F401
     from mmengine.optim import build_optim_wrapper
+    from torch.nn.modules.batchnorm import _BatchNorm
 
     from kiv.demo.recipes import load_cfg
     from kiv.registry import MODELS
     inherit, baseline = load_cfg('inherit'), load_cfg('baseline')
     assert inherit.optim_wrapper.paramwise_cfg == \
         baseline.optim_wrapper.paramwise_cfg
-    backbone = baseline.model.backbone.to_dict()
-    backbone['base']['model_kwargs'].update(depth=4)
-    backbone['interaction_indexes'] = [[0, 0], [1, 1], [2, 2], [3, 3]]
-    model = torch.nn.ModuleDict(dict(student=MODELS.build(backbone)))
-    wrapper = build_optim_wrapper(model, baseline.optim_wrapper)
     base_lr = baseline.optim_wrapper.optimizer.lr
     decay = baseline.optim_wrapper.optimizer.weight_decay
-    names = {id(p): n for n, p in model.named_parameters()}
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, _BatchNorm)
     seen = set()
-    for group in wrapper.optimizer.param_groups:
-        for p in group['params']:
-            name = names[id(p)]
-            gate = ('injector.gamma' in name or 'pyramid_gammas' in name
-                    or 'global_token.gamma' in name)
-            layerscale = name.endswith(('ls1.gamma', 'ls2.gamma'))
-            assert group['lr'] == pytest.approx(
-                base_lr * (10 if gate else 1)), name
-            no_decay = gate or layerscale or 'level_embed' in name
-            assert group['weight_decay'] == pytest.approx(
-                0 if no_decay else decay), name
-            seen.add('gate' if gate else 'ls' if layerscale else 'other')
-    assert seen == {'gate', 'ls', 'other'}
+    for cfg in (baseline, inherit):
+        backbone = (cfg.model.backbone if cfg is baseline else
+                    cfg.model.student).to_dict()
+        backbone['base']['model_kwargs'].update(depth=4)
+        backbone['base']['checkpoint'] = None
+        backbone['interaction_indexes'] = [[0, 0], [1, 1], [2, 2], [3, 3]]
+        student = MODELS.build(backbone)
+        # the baseline trains its ViT: unfreeze it as the baseline does
+        if cfg is baseline:
+            assert not student.freeze_base
+        model = torch.nn.ModuleDict(dict(student=student))
+        # a preserved s2t head as the inherited student's latent space has
+        model['latent'] = torch.nn.ModuleDict(dict(
+            summary_heads=torch.nn.ModuleDict(dict(kb=torch.nn.ModuleDict(
+                dict(fc1=torch.nn.Linear(4, 4),
+                     skip=torch.nn.Linear(4, 4)))))))
+        wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+        owner = {id(p): m for m in model.modules()
+                 for p in m.parameters(recurse=False)}
+        names = {id(p): n for n, p in model.named_parameters()}
+        grouped = set()
+        for group in wrapper.optimizer.param_groups:
+            for p in group['params']:
+                name = names[id(p)]
+                grouped.add(name)
+                gate = 'pyramid_gammas' in name or (
+                    name.endswith('.gamma') and '.ls' not in name
+                    and not name.startswith('student.base.'))
+                no_decay = gate or name.endswith((
+                    '.gamma', '.bias', 'level_embed', 'pool.latent',
+                    '.pos_embed', '.cls_token', '.reg_token')) \
+                    or '.skip.' in name or p.ndim == 1 \
+                    or isinstance(owner[id(p)], norms)
+                assert group['lr'] == pytest.approx(
+                    base_lr * (10 if gate else 1)), name
+                assert group['weight_decay'] == pytest.approx(
+                    0 if no_decay else decay), name
+                seen.add('gate' if gate else 'ls' if '.ls' in name
+                         else 'skip' if '.skip.' in name
+                         else 'latent' if name.endswith('pool.latent')
+                         else 'no_decay' if no_decay else 'decay')
+        assert grouped == {n for n, p in model.named_parameters()
+                           if p.requires_grad}
+    assert seen == {'gate', 'ls', 'skip', 'latent', 'no_decay', 'decay'}
 
 
 # ------------------------------------------------------------ probes ---
@@ -239,10 +269,78 @@ def test_logistic_and_knn_probes_choose_on_train_only():
     assert out['weight_decay'] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-def test_bootstrap_intervals_cover_the_point():
+def _exact_bootstrap_means(scores) -> np.ndarray:
+    """Every one of the ``n ** n`` equally likely resamples' means."""
+    import itertools
+    s = np.asarray(scores, np.float64)
+    return np.array([s[list(idx)].mean() for idx in
+                     itertools.product(range(len(s)), repeat=len(s))])
+
+
+def test_bootstrap_ci_is_the_percentile_bootstrap():
+    """``bootstrap_ci`` on a known vector = the 2.5 / 97.5 % quantiles of
+    the exact bootstrap distribution of the mean (all ``n ** n``
+    resamples enumerated), up to Monte-Carlo error."""
     from kiv.demo.probes import bootstrap_ci
-    v, lo, hi = bootstrap_ci([100.0] * 30 + [0.0] * 70, seed=1)
-    assert v == 30 and lo < 30 < hi and hi - lo < 25
+    scores = [0.0, 10.0, 40.0, 100.0, 100.0]
+    exact = _exact_bootstrap_means(scores)  # 3125 resamples
+    v, lo, hi = bootstrap_ci(scores, num=40000, seed=5)
+    assert v == pytest.approx(50.0)
+    # the sampled 2.5 % quantile lies between the exact 1.5 % and 3.5 %
+    # quantiles (Monte-Carlo sd of the level: ~0.001)
+    for got, q in ((lo, 0.025), (hi, 0.975)):
+        low = np.quantile(exact, q - 0.01, method='lower')
+        high = np.quantile(exact, q + 0.01, method='higher')
+        assert low <= got <= high, (q, got, low, high)
+    # the same seed gives the same interval; the level is honoured
+    assert bootstrap_ci(scores, num=40000, seed=5) == (v, lo, hi)
+    _, lo50, hi50 = bootstrap_ci(scores, num=40000, seed=5, level=0.5)
+    assert lo < lo50 < v < hi50 < hi
+    assert lo50 == pytest.approx(np.quantile(exact, 0.25), abs=2.0)
+
+
+@pytest.mark.parametrize('n', [50, 200, 800])
+def test_bootstrap_ci_of_a_rate_is_the_binomial_interval(n):
+    """For 0/100 scores (correct or not) the bootstrap distribution of the
+    mean is 100 x Binomial(n, p) / n: the interval's ends are its
+    quantiles, and widths shrink as 1 / sqrt(n)."""
+    from scipy.stats import binom
+    from kiv.demo.probes import bootstrap_ci
+    p = 0.3
+    k = int(round(p * n))
+    scores = [100.0] * k + [0.0] * (n - k)
+    v, lo, hi = bootstrap_ci(scores, num=20000, seed=n)
+    assert v == pytest.approx(100 * k / n)
+    for got, q in ((lo, 0.025), (hi, 0.975)):
+        bracket = [100 * binom.ppf(q + d, n, k / n) / n for d in (-.01, .01)]
+        assert bracket[0] <= got <= bracket[1], (q, got, bracket)
+    normal = 2 * 1.96 * 100 * np.sqrt(p * (1 - p) / n)
+    assert hi - lo == pytest.approx(normal, rel=0.2)
+
+
+def test_trivial_agreements_are_the_majority_shares():
+    """The image-blind rows of the inherited-head table: always the
+    teacher's most frequent class (top-5: its five most frequent) agrees on
+    exactly that class's share; the head on the mean summary on the share
+    of its own arg-max class."""
+    from kiv.demo.agreement import trivial_cls_agreement
+    counts = {3: 6, 1: 5, 0: 4, 7: 3, 2: 2, 5: 1}  # 21 images, 10 classes
+    labels = [c for c, k in counts.items() for _ in range(k)]
+    ref = torch.nn.functional.one_hot(torch.tensor(labels), 10).float()
+    ref = ref + 0.01 * torch.rand(ref.shape, generator=torch.Generator()
+                                  .manual_seed(0))
+    mean_logits = torch.zeros(10)
+    mean_logits[1] = 1.0
+    out = trivial_cls_agreement(ref, mean_logits, seed=0)
+    n = len(labels)
+    assert out['majority']['n'] == n
+    assert out['majority']['top1'][0] == pytest.approx(100 * 6 / n)
+    assert out['majority']['top5'][0] == pytest.approx(100 * 20 / n)
+    assert out['mean']['top1'][0] == pytest.approx(100 * 5 / n)
+    for row in out.values():
+        for key in ('top1', 'top5'):
+            v, lo, hi = row[key]
+            assert lo <= v <= hi
 
 
 def test_coco_bootstrap_point_equals_pycocotools(tmp_path):
@@ -296,7 +394,19 @@ def test_miou_bootstrap_matches_the_total_areas(tmp_path):
              label=union)
     v, lo, hi = miou_bootstrap(str(tmp_path / 's.npz'), num=200)
     assert v == pytest.approx(100 * np.mean(inter.sum(0) / union.sum(0)))
-    assert lo <= v <= hi
+    assert lo < v < hi
+    # 4x the images with the same areas: same mIoU, half the width
+    np.savez(tmp_path / 'x4.npz', intersect=np.tile(inter, (4, 1)),
+             union=np.tile(union, (4, 1)), pred=union, label=union)
+    v4, lo4, hi4 = miou_bootstrap(str(tmp_path / 'x4.npz'), num=2000)
+    _, lo1, hi1 = miou_bootstrap(str(tmp_path / 's.npz'), num=2000)
+    assert v4 == pytest.approx(v)
+    assert (hi4 - lo4) / (hi1 - lo1) == pytest.approx(0.5, abs=0.1)
+    # identical images: no spread at all
+    np.savez(tmp_path / 'same.npz', intersect=np.tile(inter[:1], (40, 1)),
+             union=np.tile(union[:1], (40, 1)), pred=union, label=union)
+    v, lo, hi = miou_bootstrap(str(tmp_path / 'same.npz'), num=200)
+    assert lo == pytest.approx(v) and hi == pytest.approx(v)
 
 
 # ---------------------------------------------------------------- stages ---
@@ -343,20 +453,57 @@ def test_stage_cache_reuses_and_invalidates_dependents(tmp_path):
 
 
 # --------------------------------------------------------- end to end ----
-def _demo(work_dir: str) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.monotonic()
-    proc = subprocess.run(
+def _demo(work_dir: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, osp.join(REPO, 'tools', 'demo.py'), '--toy',
          '--work-dir', work_dir, '--seed', '3'],
         cwd=REPO, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, PYTHONPATH=REPO, PYTHONWARNINGS='ignore'))
-    return proc, time.monotonic() - start
+
+
+def _files(root: str) -> dict[str, tuple[int, int, str]]:
+    """Every file under ``root``: ``(size, mtime_ns, sha256)``."""
+    import hashlib
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = osp.join(folder, name)
+            with open(path, 'rb') as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            st = os.stat(path)
+            out[osp.relpath(path, root)] = (st.st_size, st.st_mtime_ns,
+                                            digest)
+    return out
+
+
+def _labels(work_dir: str, split: str) -> np.ndarray:
+    """Image labels of the world's ImageNet layout (the classifier's)."""
+    path = osp.join(work_dir, 'world', 'imagenet', 'meta', f'{split}.txt')
+    with open(path, encoding='utf-8') as f:
+        return np.array([int(line.split()[1]) for line in f if line.strip()])
+
+
+def _check_interval(cell, n: int, p: float) -> None:
+    """``cell`` = (value, low, high) of a 0/100 score over ``n`` images
+    with rate ``p``: value = 100 p, ends = quantiles of 100 Bin(n, p) / n.
+    """
+    from scipy.stats import binom
+    value, low, high = cell
+    assert value == pytest.approx(100 * p)
+    for got, q in ((low, 0.025), (high, 0.975)):
+        bracket = [100 * binom.ppf(min(max(q + d, 0), 1), n, p) / n
+                   for d in (-0.02, 0.02)]
+        assert bracket[0] <= got <= bracket[1], (cell, q, bracket)
 
 
 def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
+    import cv2
+    from safetensors.torch import load_file
+
     from kiv.demo.report import AGREEMENT_COLUMNS, PROBE_COLUMNS
+    from kiv.demo.world import CLASSES
     work_dir = str(tmp_path / 'demo')
-    first, first_time = _demo(work_dir)
+    first = _demo(work_dir)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = osp.join(work_dir, 'report')
     with open(osp.join(report, 'tables.json')) as f:
@@ -364,17 +511,69 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
     probes = {r['row']: r for r in tables['probes']}
     assert list(probes) == ['trivial', 'effnet', 'teachers', 'inherit',
                             'baseline', 'kb_alone']
-    for row in ('trivial', 'inherit', 'baseline', 'kb_alone'):
+    train, val = _labels(work_dir, 'train'), _labels(work_dir, 'val')
+    n_val = len(val)
+    assert n_val == 6  # the toy world
+    for row in ('trivial', 'effnet', 'inherit', 'baseline', 'kb_alone'):
         for key in PROBE_COLUMNS:
+            if probes[row][key] is None:
+                continue
             value, low, high = probes[row][key]
             assert 0 <= low <= value <= high <= 100, (row, key)
+            if key.startswith('top1'):  # a share of the validation images
+                correct = value * n_val / 100
+                assert correct == pytest.approx(round(correct)), (row, key)
+                _check_interval(probes[row][key], n_val,
+                                round(correct) / n_val)
     assert probes['effnet']['box_ap'] is None  # the ceiling is cls only
+    # the majority row: the training set's most frequent class, scored on
+    # the validation labels (computed here from the world's files)
+    majority = np.bincount(train).argmax()
+    rate = float(np.mean(val == majority))
+    for key in ('top1_logreg', 'top1_knn'):
+        _check_interval(probes['trivial'][key], n_val, rate)
+    # its mIoU: every valid pixel labelled the most frequent training class
+    # (IoU of that class: its share of the valid pixels; 0 for every other
+    # class present, the rest left out)
+    ade = osp.join(work_dir, 'world', 'ade', 'ADEChallengeData2016',
+                   'annotations')
+
+    def class_pixels(split):  # raw value 0: ignore, c + 1: class c
+        total = np.zeros(len(CLASSES) + 1, np.int64)
+        for name in sorted(os.listdir(osp.join(ade, split))):
+            raw = cv2.imread(osp.join(ade, split, name),
+                             cv2.IMREAD_UNCHANGED)
+            assert raw.max() <= len(CLASSES)
+            total += np.bincount(raw.ravel(), minlength=len(total))
+        return total[1:]
+
+    seg_cls = int(class_pixels('training').argmax())
+    area = class_pixels('validation')
+    present = (area > 0) | (np.arange(len(area)) == seg_cls)
+    miou = 100 * area[seg_cls] / area.sum() / present.sum()
+    assert probes['trivial']['miou'][0] == pytest.approx(miou, abs=1e-6)
+    # the inherited-head table: the image-blind rows are the teacher's
+    # class shares on the in-distribution images
     agreement = {r['row']: r for r in tables['agreement']}
     assert list(agreement) == ['majority', 'mean', 'knowledge_base',
                                'inherit']
     assert set(AGREEMENT_COLUMNS) <= set(agreement['inherit'])
-    value, low, high = agreement['inherit']['top1_in_dist']
-    assert 0 <= low <= value <= high <= 100
+    outputs = load_file(osp.join(work_dir, 'effnet_eval',
+                                 'outputs.safetensors'))
+    ref = torch.cat([outputs['views.logits'], outputs['val.logits']])
+    top = torch.bincount(ref.argmax(1)).sort(descending=True).values
+    n_ref = len(ref)
+    _check_interval(agreement['majority']['top1_in_dist'], n_ref,
+                    float(top[0]) / n_ref)
+    _check_interval(agreement['majority']['top5_in_dist'], n_ref,
+                    float(top[:5].sum()) / n_ref)
+    for row in ('mean', 'knowledge_base', 'inherit'):
+        value, low, high = agreement[row]['top1_in_dist']
+        assert 0 <= low <= value <= high <= 100
+        hits = value * n_ref / 100
+        assert hits == pytest.approx(round(hits)), row
+        _check_interval(agreement[row]['top1_in_dist'], n_ref,
+                        round(hits) / n_ref)
     assert agreement['knowledge_base']['seg_miou'] is None
     for png in ('results.png', 'curves.png', 'pca.png'):
         with open(osp.join(report, png), 'rb') as f:
@@ -391,10 +590,21 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
     assert ckpt['meta']['base_teacher'] == 'kb'
     assert 'inherited_heads' in ckpt
 
-    second, second_time = _demo(work_dir)
+    # the second run recomputes nothing: every stage is reused and not one
+    # file of the work dir is written, added or removed
+    stages = [line for line in first.stdout.splitlines()
+              if '(running)' in line]
+    done = [d for d in os.listdir(work_dir)
+            if osp.isfile(osp.join(work_dir, d, 'done'))]
+    assert len(stages) == len(done) > 10
+    before = _files(work_dir)
+    second = _demo(work_dir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert '(running)' not in second.stdout
-    assert second.stdout.count('(cached, reused)') == len(
-        [line for line in first.stdout.splitlines() if '(running)' in line])
+    assert second.stdout.count('(cached, reused)') == len(stages)
     assert md.strip() in second.stdout
-    assert second_time < first_time / 2
+    after = _files(work_dir)
+    assert after.keys() == before.keys(), \
+        sorted(after.keys() ^ before.keys())
+    changed = sorted(k for k in before if after[k] != before[k])
+    assert not changed, changed

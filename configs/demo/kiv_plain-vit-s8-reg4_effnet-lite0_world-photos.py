@@ -30,7 +30,18 @@ model = dict(
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-3, weight_decay=0.05),
-    clip_grad=dict(max_norm=1.0))
+    clip_grad=dict(max_norm=1.0),
+    # no decay on norms, biases, other 1-d parameters, the LayerScale
+    # gammas, the position embedding and the CLS / register tokens (the
+    # rule of the downstream configs)
+    paramwise_cfg=dict(
+        norm_decay_mult=0.0,
+        bias_decay_mult=0.0,
+        flat_decay_mult=0.0,
+        custom_keys={'.gamma': dict(decay_mult=0.0),
+                     '.pos_embed': dict(decay_mult=0.0),
+                     '.cls_token': dict(decay_mult=0.0),
+                     '.reg_token': dict(decay_mult=0.0)}))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
          end=30),

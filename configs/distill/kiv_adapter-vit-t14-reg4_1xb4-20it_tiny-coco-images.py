@@ -74,7 +74,19 @@ model = dict(
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
-    clip_grad=dict(max_norm=1.0))
+    clip_grad=dict(max_norm=1.0),
+    # the real recipe's rule (configs/_base_/schedules/adamw_100k.py): no
+    # decay on norms, biases, 1-d parameters, gates, level embedding, latent
+    # queries and the base teacher's preserved skip paths
+    paramwise_cfg=dict(
+        norm_decay_mult=0.0,
+        bias_decay_mult=0.0,
+        flat_decay_mult=0.0,
+        custom_keys={'.gamma': dict(decay_mult=0.0),
+                     'pyramid_gammas': dict(decay_mult=0.0),
+                     'level_embed': dict(decay_mult=0.0),
+                     'pool.latent': dict(decay_mult=0.0),
+                     '.skip.': dict(decay_mult=0.0)}))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=5),
 ]

@@ -87,6 +87,7 @@ optim_wrapper = dict(
             '.reg_token': dict(decay_mult=0.0),
             '.pos_embed': dict(decay_mult=0.0),
             'level_embed': dict(decay_mult=0.0),
+            'pool.latent': dict(decay_mult=0.0),  # global-token queries
         }))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0,

@@ -122,15 +122,35 @@ def test_imbalanced_transfer_and_its_fix(distill_workdir):
     assert fixed['detector'] > 0.2, fixed
 
 
-def test_multi_task_heads_train_on_labelled_samples(distill_workdir):
-    """mmpretrain / mmseg / mmdet heads learn jointly with distillation,
-    each only on the samples that carry its labels."""
+# --------------------------------------------------- real training steps ---
+STEPS = 8
+
+
+def _labelled_batch() -> dict:
+    """Three images as the dataloader gives them (uint8 BGR), one labelled
+    for each task head: classification, segmentation, detection."""
     from mmdet.structures import DetDataSample
     from mmengine.structures import InstanceData, PixelData
     from mmpretrain.structures import DataSample
     from mmseg.structures import SegDataSample
-    cfg = Config.fromfile(TINY_CFG)
-    cfg.model.task_heads = dict(
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, 256, (3, 56, 56), generator=gen,
+                            dtype=torch.uint8) for _ in range(3)]
+    cls_sample = DataSample().set_gt_label(1)
+    seg_sample = SegDataSample(
+        gt_sem_seg=PixelData(
+            data=torch.randint(0, 2, (1, 56, 56), generator=gen)),
+        metainfo=dict(img_shape=(56, 56), pad_shape=(56, 56)))
+    det_sample = DetDataSample(metainfo=dict(img_shape=(56, 56),
+                                             pad_shape=(56, 56)))
+    det_sample.gt_instances = InstanceData(
+        bboxes=torch.tensor([[4., 4., 30., 40.]]), labels=torch.tensor([1]))
+    return dict(inputs=inputs,
+                data_samples=[cls_sample, seg_sample, det_sample])
+
+
+def _task_heads() -> dict:
+    return dict(
         cls=dict(head=dict(type='mmpretrain.LinearClsHead', num_classes=3,
                            in_channels=64),
                  inputs='summary', gt_field='gt_label'),
@@ -145,25 +165,145 @@ def test_multi_task_heads_train_on_labelled_samples(distill_workdir):
                            regress_ranges=((-1, 16), (16, 32), (32, 64),
                                            (64, 1e8))),
                  inputs='pyramid', gt_field='gt_instances'))
+
+
+def _fixed_statistics(model, batch: dict) -> None:
+    """What StatisticsWarmupHook does before step 0, on ``batch``."""
+    data = model.data_preprocessor(batch, False)
+    model.load_statistics(model.statistic_sums(data['inputs']))
+    assert model.latent.statistics_ready
+
+
+def _train(model, optim_wrapper, batch: dict, steps: int = STEPS):
+    """``steps`` x ``model.train_step``: the logged values of every step
+    and, per parameter, whether a non-zero gradient was accumulated into
+    it at step 0 and at any step."""
+    grads: dict[str, list[bool]] = {}
+    handles = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            grads[name] = []
+
+            def hook(param, name=name):
+                grads[name].append(bool(param.grad.abs().sum() > 0))
+
+            handles.append(p.register_post_accumulate_grad_hook(hook))
+    logs = []
+    try:
+        for _ in range(steps):
+            logs.append({k: float(v) for k, v in
+                         model.train_step(batch, optim_wrapper).items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logs, grads
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture
+def fresh(distill_workdir):
+    """The tiny recipe's model with task heads (initialised and statistics
+    fixed as the Runner does) and its own optimiser."""
+    from mmengine.optim import build_optim_wrapper
+    torch.manual_seed(0)
+    cfg = Config.fromfile(TINY_CFG)
+    cfg.model.task_heads = _task_heads()
     model = MODELS.build(cfg.model)
-    images = torch.rand(3, 3, 56, 56) * 255
-    cls_sample = DataSample().set_gt_label(1)
-    seg_sample = SegDataSample(
-        gt_sem_seg=PixelData(data=torch.randint(0, 2, (1, 56, 56))),
-        metainfo=dict(img_shape=(56, 56), pad_shape=(56, 56)))
-    det_sample = DetDataSample(metainfo=dict(img_shape=(56, 56),
-                                             pad_shape=(56, 56)))
-    det_sample.gt_instances = InstanceData(
-        bboxes=torch.tensor([[4., 4., 30., 40.]]), labels=torch.tensor([1]))
-    losses = model.loss(images, [cls_sample, seg_sample, det_sample])
+    model.init_weights()
+    batch = _labelled_batch()
+    _fixed_statistics(model, batch)
+    model.train()
+    return model, cfg, batch, build_optim_wrapper
+
+
+def test_train_steps_train_adapter_heads_and_task_heads_only(fresh):
+    """Eight real ``train_step`` s (the tiny recipe's optimiser: AdamW,
+    clipping, param-wise decay) on one labelled batch: every trainable
+    parameter gets gradients and moves, the purpose-specific teachers' and
+    task heads' losses fall, the gates get gradients from the first step,
+    and the frozen knowledge base, the teachers and the fixed statistics do
+    not change at all."""
+    model, cfg, batch, build_optim_wrapper = fresh
+    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    student = {k: v.detach().clone() for k, v in
+               model.student.named_parameters() if v.requires_grad}
+    latent = {k: v.detach().clone() for k, v in
+              model.latent.named_parameters() if v.requires_grad}
+    base, teachers = _state(model.student.base), _state(model.teachers)
+    statistics = {k: v for k, v in _state(model.latent).items()
+                  if 'standardizer' in k}
+    assert student and latent and base and teachers and statistics
+    assert not any(p.requires_grad for p in model.student.base.parameters())
+    assert all(p.requires_grad for n, p in model.student.named_parameters()
+               if not n.startswith('base.'))  # the whole adapter trains
+    assert not any(p.requires_grad for p in model.teachers.parameters())
+
+    logs, grads = _train(model, wrapper, batch)
+
+    # the losses the step optimises fall on this batch (the total by a
+    # quarter; the purpose-specific teachers' dense losses by several per
+    # cent; the summary and task-head losses more slowly: their last
+    # layers start near zero)
+    def history(key):
+        return [round(log[key], 5) for log in logs]
+
+    assert logs[-1]['loss'] < 0.75 * logs[0]['loss'], history('loss')
+    for key in ('loss_clip_features', 'loss_detector_features'):
+        assert logs[-1][key] < 0.97 * logs[0][key], (key, history(key))
+    for key in ('loss_clip_summary', 'cls.loss', 'seg.loss_ce',
+                'det.loss_cls', 'det.loss_bbox'):
+        assert logs[-1][key] < logs[0][key], (key, history(key))
+    # the student starts as the knowledge base: its own losses start at 0
+    assert logs[0]['loss_dinov2_summary'] < 1e-6
+    assert logs[0]['loss_dinov2_features'] < 1e-6
+    # gradients reach the gates from the first step, and every trainable
+    # parameter (adapter behind the gates, s2t heads, task heads) after
+    gates = [n for n in grads if n.startswith('student.') and (
+        n.endswith('.gamma') or 'pyramid_gammas.' in n)]
+    assert len([n for n in gates if 'pyramid_gammas.' in n]) == 4
+    assert len([n for n in gates if 'injector.gamma' in n]) == 4
+    assert [n for n in gates if 'token' in n]  # the summary gate(s)
+    no_first = [n for n in gates if not grads[n] or not grads[n][0]]
+    assert not no_first, f'no gradient at step 0: {no_first}'
+    never = [n for n, g in grads.items() if not any(g)
+             and n.startswith(('student.', 'latent.'))]
+    assert not never, f'never a gradient: {never}'
+    for head in model.task_heads:  # (FCOS: not every level has targets)
+        assert any(any(g) for n, g in grads.items()
+                   if n.startswith(f'task_heads.{head}.')), head
+    # ... and every one of them moved
+    params = dict(model.named_parameters())
+    still = [n for n, v in student.items()
+             if torch.equal(params[f'student.{n}'], v)]
+    still += [n for n, v in latent.items()
+              if torch.equal(params[f'latent.{n}'], v)]
+    assert not still, f'unchanged after {STEPS} steps: {still}'
+    # the frozen knowledge base, the teachers and the statistics: untouched
+    for before, module in ((base, model.student.base),
+                           (teachers, model.teachers)):
+        after = module.state_dict()
+        assert before.keys() == after.keys()
+        changed = [k for k, v in before.items() if not torch.equal(
+            after[k], v)]
+        assert not changed, changed
+    after = model.latent.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in statistics.items())
+
+
+def test_task_heads_read_labelled_samples_only(distill_workdir):
+    """Each head's losses come only from the samples carrying its labels;
+    an unlabelled batch gives distillation losses only."""
+    cfg = Config.fromfile(TINY_CFG)
+    cfg.model.task_heads = _task_heads()
+    model = MODELS.build(cfg.model)
+    batch = _labelled_batch()
+    data = model.data_preprocessor(batch, True)
+    losses = model.loss(data['inputs'], data['data_samples'])
     assert 'cls.loss' in losses
     assert 'seg.loss_ce' in losses
     assert {'det.loss_cls', 'det.loss_bbox'} <= set(losses)
-    total = sum(v for k, v in losses.items() if 'loss' in k)
-    total.backward()
-    for name in ('cls', 'seg', 'det'):
-        grads = [p.grad for p in model.task_heads[name].parameters()]
-        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
-    # unlabelled batches: distillation losses only
-    losses = model.loss(images, [None, None, None])
+    losses = model.loss(data['inputs'], [None, None, None])
     assert not any(k.startswith(('cls.', 'seg.', 'det.')) for k in losses)
