@@ -5,11 +5,23 @@ optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999),
                    weight_decay=0.05),
     clip_grad=dict(max_norm=3.0),
+    # No weight decay (keys match substrings of the full parameter name):
+    # norms, biases and every other 1-d parameter; the zero-initialised
+    # gates (injector / global-token / summary-token ``gamma`` s, the
+    # pyramid gates ``pyramid_gammas.N``; also any trainable LayerScale
+    # ``ls1/ls2.gamma``); the level embedding; the latent queries of the
+    # attention pools; and the preserved skip path of the base teacher's
+    # s2t heads (``latent.*_heads.<base>[.<i>].skip``, which start as its
+    # standardiser: decay would pull them off the knowledge base).
     paramwise_cfg=dict(
         norm_decay_mult=0.0,
         bias_decay_mult=0.0,
+        flat_decay_mult=0.0,
         custom_keys={'.gamma': dict(decay_mult=0.0),
-                     '.level_embed': dict(decay_mult=0.0)}))
+                     'pyramid_gammas': dict(decay_mult=0.0),
+                     'level_embed': dict(decay_mult=0.0),
+                     'pool.latent': dict(decay_mult=0.0),
+                     '.skip.': dict(decay_mult=0.0)}))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0,
          end=2000),

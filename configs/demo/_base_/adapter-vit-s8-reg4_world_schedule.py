@@ -28,14 +28,28 @@ optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
     clip_grad=dict(max_norm=1.0),
-    paramwise_cfg=dict(custom_keys={
-        # the adapter's zero-initialised gates must open within a few
-        # hundred steps: 10x lr, no decay (the longest key matches first)
-        'injector.gamma': dict(lr_mult=10.0, decay_mult=0.0),
-        'global_token.gamma': dict(lr_mult=10.0, decay_mult=0.0),
-        'pyramid_gammas': dict(lr_mult=10.0, decay_mult=0.0),
-        '.gamma': dict(decay_mult=0.0),  # the ViT's LayerScale
-        '.level_embed': dict(decay_mult=0.0)}))
+    paramwise_cfg=dict(
+        # no decay on norms, biases and other 1-d parameters
+        norm_decay_mult=0.0,
+        bias_decay_mult=0.0,
+        flat_decay_mult=0.0,
+        custom_keys={
+            # the adapter's zero-initialised gates must open within a few
+            # hundred steps: 10x lr, no decay (the longest key matches
+            # first)
+            'injector.gamma': dict(lr_mult=10.0, decay_mult=0.0),
+            'global_token.gamma': dict(lr_mult=10.0, decay_mult=0.0),
+            'pyramid_gammas': dict(lr_mult=10.0, decay_mult=0.0),
+            '.gamma': dict(decay_mult=0.0),  # the ViT's LayerScale
+            # the baseline's trainable ViT (frozen in the inherited student)
+            '.pos_embed': dict(decay_mult=0.0),
+            '.cls_token': dict(decay_mult=0.0),
+            '.reg_token': dict(decay_mult=0.0),
+            '.level_embed': dict(decay_mult=0.0),
+            'pool.latent': dict(decay_mult=0.0),  # latent queries
+            # the knowledge base's preserved s2t heads (skip path = its
+            # standardiser at step 0)
+            '.skip.': dict(decay_mult=0.0)}))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
          end=30),
