@@ -30,7 +30,8 @@ model = dict(
         deform_num_heads=2,
         n_points=2,
         cffn_ratio=0.25,
-        with_global_token=True),
+        with_global_token=True,
+        summary_names=['dinov2', 'clip']),  # a summary per teacher
     **{f'student_{k}': v for k, v in imagenet_norm.items()},
     teachers=dict(
         dinov2=dict(

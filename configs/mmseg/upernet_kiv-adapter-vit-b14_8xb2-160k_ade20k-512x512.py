@@ -101,3 +101,6 @@ default_hooks = dict(
         max_keep_ckpts=2, save_best='mIoU'))
 # total batch 16 (8 GPUs x 2): `tools/train.py --auto-scale-lr` rescales
 auto_scale_lr = dict(enable=False, base_batch_size=16)
+# a NaN/Inf loss never reaches the weights, under any training script
+# (docs/reliability.md); the tiny variants inherit it
+custom_hooks = [dict(type='kiv.NonFiniteLossHook')]

@@ -39,6 +39,10 @@ optim_wrapper = dict(
             # first)
             'injector.gamma': dict(lr_mult=10.0, decay_mult=0.0),
             'global_token.gamma': dict(lr_mult=10.0, decay_mult=0.0),
+            # the inherited student's per-teacher summaries (their gates)
+            'summary_tokens.kb.gamma': dict(lr_mult=10.0, decay_mult=0.0),
+            'summary_tokens.effnet.gamma': dict(lr_mult=10.0,
+                                                decay_mult=0.0),
             'pyramid_gammas': dict(lr_mult=10.0, decay_mult=0.0),
             '.gamma': dict(decay_mult=0.0),  # the ViT's LayerScale
             # the baseline's trainable ViT (frozen in the inherited student)
