@@ -4,7 +4,6 @@ import importlib.util
 import os
 import os.path as osp
 import subprocess
-import time
 import zipfile
 
 import pytest
@@ -71,12 +70,13 @@ def test_hue_adjustment_works_with_numpy2():
 @pytest.mark.skipif(not osp.isfile(osp.join(REPO, '.venv', '.kiv-setup-ok')),
                     reason='needs the environment made by `make env`')
 def test_second_setup_is_fast():
-    t0 = time.time()
+    """A set-up that is done only checks its stamp and the imports: it
+    says so and installs nothing (no wall-clock limit: shared machines)."""
     proc = subprocess.run(['bash', BOOTSTRAP], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 'ready (cached)' in proc.stdout
-    assert time.time() - t0 < 60
+    assert '1/6' not in proc.stdout  # no set-up step ran
 
 
 def test_broken_venv_is_detected_and_rebuilt(tmp_path):

@@ -14,7 +14,6 @@ import os
 import os.path as osp
 import shutil
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -260,11 +259,9 @@ def test_meta_file_entries_are_checked_at_load_time(tmp_path, monkeypatch):
 # ------------------------------------------------------------ pixel cap --
 def test_decompression_bomb_is_refused_before_decoding(bomb, no_decoding):
     assert osp.getsize(bomb) < 200_000  # ~110 KB on disk, 900 Mpx
-    start = time.perf_counter()
     with pytest.raises(UnreadableImageError,
                        match='bomb.png.*900000000 pixels.*max_pixels') as err:
         LoadImageFromFileSafe()(dict(img_path=bomb))
-    assert time.perf_counter() - start < 1.0
     assert err.value.cause == 'too many pixels'
     assert no_decoding == []
     with pytest.raises(UnreadableImageError, match='max_pixels'):
