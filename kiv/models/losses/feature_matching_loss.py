@@ -1,6 +1,7 @@
 """Feature matching loss between student projections and teacher targets."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -19,7 +20,9 @@ class FeatureMatchingLoss(nn.Module):
 
     The cosine is taken over the channel dim (dim 1) and averaged over the
     batch and all positions; smooth-L1 and MSE are averaged over all
-    elements. Common settings:
+    elements. The loss is computed in float32 (float64 for float64 inputs)
+    with autocast off, whatever the dtype of ``pred`` under AMP. Common
+    settings:
 
     * AM-RADIO summary: ``cosine_weight=1`` (the default);
     * AM-RADIO dense: ``cosine_weight=0.9, smooth_l1_weight=0.1``;
@@ -67,22 +70,26 @@ class FeatureMatchingLoss(nn.Module):
             target (Tensor): teacher target of the same shape.
 
         Returns:
-            Tensor: scalar loss.
+            Tensor: scalar loss, float32 (float64 if an input is float64).
         """
         if pred.shape != target.shape or pred.dim() < 2:
             raise ValueError(f'{type(self).__name__}: pred and target must '
                              f'have the same (B, C, ...) shape, got '
                              f'{tuple(pred.shape)} and {tuple(target.shape)}')
-        loss = pred.new_zeros(())
-        if self.cosine_weight:
-            cosine = F.cosine_similarity(pred, target, dim=1)
-            loss = loss + self.cosine_weight * (1 - cosine).mean()
-        if self.smooth_l1_weight:
-            loss = loss + self.smooth_l1_weight * F.smooth_l1_loss(
-                pred, target, beta=self.beta)
-        if self.mse_weight:
-            loss = loss + self.mse_weight * F.mse_loss(pred, target)
-        return self.loss_weight * loss
+        dtype = torch.promote_types(
+            torch.promote_types(pred.dtype, target.dtype), torch.float32)
+        with torch.autocast(pred.device.type, enabled=False):
+            pred, target = pred.to(dtype), target.to(dtype)
+            loss = pred.new_zeros(())
+            if self.cosine_weight:
+                cosine = F.cosine_similarity(pred, target, dim=1)
+                loss = loss + self.cosine_weight * (1 - cosine).mean()
+            if self.smooth_l1_weight:
+                loss = loss + self.smooth_l1_weight * F.smooth_l1_loss(
+                    pred, target, beta=self.beta)
+            if self.mse_weight:
+                loss = loss + self.mse_weight * F.mse_loss(pred, target)
+            return self.loss_weight * loss
 
     def extra_repr(self) -> str:
         return (f'cosine_weight={self.cosine_weight}, '

@@ -1,6 +1,7 @@
 """Logit distillation through a teacher's own (frozen) head."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -18,7 +19,8 @@ class LogitDistillationLoss(nn.Module):
     detached. Used by ``kiv.KnowledgeInheritance`` for teachers that keep a
     classification head: ``t`` = the head on the teacher's own summary,
     ``s`` = the same head on the student's de-standardised projection, so
-    gradients reach the student through the frozen head.
+    gradients reach the student through the frozen head. Computed in float32
+    with autocast off, whatever the dtype of the logits under AMP.
 
     Args:
         temperature (float): softmax temperature ``T`` > 0. Defaults to 1.
@@ -44,7 +46,7 @@ class LogitDistillationLoss(nn.Module):
             teacher_logits (Tensor): ``(B, K)`` class scores of the teacher.
 
         Returns:
-            Tensor: scalar loss.
+            Tensor: scalar float32 loss.
         """
         if student_logits.shape != teacher_logits.shape or \
                 student_logits.dim() != 2:
@@ -53,10 +55,13 @@ class LogitDistillationLoss(nn.Module):
                              f'{tuple(student_logits.shape)} and '
                              f'{tuple(teacher_logits.shape)}')
         t = self.temperature
-        log_p = F.log_softmax(student_logits.float() / t, dim=1)
-        log_q = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
-        kl = F.kl_div(log_p, log_q, log_target=True, reduction='batchmean')
-        return self.loss_weight * t * t * kl
+        with torch.autocast(student_logits.device.type, enabled=False):
+            log_p = F.log_softmax(student_logits.float() / t, dim=1)
+            log_q = F.log_softmax(teacher_logits.detach().float() / t,
+                                  dim=1)
+            kl = F.kl_div(log_p, log_q, log_target=True,
+                          reduction='batchmean')
+            return self.loss_weight * t * t * kl
 
     def extra_repr(self) -> str:
         return f'temperature={self.temperature}, ' \

@@ -1,4 +1,11 @@
-"""Student-to-teacher heads: ``Linear-LN-GELU-Linear`` (AM-RADIO)."""
+"""Student-to-teacher heads: ``Linear-LN-GELU-Linear`` (AM-RADIO).
+
+Mixed precision: the MLP runs in the autocast dtype; the knowledge-
+preservation skip path (``with_skip=True``) always computes in IEEE float32
+(:func:`~kiv.models.necks.standardizers.fp32_compute`), because at step 0
+it must reproduce the teacher's float32 standardiser exactly. Under autocast
+the heads return float32.
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -10,6 +17,7 @@ from mmengine.model import BaseModule
 from torch import Tensor, nn
 
 from kiv.registry import MODELS
+from .standardizers import autocast_enabled, fp32_compute
 
 __all__ = ['S2THead', 'DenseS2THead']
 
@@ -34,7 +42,9 @@ class S2THead(BaseModule):
             fc2(act(norm(fc1(x))))``, for knowledge preservation: with
             :meth:`init_as_affine` the head starts as a given affine map
             (e.g. the teacher's standardiser, when the student *is* that
-            teacher) and ``fc2`` starts at zero. Defaults to False.
+            teacher) and ``fc2`` starts at zero. The skip path computes in
+            float32 under any autocast (:meth:`skip_path`). Defaults to
+            False.
         init_cfg (dict | list[dict], optional): mmengine init config.
             Defaults to truncated normal (std 0.02) Linear weights, zero bias.
     """
@@ -85,11 +95,46 @@ class S2THead(BaseModule):
         self.fc2.weight.zero_()
         self.fc2.bias.zero_()
 
+    def skip_path(self, x: Tensor) -> Tensor:
+        """The linear skip path ``skip(x)`` in IEEE float32.
+
+        Runs outside any autocast with float32 input and weights (float64
+        if ``x`` is float64), so that at step 0 it reproduces the teacher's
+        float32 standardiser exactly (knowledge preservation) also under
+        bf16 / fp16 AMP.
+
+        Args:
+            x (Tensor): ``(..., in_dim)``, channel-last, any float dtype.
+
+        Returns:
+            Tensor: ``(..., out_dim)``, float32 (float64 for float64 input).
+        """
+        if self.skip is None:
+            raise RuntimeError(f'{type(self).__name__}: no skip path '
+                               f'(with_skip=False)')
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with fp32_compute(x.device.type):
+            bias = self.skip.bias
+            return F.linear(x.to(dtype), self.skip.weight.to(dtype),
+                            None if bias is None else bias.to(dtype))
+
     def _tail(self, hidden: Tensor, x: Tensor) -> Tensor:
-        """``fc2(act(norm(hidden)))`` (+ ``skip(x)``) over the last dim."""
+        """``fc2(act(norm(hidden)))`` (+ ``skip_path(x)``) over the last
+        dim.
+
+        Args:
+            hidden (Tensor): ``(..., hidden_dim)``, the output of ``fc1``.
+            x (Tensor): ``(..., in_dim)``, the head's input.
+
+        Returns:
+            Tensor: ``(..., out_dim)``; float32 under autocast or with the
+            skip path, else the dtype of ``fc2``.
+        """
         out = self.fc2(self.act(self.norm(hidden)))
         if self.skip is not None:
-            out = out + self.skip(x)
+            out = out + self.skip_path(x)
+        if autocast_enabled(out.device.type):
+            out = out.to(torch.promote_types(out.dtype, torch.float32))
         return out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -99,7 +144,8 @@ class S2THead(BaseModule):
             x (Tensor): ``(..., in_dim)``, e.g. a summary ``(B, in_dim)``.
 
         Returns:
-            Tensor: ``(..., out_dim)``.
+            Tensor: ``(..., out_dim)``, float32 under autocast (see
+            :meth:`_tail`).
         """
         if x.shape[-1] != self.in_dim:
             raise ValueError(f'{type(self).__name__}: expected {self.in_dim} '
@@ -130,7 +176,8 @@ class DenseS2THead(S2THead):
             size (tuple[int, int]): teacher grid ``(h_t, w_t)``.
 
         Returns:
-            Tensor: ``(B, out_dim, h_t, w_t)`` (a channel-last memory view).
+            Tensor: ``(B, out_dim, h_t, w_t)`` (a channel-last memory view),
+            float32 under autocast.
         """
         if x.dim() != 4 or x.shape[1] != self.in_dim:
             raise ValueError(f'{type(self).__name__}: expected a (B, '

@@ -32,6 +32,15 @@ computed around the batch mean in the input precision (float32 for
 half-precision input) and accumulated in float64; eigendecompositions run in
 float64.
 
+Precision under mixed precision: every standardiser computes in float32
+(float64 for float64 input) under any autocast, inside :func:`fp32_compute`
+(autocast off, IEEE float32 matmul and convolution kernels: no TF32 on
+CUDA, no bf16 oneDNN kernels on CPU, whatever
+``torch.set_float32_matmul_precision`` says). Under an enabled autocast its
+output is float32 (autocast's convention for its float32 ops), so the
+targets, the de-standardised predictions and the losses built on them are
+float32; outside autocast the output keeps the input's dtype.
+
 The transform derived from the statistics (e.g. the PHI-S matrix from an
 eigendecomposition) is cached in non-persistent buffers and recomputed
 lazily, only after the statistics changed (an update or ``load_state_dict``).
@@ -50,7 +59,8 @@ and the fixed flag are mirrored in Python).
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Optional
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +73,101 @@ from .rotations import equalizing_rotation, hadamard_matrix
 __all__ = [
     'BaseStandardizer', 'EMAStandardizer', 'IdentityStandardizer',
     'ChannelStandardizer', 'PHISStandardizer', 'STANDARDIZE_MODES',
-    'build_standardizer'
+    'build_standardizer', 'fp32_compute', 'autocast_enabled'
 ]
+
+#: ``torch.backends`` precision switches of float32 matmuls / convolutions
+#: per device type (``fp32_precision``: ``'ieee'``, ``'tf32'``, ``'bf16'``
+#: or ``'none'`` = inherit).
+_PRECISION_SWITCHES: dict[str, tuple[tuple[str, str], ...]] = {
+    'cuda': (('cuda', 'matmul'), ('cudnn', 'conv'), ('cudnn', 'rnn')),
+    'cpu': (('mkldnn', 'matmul'), ('mkldnn', 'conv')),
+}
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is enabled for ``device_type`` right now.
+
+    Args:
+        device_type (str): e.g. ``'cuda'`` or ``'cpu'``.
+
+    Returns:
+        bool: True inside an enabled ``torch.autocast`` of that device.
+    """
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == 'cpu':
+            return torch.is_autocast_cpu_enabled()
+        return device_type == 'cuda' and torch.is_autocast_enabled()
+
+
+def _switches(device_type: str) -> list[object]:
+    """The ``fp32_precision`` switch objects of ``device_type`` that this
+    torch has (older versions have none, only the ``allow_tf32`` flags).
+
+    Args:
+        device_type (str): e.g. ``'cuda'`` or ``'cpu'``.
+
+    Returns:
+        list: e.g. ``torch.backends.mkldnn.matmul`` on the CPU.
+    """
+    found = []
+    for backend, op in _PRECISION_SWITCHES.get(device_type, ()):
+        obj = getattr(getattr(torch.backends, backend, None), op, None)
+        if obj is not None and hasattr(obj, 'fp32_precision'):
+            found.append(obj)
+    return found
+
+
+@contextmanager
+def fp32_compute(device_type: str) -> Iterator[None]:
+    """Run a block in true IEEE float32.
+
+    Disables autocast for ``device_type`` and, for the duration of the block
+    only, sets the float32 precision of that device's matmul and
+    convolution kernels to IEEE (``fp32_precision = 'ieee'``): no TF32 on
+    CUDA (cuDNN convolutions default to TF32), no bf16 oneDNN kernels on
+    CPU (``torch.set_float32_matmul_precision('medium')`` selects them on
+    CPUs with AMX / AVX512-BF16). The previous settings are restored on
+    exit. Inputs must be cast to float32 by the caller (autocast no longer
+    does it). Used by the standardisers and the knowledge-preservation skip
+    path of the s2t heads, whose exactness the step-0 guarantees rely on.
+
+    The switches are process-global (like ``torch.backends`` itself): do
+    not run a model in several Python threads at once (``DataParallel``)
+    with other code relying on TF32 in the same moment.
+
+    Args:
+        device_type (str): device type of the tensors, e.g. ``'cuda'``.
+
+    Yields:
+        None
+    """
+    with ExitStack() as stack:
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+        switches = _switches(device_type)
+        if switches:
+            saved = [(obj, obj.fp32_precision) for obj in switches
+                     if obj.fp32_precision != 'ieee']
+            for obj, _ in saved:
+                obj.fp32_precision = 'ieee'
+            stack.callback(_restore_precision, saved)
+        elif device_type == 'cuda':  # older torch: the legacy switches
+            saved = [(obj, obj.allow_tf32) for obj in (
+                torch.backends.cuda.matmul, torch.backends.cudnn)
+                     if obj.allow_tf32]
+            for obj, _ in saved:
+                obj.allow_tf32 = False
+            stack.callback(_restore_precision, saved, 'allow_tf32')
+        yield
+
+
+def _restore_precision(saved: list[tuple[object, object]],
+                       attr: str = 'fp32_precision') -> None:
+    """Set ``attr`` of every switch back to its saved value."""
+    for obj, value in reversed(saved):
+        setattr(obj, attr, value)
 
 
 def _check_channels(x: Tensor, dim: int, who: str) -> None:
@@ -82,11 +185,20 @@ def _work_dtype(x: Tensor) -> torch.dtype:
         else torch.float32
 
 
+def _out_dtype(x: Tensor) -> torch.dtype:
+    """Output dtype of a standardiser for input ``x``: the work dtype
+    (float32 or float64) under an enabled autocast, else ``x.dtype``."""
+    return _work_dtype(x) if autocast_enabled(x.device.type) else x.dtype
+
+
 class BaseStandardizer(nn.Module, metaclass=ABCMeta):
     """Interface of a target standardiser over ``dim`` channels.
 
     ``forward``/``inverse`` take ``(N, C)`` vectors or ``(B, C, H, W)`` maps
-    (channels in dim 1) and return the same shape and dtype.
+    (channels in dim 1) and return the same shape; they compute in float32
+    (float64 for float64 input) whatever the autocast state, and return
+    float32 under an enabled autocast, the input's dtype otherwise (see
+    :func:`fp32_compute`).
 
     Args:
         dim (int): number of channels ``C``.
@@ -135,14 +247,30 @@ class IdentityStandardizer(BaseStandardizer):
         _check_channels(x, self.dim, type(self).__name__)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return ``x`` unchanged."""
+        """Return ``x`` unchanged (as float32 if it is half precision
+        under autocast).
+
+        Args:
+            x (Tensor): ``(N, C)`` or ``(B, C, H, W)``.
+
+        Returns:
+            Tensor: ``x`` itself, or its float32 copy under autocast.
+        """
         _check_channels(x, self.dim, type(self).__name__)
-        return x
+        return x.to(_out_dtype(x))
 
     def inverse(self, y: Tensor) -> Tensor:
-        """Return ``y`` unchanged."""
+        """Return ``y`` unchanged (as float32 if it is half precision
+        under autocast).
+
+        Args:
+            y (Tensor): ``(N, C)`` or ``(B, C, H, W)``.
+
+        Returns:
+            Tensor: ``y`` itself, or its float32 copy under autocast.
+        """
         _check_channels(y, self.dim, type(self).__name__)
-        return y
+        return y.to(_out_dtype(y))
 
     def affine(self) -> tuple[Tensor, Tensor]:
         """Identity ``W = I``, ``b = 0``."""
@@ -251,7 +379,7 @@ class EMAStandardizer(BaseStandardizer):
         centered = x - mean
         mean = mean.double()
         if self.full_covariance:
-            with torch.autocast(x.device.type, enabled=False):
+            with fp32_compute(x.device.type):
                 gram = centered.T @ centered
             moment2 = gram.double() + count * torch.outer(mean, mean)
         else:
@@ -367,8 +495,10 @@ class EMAStandardizer(BaseStandardizer):
         """Recompute the cached transform buffers from the statistics."""
 
     def _refresh(self) -> None:
+        """Recompute the cached transform if the statistics changed (in
+        float64, outside any autocast)."""
         if self._stale:
-            with torch.no_grad():
+            with torch.no_grad(), fp32_compute(self.ema_mean.device.type):
                 self._compute_transform()
             self._stale = False
 
@@ -426,22 +556,47 @@ class ChannelStandardizer(EMAStandardizer):
         self.std.copy_((self.variance + self.eps).sqrt())
 
     def _affine(self, x: Tensor, invert: bool) -> Tensor:
+        """``(x - offset) / std`` or its inverse in the work precision.
+
+        Args:
+            x (Tensor): ``(N, C)`` or ``(B, C, H, W)``, any float dtype.
+            invert (bool): apply the inverse.
+
+        Returns:
+            Tensor: same shape, float32 (float64 for float64 input).
+        """
         _check_channels(x, self.dim, type(self).__name__)
         self._refresh()
         dtype = _work_dtype(x)
         shape = (1, -1, 1, 1) if x.dim() == 4 else (1, -1)
-        offset = self.offset.to(dtype).view(shape)
-        std = self.std.to(dtype).view(shape)
-        x = x.to(dtype)
-        return torch.addcmul(offset, x, std) if invert else (x - offset) / std
+        with fp32_compute(x.device.type):
+            offset = self.offset.to(dtype).view(shape)
+            std = self.std.to(dtype).view(shape)
+            x = x.to(dtype)
+            return torch.addcmul(offset, x, std) if invert \
+                else (x - offset) / std
 
     def forward(self, x: Tensor) -> Tensor:
-        """Standardise ``x``: ``(N, C)`` or ``(B, C, H, W)``, same shape."""
-        return self._affine(x, invert=False).to(x.dtype)
+        """Standardise ``x``.
+
+        Args:
+            x (Tensor): ``(N, C)`` or ``(B, C, H, W)``.
+
+        Returns:
+            Tensor: same shape; float32 under autocast, else ``x.dtype``.
+        """
+        return self._affine(x, invert=False).to(_out_dtype(x))
 
     def inverse(self, y: Tensor) -> Tensor:
-        """Undo :meth:`forward`: ``(N, C)`` or ``(B, C, H, W)``."""
-        return self._affine(y, invert=True).to(y.dtype)
+        """Undo :meth:`forward`.
+
+        Args:
+            y (Tensor): ``(N, C)`` or ``(B, C, H, W)``.
+
+        Returns:
+            Tensor: same shape; float32 under autocast, else ``y.dtype``.
+        """
+        return self._affine(y, invert=True).to(_out_dtype(y))
 
     def affine(self) -> tuple[Tensor, Tensor]:
         """``W = diag(1 / std)``, ``b = -offset / std``."""
@@ -542,25 +697,50 @@ class PHISStandardizer(EMAStandardizer):
         self.inv_bias.copy_(mean)
 
     def _linear(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """``weight @ x + bias`` over the channels, in IEEE float32 (float64
+        for float64 input) whatever the autocast / TF32 settings.
+
+        Args:
+            x (Tensor): ``(N, C)`` or ``(B, C, H, W)``.
+            weight (Tensor): ``(C, C)``.
+            bias (Tensor): ``(C,)``.
+
+        Returns:
+            Tensor: same shape as ``x``, float32 (float64 for float64 input).
+        """
         _check_channels(x, self.dim, type(self).__name__)
         dtype = _work_dtype(x)
-        weight, bias = weight.to(dtype), bias.to(dtype)
-        x = x.to(dtype)
-        # keep the work precision under AMP (autocast would cast to 16 bit)
-        with torch.autocast(x.device.type, enabled=False):
+        with fp32_compute(x.device.type):
+            weight, bias = weight.to(dtype), bias.to(dtype)
+            x = x.to(dtype)
             if x.dim() == 4:
                 return F.conv2d(x, weight[:, :, None, None], bias)
             return F.linear(x, weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Standardise ``x``: ``(N, C)`` or ``(B, C, H, W)``, same shape."""
+        """Standardise ``x``.
+
+        Args:
+            x (Tensor): ``(N, C)`` or ``(B, C, H, W)``.
+
+        Returns:
+            Tensor: same shape; float32 under autocast, else ``x.dtype``.
+        """
         self._refresh()
-        return self._linear(x, self.weight, self.bias).to(x.dtype)
+        return self._linear(x, self.weight, self.bias).to(_out_dtype(x))
 
     def inverse(self, y: Tensor) -> Tensor:
-        """Undo :meth:`forward` exactly: ``(N, C)`` or ``(B, C, H, W)``."""
+        """Undo :meth:`forward` exactly.
+
+        Args:
+            y (Tensor): ``(N, C)`` or ``(B, C, H, W)``.
+
+        Returns:
+            Tensor: same shape; float32 under autocast, else ``y.dtype``.
+        """
         self._refresh()
-        return self._linear(y, self.inv_weight, self.inv_bias).to(y.dtype)
+        return self._linear(y, self.inv_weight,
+                            self.inv_bias).to(_out_dtype(y))
 
     def affine(self) -> tuple[Tensor, Tensor]:
         """``W = alpha R U^T``, ``b = -W mu`` (the cached transform)."""

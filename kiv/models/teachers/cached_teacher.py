@@ -106,8 +106,12 @@ class CachedTeacher(BaseModule):
                     f'data sample {i} has shape {tuple(value.shape)}, the '
                     f'cache index says {self._shapes[key]}')
             rows.append(value)
-        return torch.stack(rows).to(device=device, dtype=torch.float32,
-                                    non_blocking=True)
+        # autocast off: under CPU bf16 autocast ``stack`` of fp16 rows fails
+        # ("Unexpected floating ScalarType in at::autocast::prioritize"),
+        # and the targets are float32 whatever the caller's autocast
+        with torch.autocast(device.type, enabled=False):
+            return torch.stack(rows).to(device=device, dtype=torch.float32,
+                                        non_blocking=True)
 
     @torch.no_grad()
     def forward(self, inputs: Tensor,

@@ -90,6 +90,39 @@ def _parse_layer(spec: str | Mapping) -> tuple[str, int | None]:
                      f'or dict(name=..., index=...), got {spec!r}')
 
 
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module computes in.
+
+    Args:
+        module (nn.Module): e.g. a teacher's kept head.
+
+    Returns:
+        torch.dtype: dtype of its first floating parameter (or buffer);
+        float32 for a module without any.
+    """
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _cast_floating(obj: Any, dtype: torch.dtype) -> Any:
+    """Cast the floating tensors of a head's input to ``dtype``.
+
+    Args:
+        obj (Tensor | Sequence[Tensor]): a summary ``(B, C)`` or a sequence
+            of dense maps.
+        dtype (torch.dtype): target dtype.
+
+    Returns:
+        Tensor | Sequence[Tensor]: the same structure (a sequence keeps its
+        type), floating tensors cast, others unchanged.
+    """
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    return type(obj)(_cast_floating(v, dtype) for v in obj)
+
+
 def _to_float(obj: Any) -> Any:
     """Cast every floating tensor in a nested output to float32."""
     if isinstance(obj, Tensor):
@@ -506,6 +539,12 @@ class Teacher(BaseModule):
 
         The head's weights are frozen but this is not wrapped in
         ``no_grad``: gradients flow back to ``inputs`` when they need them.
+        It runs in the teacher's own precision (``dtype``), whatever the
+        caller's autocast: the inputs are first cast to the dtype of the
+        head's parameters (e.g. the bf16 output of a student under AMP fed
+        to a float32 teacher's ``nn.Linear``), then an ``'fp32'`` teacher
+        runs the head with autocast off and a ``'bf16'`` / ``'fp16'`` one
+        under its own autocast.
 
         Args:
             inputs (Tensor | Sequence[Tensor]): a summary ``(B, summary_dim)``
@@ -535,5 +574,6 @@ class Teacher(BaseModule):
                 raise ValueError(
                     f'Teacher head {self.head_layer!r} expects features with '
                     f'channels {self.feature_dims}, got {dims}')
+        inputs = _cast_floating(inputs, _module_dtype(head))
         with self._autocast(self.mean.device):
             return _to_float(head(inputs))
