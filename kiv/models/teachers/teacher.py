@@ -1,4 +1,4 @@
-"""The frozen teacher wrapper of knowledge inheritance (DESIGN.md §1.1)."""
+"""The frozen teacher wrapper of knowledge inheritance."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -186,7 +186,7 @@ class Teacher(BaseModule):
     dense features (``input='features'``, e.g. an mmdet dense head given
     neck maps). The student's projected outputs, de-standardised to the
     teacher's space, can be fed to it: the student then performs the
-    teacher's task without downstream training (DESIGN.md §1.6).
+    teacher's task without downstream training (inherited heads).
 
     ``summary_dim``, ``feature_dims`` and ``feature_strides`` are measured
     once, at construction, by a dry-run forward on one zero image of size
