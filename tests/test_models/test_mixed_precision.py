@@ -100,8 +100,7 @@ def _config(teachers: dict, summaries: list[str], **model) -> Config:
     cfg = Config.fromfile(TINY_CFG)
     cfg.model.teachers = teachers
     cfg.model.latent.teachers = dict()
-    if 'summary_names' in cfg.model.student:
-        cfg.model.student.summary_names = list(summaries)
+    cfg.model.student.summary_names = list(summaries)
     cfg.model.update(model)
     return cfg
 
@@ -113,9 +112,7 @@ def _tiny_teachers() -> dict:
 
 def _base_summary(student) -> Tensor:
     """The student summary the knowledge base's head reads."""
-    if hasattr(student, 'summary_for'):  # per-teacher summaries
-        return student.summary_for('dinov2')
-    return student.summary
+    return student.summary_for('dinov2')
 
 
 def _add_labels(batch: dict) -> dict:
