@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import itertools
+import random
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
 
+import numpy as np
 import torch
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook
@@ -16,6 +20,53 @@ from kiv.models.necks.shared_latent_space import all_reduce_sums
 from kiv.registry import HOOKS
 
 
+def _global_random_state() -> dict[str, Any]:
+    """The process's global random states.
+
+    Returns:
+        dict: Python ``random``'s state, NumPy's global ``RandomState``, the
+        torch CPU generator's state and, when CUDA is initialised, every CUDA
+        device's generator state.
+    """
+    state = dict(python=random.getstate(), numpy=np.random.get_state(),
+                 torch=torch.get_rng_state())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_global_random_state(state: dict[str, Any]) -> None:
+    """Put back states taken by :func:`_global_random_state`.
+
+    Args:
+        state (dict): the states to restore.
+    """
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state:
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+@contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Run a block without changing the process's global random states.
+
+    Python ``random``, NumPy's global state, the torch CPU generator and the
+    CUDA generators (if CUDA is initialised) are restored on exit, whatever
+    the block drew from them (e.g. random data augmentation, a
+    ``DataLoader`` iterator's base seed).
+
+    Yields:
+        None
+    """
+    state = _global_random_state()
+    try:
+        yield
+    finally:
+        _set_global_random_state(state)
+
+
 @HOOKS.register_module()
 class StatisticsWarmupHook(Hook):
     """Fix the standardiser statistics from a teacher-only pass.
@@ -23,12 +74,20 @@ class StatisticsWarmupHook(Hook):
     Before the first training iteration, runs the teachers (not the
     student) over ``num_batches`` batches of the training dataloader, at
     most one epoch (a fresh iterator: the training loop's own data order is
-    unchanged), sums
-    the exact per-output statistics on every rank, all-reduces them once
-    and fixes them in the model (``KnowledgeInheritance.load_statistics``):
-    PHI-S is computed once, the targets never move under the student, and
-    the base teacher's heads start as its standardiser (knowledge
-    preservation through the losses).
+    unchanged), sums the exact per-output statistics on every rank,
+    all-reduces them once and fixes them in the model
+    (``KnowledgeInheritance.load_statistics``): PHI-S is computed once, the
+    targets never move under the student, and the base teacher's heads
+    start as its standardiser (knowledge preservation through the losses).
+
+    The pass leaves the global random state as it found it (Python
+    ``random``, NumPy, torch CPU and CUDA generators): its random
+    augmentations draw from the global state and are undone afterwards, and
+    its loader's base seed comes from a generator of its own, seeded with
+    the run's sampler seed. Training therefore continues exactly as in a
+    run that skips the warm-up, which is what a resumed run does (its
+    statistics are in the checkpoint): resuming from a checkpoint gives the
+    same weights as the uninterrupted run.
 
     Does nothing when the statistics are already fixed: resumed runs (the
     statistics are in the checkpoint), runs from a teacher-feature cache
@@ -49,28 +108,78 @@ class StatisticsWarmupHook(Hook):
                              f'>= 1, got {num_batches}')
         self.num_batches = int(num_batches)
 
-    def _warmup_loader(self, train_loader: DataLoader) -> Iterator:
-        """At most ``num_batches`` batches (one epoch) of the training data.
+    def _warmup_loader(self, train_loader: DataLoader) -> DataLoader:
+        """A loader of the training data for the warm-up pass.
 
-        A separate, finite loader over the same dataset, pipeline, batch size
-        and collate function, sharded across ranks by mmengine's
-        ``DefaultSampler`` (shuffled with the run's seed). Iterating the
-        training loader itself would consume (and, when abandoned, close)
-        the shared index stream of its ``InfiniteSampler``.
+        A separate, finite loader over the same dataset, pipeline, batch
+        size, collate function, workers and worker seeding, sharded across
+        ranks by mmengine's ``DefaultSampler`` (shuffled with the run's
+        seed). Iterating the training loader itself would consume (and,
+        when abandoned, close) the shared index stream of its
+        ``InfiniteSampler``. Its iterator's base seed (which torch draws
+        from the global generator unless the loader has its own) comes from
+        a ``torch.Generator`` seeded with the same seed.
+
+        Args:
+            train_loader (DataLoader): the run's training dataloader.
+
+        Returns:
+            DataLoader: one epoch of the training data, in the warm-up's own
+            order.
         """
         dataset = train_loader.dataset
         seed = getattr(train_loader.sampler, 'seed', None)
-        loader = DataLoader(
+        sampler = DefaultSampler(dataset, shuffle=True, seed=seed)
+        generator = torch.Generator()
+        generator.manual_seed(int(sampler.seed))
+        return DataLoader(
             dataset,
             batch_size=train_loader.batch_size,
-            sampler=DefaultSampler(dataset, shuffle=True, seed=seed),
+            sampler=sampler,
             num_workers=train_loader.num_workers,
             collate_fn=train_loader.collate_fn,
-            worker_init_fn=train_loader.worker_init_fn)
-        return itertools.islice(loader, self.num_batches)
+            worker_init_fn=train_loader.worker_init_fn,
+            multiprocessing_context=train_loader.multiprocessing_context,
+            generator=generator)
+
+    def _sum_statistics(self, model: torch.nn.Module,
+                        train_loader: DataLoader
+                        ) -> tuple[Optional[dict[str, torch.Tensor]], int]:
+        """This rank's summed statistics over the warm-up batches.
+
+        Args:
+            model (torch.nn.Module): the ``kiv.KnowledgeInheritance`` model
+                (unwrapped).
+            train_loader (DataLoader): the run's training dataloader.
+
+        Returns:
+            tuple: the packed sums per statistic key (None if the loader
+            gave no batch) and the number of images they cover.
+        """
+        totals: Optional[dict[str, torch.Tensor]] = None
+        images = 0
+        batches = iter(self._warmup_loader(train_loader))
+        try:
+            for batch in itertools.islice(batches, self.num_batches):
+                data = model.data_preprocessor(batch, False)
+                sums = model.statistic_sums(data['inputs'],
+                                            data.get('data_samples'))
+                images += data['inputs'].shape[0]
+                if totals is None:
+                    totals = {k: v.clone() for k, v in sums.items()}
+                else:
+                    for key, value in sums.items():
+                        totals[key] += value
+        finally:
+            del batches  # stops the workers of an abandoned epoch now
+        return totals, images
 
     def before_train(self, runner) -> None:
-        """Run the warm-up pass if the model's statistics are not fixed."""
+        """Run the warm-up pass if the model's statistics are not fixed.
+
+        Args:
+            runner (mmengine.runner.Runner): the training runner.
+        """
         model = runner.model.module if is_model_wrapper(runner.model) \
             else runner.model
         latent = getattr(model, 'latent', None)
@@ -81,18 +190,9 @@ class StatisticsWarmupHook(Hook):
         if latent.statistics != 'fixed' or latent.statistics_ready:
             return
         start = time.perf_counter()
-        totals: Optional[dict[str, torch.Tensor]] = None
-        images = 0
-        for batch in self._warmup_loader(runner.train_dataloader):
-            data = model.data_preprocessor(batch, False)
-            sums = model.statistic_sums(data['inputs'],
-                                        data.get('data_samples'))
-            images += data['inputs'].shape[0]
-            if totals is None:
-                totals = {k: v.clone() for k, v in sums.items()}
-            else:
-                for key, value in sums.items():
-                    totals[key] += value
+        with preserved_random_state():
+            totals, images = self._sum_statistics(model,
+                                                  runner.train_dataloader)
         if totals is None:
             raise RuntimeError('StatisticsWarmupHook: the training '
                                'dataloader gave no batch')
