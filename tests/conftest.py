@@ -96,9 +96,9 @@ def exported_student(tmp_path_factory) -> dict:
 def safe_io():
     """``kiv.enable_safe_io()`` for one test, undone afterwards.
 
-    Importing kiv does not switch it on (issue 10 item 6), so tests of
-    mmengine's own loading/saving paths turn it on explicitly, as kiv's
-    tools do, and leave the process as they found it.
+    Importing kiv does not switch it on (``test_safe_io.py`` checks that),
+    so tests of mmengine's own loading/saving paths turn it on explicitly,
+    as kiv's tools do, and leave the process as they found it.
     """
     import kiv
     newly = kiv.enable_safe_io()

@@ -2,7 +2,8 @@
 
 Student -> student-to-teacher head -> inverse standardisation gives
 features in a teacher's own space; the teacher's own head then does the
-teacher's task (DESIGN.md §1.6). Measured here per distilled model:
+teacher's task (:meth:`kiv.Teacher.forward_head`). Measured here per
+distilled model:
 
 * classification (EfficientNet-Lite0's ImageNet classifier ``_fc``): top-1
   and top-5 agreement with the teacher on in-distribution held-out images
@@ -55,12 +56,11 @@ def load_distiller(cfg: Config, checkpoint: str) -> torch.nn.Module:
         nn.Module: the model in eval mode.
     """
     from kiv.registry import MODELS
-    from kiv.utils.checkpoint import safe_torch_load
+    from kiv.utils.state_dict import read_state_dict
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.pop('task_heads', None)
     model = MODELS.build(model_cfg)
-    state = safe_torch_load(checkpoint)
-    state = state.get('state_dict', state)
+    state = read_state_dict(checkpoint)
     model.load_state_dict({k: v for k, v in state.items()
                            if not k.startswith('task_heads.')})
     return model.eval()

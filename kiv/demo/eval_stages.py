@@ -235,12 +235,12 @@ def stage_agreement(row: str,
             from mmdet.registry import MODELS as DET_MODELS
             from mmengine.registry import DefaultScope
 
-            from kiv.utils.checkpoint import safe_torch_load
+            from kiv.utils.state_dict import read_state_dict
             det_cfg = Config.fromfile('teacher_det/teacher_det.py')
             with DefaultScope.overwrite_default_scope('mmdet'):
                 detector = DET_MODELS.build(det_cfg.model)
-            detector.load_state_dict(safe_torch_load(
-                'teacher_det/teacher_det.pth')['state_dict'])
+            detector.load_state_dict(
+                read_state_dict('teacher_det/teacher_det.pth'))
             detector.eval()
             result['det'] = det_agreement(
                 model, detector, val, ctx.dir, CLASSES, seed=ctx.seed,

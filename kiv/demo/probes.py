@@ -23,7 +23,6 @@ images: :func:`bootstrap_ci` (per-image scores), :func:`coco_bootstrap`
 from __future__ import annotations
 
 import json
-import os
 import os.path as osp
 import re
 from typing import Callable, Optional, Sequence
@@ -39,6 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from kiv.registry import METRICS, TRANSFORMS
+from kiv.utils.atomic import atomic_path
 
 __all__ = [
     'world_images', 'extract_features', 'save_features', 'AttachFeatures',
@@ -114,9 +114,8 @@ def extract_features(backbone: torch.nn.Module, paths: Sequence[str],
 
 def save_features(path: str, tensors: dict[str, Tensor]) -> None:
     """Write features as safetensors, atomically."""
-    part = path + '.part'
-    save_file({k: v.contiguous() for k, v in tensors.items()}, part)
-    os.replace(part, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
 
 
 def load_tensor(path: str, key: str) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from mmengine.config import Config, ConfigDict
 
 from kiv.engine.launch import add_nonfinite_loss_hook
+from kiv.utils.atomic import atomic_torch_save
 
 from .stages import ProgressHook, StageContext
 
@@ -153,9 +154,7 @@ def _save_weights(state_dict: dict, path: str,
     weights = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
     obj = weights if meta is None else dict(
         state_dict=weights, meta=json.loads(json.dumps(meta, default=str)))
-    part = path + '.part'
-    torch.save(obj, part)
-    os.replace(part, path)
+    atomic_torch_save(obj, path)
 
 
 def _copy_scalars(ctx: StageContext) -> None:

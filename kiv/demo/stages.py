@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from mmengine.hooks import Hook
 
+from kiv.utils.atomic import atomic_write_json
+
 __all__ = ['Stage', 'StageContext', 'ProgressDisplay', 'ProgressHook',
            'run_stages', 'working_dir', 'read_timings', 'expected_seconds',
            'size_key']
@@ -255,13 +257,6 @@ def _read_done(path: str) -> dict | None:
         return None
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    part = path + '.part'
-    with open(part, 'w', encoding='utf-8') as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(part, path)
-
-
 def run_stages(stages: Sequence[Stage], work_dir: str, seed: int,
                fresh: bool = False, stream=None) -> dict[str, dict]:
     """Run (or reuse) every stage in order.
@@ -313,12 +308,13 @@ def run_stages(stages: Sequence[Stage], work_dir: str, seed: int,
             result = s.run(StageContext(s, s.name, seed, results, progress))
         seconds = time.monotonic() - start
         progress.end_stage()
-        _write_json_atomic(osp.join(stage_dir, DONE),
-                           dict(fingerprint=prints[s.name], result=result,
-                                seconds=round(seconds, 1)))
+        atomic_write_json(dict(fingerprint=prints[s.name], result=result,
+                               seconds=round(seconds, 1)),
+                          osp.join(stage_dir, DONE), indent=1, sort_keys=True)
         results[s.name] = result
         results['_stages'][s.name] = dict(cached=False, seconds=seconds)
         timings.setdefault(s.name, {})[size_key(s)] = round(seconds, 1)
-        _write_json_atomic(osp.join(work_dir, TIMINGS), timings)
+        atomic_write_json(timings, osp.join(work_dir, TIMINGS), indent=1,
+                          sort_keys=True)
     results['_stages']['total_seconds'] = progress.elapsed()
     return results

@@ -28,7 +28,7 @@ from kiv.registry import HOOKS
 _BUFFER_TAG = '__kiv_history_buffer__'
 
 
-def to_plain(obj: Any) -> Any:
+def to_weights_only_data(obj: Any) -> Any:
     """Recursively turn NumPy values and HistoryBuffers into plain data.
 
     Args:
@@ -52,22 +52,23 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(obj.copy())
     if isinstance(obj, dict):
-        return type(obj)((k, to_plain(v)) for k, v in obj.items())
+        return type(obj)((k, to_weights_only_data(v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_plain(v) for v in obj)
+        return type(obj)(to_weights_only_data(v) for v in obj)
     return obj
 
 
-def from_plain(obj: Any) -> Any:
-    """Inverse of :func:`to_plain` for HistoryBuffers (the rest stays plain).
-    """
+def restore_history_buffers(obj: Any) -> Any:
+    """Inverse of :func:`to_weights_only_data` for HistoryBuffers (the rest
+    stays plain data)."""
     if isinstance(obj, dict):
         if obj.get(_BUFFER_TAG):
             buf = HistoryBuffer(max_length=obj['max_length'])
             buf._log_history = obj['log_history'].numpy()
             buf._count_history = obj['count_history'].numpy()
             return buf
-        return type(obj)((k, from_plain(v)) for k, v in obj.items())
+        return type(obj)(
+            (k, restore_history_buffers(v)) for k, v in obj.items())
     return obj
 
 
@@ -87,8 +88,9 @@ class SafeCheckpointHook(Hook):
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         for key in ('message_hub', 'meta'):
             if key in checkpoint:
-                checkpoint[key] = to_plain(checkpoint[key])
+                checkpoint[key] = to_weights_only_data(checkpoint[key])
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         if 'message_hub' in checkpoint:
-            checkpoint['message_hub'] = from_plain(checkpoint['message_hub'])
+            checkpoint['message_hub'] = restore_history_buffers(
+                checkpoint['message_hub'])

@@ -9,14 +9,14 @@ mmseg configs (like mmrazor's ``convert_kd_ckpt_to_student.py``).
 from __future__ import annotations
 
 import json
-import os
 import os.path as osp
 from typing import Any, Optional
 
-import torch
 from mmengine.config import Config
 
+from kiv.utils.atomic import atomic_torch_save
 from kiv.utils.checkpoint import safe_torch_load
+from kiv.utils.state_dict import select_prefix, unwrap_state_dict
 
 STUDENT_PREFIX = 'student.'
 LATENT_PREFIX = 'latent.'
@@ -78,9 +78,8 @@ def export_student(checkpoint: str, out: str,
             can be found.
     """
     ckpt = safe_torch_load(checkpoint, map_location='cpu')
-    state = ckpt.get('state_dict', ckpt)
-    student = {k[len(STUDENT_PREFIX):]: v for k, v in state.items()
-               if k.startswith(STUDENT_PREFIX)}
+    state = unwrap_state_dict(ckpt, checkpoint)
+    student = select_prefix(state, STUDENT_PREFIX)
     if not student:
         raise KeyError(f'{checkpoint}: no `student.*` weights; is it a '
                        'kiv distillation checkpoint?')
@@ -95,11 +94,6 @@ def export_student(checkpoint: str, out: str,
     meta['source_checkpoint'] = osp.abspath(checkpoint)
     result = dict(state_dict=student, meta=meta)
     if keep_heads:
-        result['inherited_heads'] = {
-            k[len(LATENT_PREFIX):]: v for k, v in state.items()
-            if k.startswith(LATENT_PREFIX)}
-    os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
-    part = out + '.part'
-    torch.save(result, part)
-    os.replace(part, out)
+        result['inherited_heads'] = select_prefix(state, LATENT_PREFIX)
+    atomic_torch_save(result, out)
     return meta

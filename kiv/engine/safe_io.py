@@ -12,7 +12,12 @@ mmengine (and every toolbox on top of it) reads and writes files.
   downloads them with ``weights_only=False``);
 - **atomic local writes** for everything mmengine saves through its file
   backend (checkpoints, ``last_checkpoint``, dumped results):
-  :class:`kiv.engine.atomic_files.AtomicLocalBackend`.
+  :class:`AtomicLocalBackend`. mmengine's ``LocalBackend.put`` /
+  ``put_text`` open the target and write into it, so a run killed mid-write
+  (pre-emption, out of disk) would leave a truncated ``iter_N.pth`` that the
+  next ``--resume`` picks up; this backend writes through
+  :func:`kiv.utils.atomic.atomic_write_bytes` (temporary file, fsync,
+  rename), like every other file kiv writes.
 
 kiv's tools (``tools/train.py``, ``tools/test.py``) call it first thing. In
 your own script::
@@ -35,17 +40,35 @@ atomically whether or not this is enabled.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 from mmengine.fileio import io as mm_io
-from mmengine.fileio.backends import registry_utils
+from mmengine.fileio.backends import LocalBackend, registry_utils
 from mmengine.logging import print_log
 from mmengine.runner import checkpoint as mm_checkpoint
 
-from .atomic_files import AtomicLocalBackend
+from kiv.utils.atomic import atomic_write_bytes
 from kiv.utils.checkpoint import load_from_local, load_url
 
-__all__ = ['enable_safe_io', 'disable_safe_io', 'safe_io_enabled']
+__all__ = [
+    'enable_safe_io', 'disable_safe_io', 'safe_io_enabled',
+    'AtomicLocalBackend'
+]
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's ``LocalBackend`` whose writes are atomic."""
+
+    def put(self, obj: bytes, filepath: Union[str, Path]) -> None:
+        """Write bytes to ``filepath`` atomically."""
+        atomic_write_bytes(obj, filepath)
+
+    def put_text(self, obj: str, filepath: Union[str, Path],
+                 encoding: str = 'utf-8') -> None:
+        """Write text to ``filepath`` atomically."""
+        atomic_write_bytes(obj.encode(encoding), filepath)
+
 
 _lock = threading.Lock()
 #: what enable_safe_io replaced, to be put back by disable_safe_io

@@ -17,7 +17,6 @@ Layouts (``root`` is the dataset folder)::
 """
 from __future__ import annotations
 
-import json
 import os
 import os.path as osp
 from typing import Callable, Sequence
@@ -25,6 +24,8 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from kiv.utils.atomic import atomic_write_json
 
 __all__ = [
     'write_coco_split', 'write_ade20k_split', 'write_imagenet_split',
@@ -37,10 +38,7 @@ ADE_SPLITS = {'train': 'training', 'val': 'validation'}
 
 def write_json(path: str, obj: dict) -> None:
     """Write ``obj`` as JSON atomically (temporary file + rename)."""
-    part = path + '.part'
-    with open(part, 'w', encoding='utf-8') as f:
-        json.dump(obj, f)
-    os.replace(part, path)
+    atomic_write_json(obj, path)
 
 
 def coco_segmentation(mask: np.ndarray, as_rle: bool):

@@ -22,13 +22,13 @@ detector  ``mask_rcnn_r50_fpn_1x_coco_20200205-        :func:`write_mmdet`
 """
 from __future__ import annotations
 
-import os
-import os.path as osp
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from kiv.utils.atomic import atomic_path, atomic_torch_save
 
 StateDict = dict[str, Tensor]
 #: key -> shape of a layout
@@ -372,10 +372,7 @@ def random_state_dict(shapes: Shapes, seed: int = 0,
 
 def _save_torch(obj: object, path: str, legacy: bool = False) -> None:
     """``torch.save`` through a temporary file (no half-written files)."""
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    part = path + '.part'
-    torch.save(obj, part, _use_new_zipfile_serialization=not legacy)
-    os.replace(part, path)
+    atomic_torch_save(obj, path, _use_new_zipfile_serialization=not legacy)
 
 
 def write_dinov2(path: str, depth: int = 12, seed: int = 0) -> StateDict:
@@ -411,9 +408,8 @@ def write_clip(path: str, depth: int = 12, seed: int = 0) -> StateDict:
     from safetensors.torch import save_file
     state_dict = random_state_dict(clip_shapes(depth=depth), seed)
     state_dict['head.bias'].zero_()
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    save_file(state_dict, path + '.part', metadata={'format': 'pt'})
-    os.replace(path + '.part', path)
+    with atomic_path(path) as tmp:
+        save_file(state_dict, tmp, metadata={'format': 'pt'})
     return state_dict
 
 

@@ -11,6 +11,8 @@ import os.path as osp
 
 import torch
 
+from kiv.utils.atomic import atomic_torch_save
+
 #: tiny DINOv2-like ViT: patch 14, 4 registers, LayerScale (timm name + args)
 DINOV2_TINY = dict(
     model_name='vit_small_patch14_reg4_dinov2',
@@ -54,9 +56,7 @@ DETECTOR_TINY = dict(
 
 
 def _save(obj: dict, path: str) -> None:
-    part = path + '.part'
-    torch.save(obj, part)
-    os.replace(part, path)
+    atomic_torch_save(obj, path)
 
 
 def create_tiny_teachers(out_dir: str, seed: int = 0) -> dict[str, str]:

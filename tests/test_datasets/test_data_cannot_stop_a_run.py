@@ -1,4 +1,4 @@
-"""Issue 10 item 4: no file or folder in the image folder can stop a run.
+"""No file or folder in the image folder can stop a run.
 
 Symlink loops, unreadable folders, entries that vanish during the scan or
 before they are read, and decompression bombs are skipped, counted and named

@@ -1,4 +1,4 @@
-"""Issue 16: the config is the run, whatever runs it.
+"""The config is the run, whatever runs it.
 
 The tiny cached distillation config trains from its teacher-feature cache
 and is guarded against NaN/Inf losses under mmpretrain's own installed

@@ -1,4 +1,4 @@
-"""Issue 10 item 5: a NaN/Inf loss never reaches the weights or a checkpoint.
+"""A NaN/Inf loss never reaches the weights or a checkpoint.
 
 A toy model with two loss terms whose ``loss_b`` turns non-finite at chosen
 iterations trains in a real mmengine Runner with ``kiv.NonFiniteLossHook``.

@@ -20,7 +20,8 @@ from mmengine.runner import Runner
 
 import kiv  # noqa: F401
 from kiv.utils.checkpoint import UnsafeCheckpointError, safe_torch_load
-from kiv.engine.checkpoint_hook import from_plain, to_plain
+from kiv.engine.checkpoint_hook import (restore_history_buffers,
+                                        to_weights_only_data)
 
 
 class ToyModel(BaseModel):
@@ -92,7 +93,7 @@ def test_resume_restores_identical_state(tmp_path):
     assert rec['optim']['param_groups'][0]['lr'] == \
         saved_optim['param_groups'][0]['lr']
     # message hub: history buffers rebuilt with identical values
-    hub = from_plain(saved['message_hub'])
+    hub = restore_history_buffers(saved['message_hub'])
     for key, buf in hub['log_scalars'].items():
         assert (rec['hub']['log_scalars'][key]._log_history ==
                 buf._log_history).all(), key
@@ -111,10 +112,10 @@ def test_plain_round_trip_keeps_values():
     buf.update(2.5, count=2)
     state = {'log_scalars': {'loss': buf}, 'info': np.float64(3.0),
              'arr': np.arange(3)}
-    plain = to_plain(state)
+    plain = to_weights_only_data(state)
     assert isinstance(plain['info'], float)
     assert isinstance(plain['arr'], torch.Tensor)
-    back = from_plain(plain)['log_scalars']['loss']
+    back = restore_history_buffers(plain)['log_scalars']['loss']
     assert back.mean() == buf.mean() and back.current() == buf.current()
 
 
@@ -190,7 +191,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch, safe_io):
     from mmengine.fileio import get_file_backend
     from mmengine.runner.checkpoint import save_checkpoint
 
-    from kiv.engine.atomic_files import AtomicLocalBackend
+    from kiv.engine.safe_io import AtomicLocalBackend
     path = str(tmp_path / 'iter_1.pth')
     assert isinstance(get_file_backend(path), AtomicLocalBackend)
     save_checkpoint({'state_dict': {'w': torch.ones(3)}}, path)

@@ -1,5 +1,5 @@
-"""Issue 10 item 6: importing kiv changes nothing global; safe I/O is one
-explicit, reversible switch, and kiv's tools turn it on.
+"""Importing kiv changes nothing global; safe I/O is one explicit,
+reversible switch, and kiv's tools turn it on.
 """
 import json
 import os
@@ -18,7 +18,7 @@ from mmengine.runner import checkpoint as mm_checkpoint
 
 import kiv
 from kiv.engine import safe_io
-from kiv.engine.atomic_files import AtomicLocalBackend
+from kiv.engine.safe_io import AtomicLocalBackend
 from kiv.utils.checkpoint import (SAFE_GLOBALS, UnsafeCheckpointError,
                                   load_from_local, load_url, safe_torch_load)
 
@@ -169,7 +169,7 @@ def test_url_checkpoints_are_loaded_weights_only(tmp_path, monkeypatch,
 
 
 def test_atomic_writes_keep_normal_file_permissions(tmp_path):
-    from kiv.engine.atomic_files import atomic_write_bytes
+    from kiv.utils.atomic import atomic_write_bytes
     path = tmp_path / 'ckpt.pth'
     atomic_write_bytes(b'data', path)
     umask = os.umask(0)

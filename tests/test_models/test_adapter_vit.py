@@ -565,8 +565,8 @@ def _position_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize('size', [(56, 56), (50, 70)])
 def test_pyramid_at_init_is_the_base_tokens_of_each_stage(case, size):
-    """Issue 8.3: at step 0 each level is the base's normed tokens of its
-    stage (resized), not the random spatial prior / up-sampler. ViT-Adapter's
+    """At step 0 each level is the base's normed tokens of its stage
+    (resized), not the random spatial prior / up-sampler. ViT-Adapter's
     formulation (adapter maps at full strength, random 2x2 transposed conv)
     fails the same check."""
     kind, path, _ = case
@@ -599,7 +599,7 @@ def _checkerboard_energy(level: torch.Tensor) -> float:
 
 
 def test_stride4_level_is_no_checkerboard(timm_ckpt):
-    """Issue 8.3, the demo's PCA picture: the untouched student's stride-4
+    """The demo's PCA picture: the untouched student's stride-4
     level is a smooth function of the image, with or without the pyramid
     gate open (``up`` starts as nearest up-sampling), while a random 2x2
     transposed conv puts a large share of it into a fixed 2x2 pattern."""
@@ -631,29 +631,6 @@ def test_up_starts_as_nearest_upsampling(timm_ckpt):
             adapter.up(c2), F.interpolate(c2, scale_factor=2,
                                           mode='nearest'),
             rtol=0, atol=0)
-
-
-def test_student_without_gates_loads_as_it_was_saved(timm_ckpt, tmp_path):
-    """A student saved before the pyramid gates existed (no
-    ``pyramid_gammas`` keys) loads with open gates: it computes what it
-    computed (the adapter maps at full strength)."""
-    torch.manual_seed(12)
-    old = _trained_like(build('timm', timm_ckpt[0]))
-    for gate in old.pyramid_gammas:
-        gate.data.fill_(1.0)
-    state = {k: v for k, v in old.state_dict().items()
-             if not k.startswith('pyramid_gammas.')}
-    path = str(tmp_path / 'old_student.pth')
-    torch.save(dict(state_dict=state), path)
-    new = build('timm', None, init_cfg=dict(type='Pretrained',
-                                            checkpoint=path))
-    new.init_weights()
-    old.eval()
-    new.eval()
-    x = torch.randn(1, 3, 50, 70)
-    with torch.no_grad():
-        for a, b in zip(old(x), new(x)):
-            assert torch.equal(a, b)
 
 
 # --------------------------------------------- toolbox loading conventions

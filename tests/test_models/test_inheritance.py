@@ -1,5 +1,5 @@
-"""Inheritance that works (issue 8): losses that learn scale, statistics that
-do not move, knowledge preserved from step 0, inherited heads that agree."""
+"""Inheritance that works: losses that learn scale, statistics that do not
+move, knowledge preserved from step 0, inherited heads that agree."""
 import copy
 import os.path as osp
 
@@ -275,7 +275,7 @@ def test_tiny_distillation_inherits_a_working_classifier(distill_workdir):
     prediction sits near the teacher's mean.
 
     Measured on 2 CPU cores (200 iterations, batch 16, 56 px, 48 held-out
-    images): see the printed line; the closing note of issue 16 gives it.
+    images): see the printed line.
     """
     from kiv.testing.tiny_classifier import make_colour_images
     path, train_dir = _head_teacher_file(distill_workdir)

@@ -1,5 +1,5 @@
 """The real-scale recipe's teachers, loaded from files in the official
-layouts (issue 8, item 7).
+layouts.
 
 For each teacher of
 ``configs/distill/kiv_adapter-vit-b14-reg4_dinov2-clip-sam-maskrcnn_8xb64-100k_in1k.py``
@@ -257,8 +257,10 @@ def test_clip_teacher_keeps_the_openai_projection(clip):
     torch.testing.assert_close(out.summary, expected, rtol=0.05, atol=2e-3)
 
 
-def test_clip_file_does_not_fit_the_pre_fix_source(recipe, clip):
-    """Issue 8 item 6.1: the plain-GELU model without the 512-d head."""
+def test_clip_file_does_not_fit_plain_gelu_clip_without_head(recipe, clip):
+    """The OpenAI CLIP file does not load silently into timm's plain-GELU
+    CLIP without the 512-d head: its head entries are named as unexpected.
+    """
     with pytest.raises(TeacherCheckpointError,
                        match=r"unexpected keys \('head\.bias', "
                              r"'head\.weight'\)"):

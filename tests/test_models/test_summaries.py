@@ -1,4 +1,4 @@
-"""A summary per teacher (issue 16, item 1).
+"""A summary per teacher.
 
 One shared summary made every teacher's summary head read the vector that
 the knowledge base's preserved head pins to its CLS token. The student now

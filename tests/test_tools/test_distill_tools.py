@@ -1,4 +1,4 @@
-"""The issue's "done when", through the command-line tools: the tiny
+"""The whole workflow through the command-line tools: the tiny
 distillation config trains on CPU and logs per-teacher losses and gradient
 shares; the exported student loads with weights_only=True."""
 import os.path as osp

@@ -3,12 +3,12 @@
 
 mmcv 2.1.0 (the newest release mmdet 3.3.0 / mmseg 1.2.2 accept) ships only
 as a source archive and does not build as shipped against torch 2.14 with
-NumPy 2. This script downloads the archive, applies three small patches, builds
+NumPy 2. This script downloads the archive, applies two small patches, builds
 the wheel without build isolation (so the ops compile against *this* torch),
 verifies that it really contains the compiled ops, and moves it atomically into
 the cache directory.
 
-Patches (see ../shared/DESIGN.md §3):
+Patches:
 
 * ``setup.py``: ``-std=c++17`` -> ``-std=c++20`` (torch >= 2.10 ATen requires
   C++20; the flag comes after ``CFLAGS`` so only editing ``setup.py`` helps).

@@ -39,8 +39,8 @@ from mmengine.model import is_model_wrapper
 from torch import Tensor
 
 from kiv.registry import HOOKS
-from .format import (STATISTICS_FILE, TeacherCacheError, load_statistics,
-                     read_index, to_plain)
+from .format import (STATISTICS_FILE, TeacherCacheError, config_to_json,
+                     load_statistics, read_index)
 from .views import split_pipeline
 from .writer import dataset_fingerprint, teacher_fingerprint
 
@@ -122,9 +122,9 @@ def dataset_differences(index: Mapping, dataset: Mapping) -> list[str]:
     except TeacherCacheError as err:
         diffs.append(f'the train pipeline cannot be replayed: {err}')
     else:
-        if to_plain(loader) != index['loader']:
-            diffs.append(f'the image loader {to_plain(loader)} differs from '
-                         f'the cached {index["loader"]}')
+        if config_to_json(loader) != index['loader']:
+            diffs.append(f'the image loader {config_to_json(loader)} '
+                         f'differs from the cached {index["loader"]}')
         if view != index['view']:
             diffs.append(f'the train pipeline gives views {view}, the cache '
                          f'has {index["view"]}')

@@ -10,9 +10,10 @@ A cache directory holds::
     statistics.safetensors      exact standardiser sums of all the targets
                                 (written last: the cache is complete)
 
-Every file is written to a temporary file in the same directory, flushed to
-disk and renamed over its final name (``os.replace``), so a reader (or a
-resumed writer) sees either no file or the complete one.
+Every file is written with :func:`kiv.utils.atomic.atomic_path` (a
+temporary file in the same directory, flushed to disk and renamed over its
+final name), so a reader (or a resumed writer) sees either no file or the
+complete one.
 
 Shard tensors (``N`` = cached views in the shard, ``K`` per readable image,
 rows ordered by image then view):
@@ -46,23 +47,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import os.path as osp
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Iterator
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 from torch import Tensor
+
+from kiv.utils.atomic import atomic_path, atomic_write_bytes
 
 __all__ = [
     'CACHE_FORMAT', 'CACHE_VERSION', 'INDEX_FILE', 'IMAGES_FILE',
     'STATISTICS_FILE', 'STORAGE_DTYPES', 'TeacherCacheError', 'ImageList',
     'shard_name', 'shard_stats_name', 'output_keys', 'fingerprint',
-    'to_plain', 'read_index', 'write_json_atomic', 'write_safetensors_atomic',
-    'read_image_list', 'write_image_list', 'save_statistics',
-    'load_statistics', 'open_shard', 'shard_metadata'
+    'config_to_json', 'read_index', 'write_json_atomic',
+    'write_safetensors_atomic', 'read_image_list', 'write_image_list',
+    'save_statistics', 'load_statistics', 'open_shard', 'shard_metadata'
 ]
 
 CACHE_FORMAT = 'kiv-teacher-cache'
@@ -82,18 +85,6 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 class TeacherCacheError(ValueError):
     """A teacher-feature cache is missing, incomplete, corrupt or does not
     match the config that wants to use (or extend) it."""
-
-
-def _safetensors():
-    """Import :mod:`safetensors` with an actionable error."""
-    try:
-        import safetensors
-        import safetensors.torch  # noqa: F401
-    except ImportError as err:  # pragma: no cover - a dependency of timm
-        raise ImportError(
-            'the teacher-feature cache stores tensors with safetensors, '
-            'which is not installed: pip install safetensors') from err
-    return safetensors
 
 
 def shard_name(index: int) -> str:
@@ -123,13 +114,13 @@ def output_keys(teacher: str, has_summary: bool,
     return keys + [f'{teacher}.features.{i}' for i in range(num_levels)]
 
 
-def to_plain(obj: Any) -> Any:
+def config_to_json(obj: Any) -> Any:
     """A json-able copy of a config value (ConfigDict -> dict, tuple ->
     list; other objects by ``repr``)."""
     if isinstance(obj, Mapping):
-        return {str(k): to_plain(v) for k, v in obj.items()}
+        return {str(k): config_to_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
+        return [config_to_json(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return repr(obj)
@@ -139,67 +130,20 @@ def fingerprint(obj: Any) -> str:
     """sha256 (hex, first 16 characters) of the canonical json of ``obj``.
 
     Args:
-        obj: a config value (see :func:`to_plain`).
+        obj: a config value (see :func:`config_to_json`).
 
     Returns:
         str: 16 hex digits, equal for equal configs.
     """
-    text = json.dumps(to_plain(obj), sort_keys=True, separators=(',', ':'))
+    text = json.dumps(config_to_json(obj), sort_keys=True,
+                      separators=(',', ':'))
     return hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without dir fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_path(path: str) -> tuple[int, str]:
-    directory = osp.dirname(osp.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    return tempfile.mkstemp(dir=directory, prefix=f'.{osp.basename(path)}.',
-                            suffix='.part')
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _commit(tmp: str, path: str) -> None:
-    # mkstemp creates 0600 files: give the final file the usual permissions
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-    _fsync_dir(osp.dirname(osp.abspath(path)))
-
-
-def write_bytes_atomic(data: bytes, path: str) -> None:
-    """Write ``data`` to ``path`` through a temporary file + rename."""
-    fd, tmp = _atomic_path(path)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_json_atomic(obj: Any, path: str) -> None:
     """Write ``obj`` as indented json to ``path`` atomically."""
     text = json.dumps(obj, indent=1, sort_keys=False) + '\n'
-    write_bytes_atomic(text.encode('utf-8'), path)
+    atomic_write_bytes(text.encode('utf-8'), path)
 
 
 def write_safetensors_atomic(tensors: Mapping[str, Tensor], path: str,
@@ -214,21 +158,11 @@ def write_safetensors_atomic(tensors: Mapping[str, Tensor], path: str,
     Returns:
         int: the file size in bytes.
     """
-    st = _safetensors()
-    fd, tmp = _atomic_path(path)
-    os.close(fd)
-    try:
-        st.torch.save_file(
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             tmp, metadata=dict(metadata))
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
         size = osp.getsize(tmp)
-        _commit(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
     return size
 
 
@@ -244,11 +178,10 @@ def open_shard(path: str):
     Raises:
         TeacherCacheError: the file is missing or not a safetensors file.
     """
-    st = _safetensors()
     if not osp.isfile(path):
         raise TeacherCacheError(f'teacher cache file not found: {path}')
     try:
-        return st.safe_open(path, framework='pt', device='cpu')
+        return safetensors.safe_open(path, framework='pt', device='cpu')
     except Exception as err:  # safetensors raises its own error types
         raise TeacherCacheError(
             f'teacher cache file {path} is not a readable safetensors file '
@@ -364,7 +297,7 @@ def write_image_list(paths: Sequence[str], path: str) -> None:
     if bad:
         raise TeacherCacheError(f'image paths with line breaks cannot be '
                                 f'cached: {bad[:3]!r}')
-    write_bytes_atomic('\n'.join(paths).encode('utf-8'), path)
+    atomic_write_bytes('\n'.join(paths).encode('utf-8'), path)
 
 
 def read_image_list(path: str, count: int | None = None) -> ImageList:

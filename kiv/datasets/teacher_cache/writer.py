@@ -41,10 +41,11 @@ from kiv.version import __version__
 from ..transforms import UnreadableImageError
 from .format import (CACHE_FORMAT, CACHE_VERSION, IMAGES_FILE, INDEX_FILE,
                      STATISTICS_FILE, STORAGE_DTYPES, ImageList,
-                     TeacherCacheError, fingerprint, open_shard, output_keys,
-                     read_index, save_statistics, shard_metadata, shard_name,
-                     shard_stats_name, to_plain, write_image_list,
-                     write_json_atomic, write_safetensors_atomic)
+                     TeacherCacheError, config_to_json, fingerprint,
+                     open_shard, output_keys, read_index, save_statistics,
+                     shard_metadata, shard_name, shard_stats_name,
+                     write_image_list, write_json_atomic,
+                     write_safetensors_atomic)
 from .views import split_pipeline, view_rng
 
 __all__ = ['TeacherCacheWriter', 'format_bytes', 'dataset_fingerprint',
@@ -345,7 +346,7 @@ class TeacherCacheWriter:
         teacher_cfgs = self.cfg.model.teachers
         for name, entry in teachers.items():
             entry['fingerprint'] = teacher_fingerprint(teacher_cfgs[name])
-            entry['config'] = to_plain(teacher_cfgs[name])
+            entry['config'] = config_to_json(teacher_cfgs[name])
 
         per_view = self._bytes_per_view(teachers)
         shard_size = self._shard_size(per_view, len(paths))
@@ -354,7 +355,7 @@ class TeacherCacheWriter:
         identity = dict(
             format=CACHE_FORMAT, version=CACHE_VERSION,
             teachers={n: e['fingerprint'] for n, e in teachers.items()},
-            view=view, loader=to_plain(loader), views=self.views,
+            view=view, loader=config_to_json(loader), views=self.views,
             seed=self.seed, dtype=self.dtype, images=images_sha,
             shard_size=shard_size, standardize=latent.standardize,
             statistic_keys=list(stat_sizes))
@@ -372,12 +373,13 @@ class TeacherCacheWriter:
             dtype=self.dtype,
             shard_size=shard_size,
             num_shards=math.ceil(len(paths) / shard_size),
-            loader=to_plain(loader),
+            loader=config_to_json(loader),
             view=view,
-            pack=to_plain(pack),
+            pack=config_to_json(pack),
             dataset=dict(fingerprint=dataset_fingerprint(ds_cfg),
-                         config=to_plain({k: v for k, v in ds_cfg.items()
-                                          if k != 'pipeline'})),
+                         config=config_to_json({
+                             k: v for k, v in ds_cfg.items()
+                             if k != 'pipeline'})),
             images=dict(root=root, count=len(paths), file=IMAGES_FILE,
                         sha256=images_sha),
             teachers=teachers,

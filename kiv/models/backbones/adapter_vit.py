@@ -19,7 +19,6 @@ One class serves the distiller (:meth:`AdapterViT.forward_features`) and, by
 """
 from __future__ import annotations
 
-import logging
 import math
 from functools import cached_property
 from typing import NamedTuple, Sequence
@@ -29,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from mmcv.ops import MultiScaleDeformableAttention
-from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import (constant_init, normal_init,
                                         trunc_normal_init)
@@ -461,31 +459,6 @@ class AdapterViT(BaseModule):
         index = torch.arange(weight.shape[0])
         weight[index, index] = 1.0
         self.up.bias.zero_()
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str,
-                              local_metadata: dict, strict: bool,
-                              missing_keys: list, unexpected_keys: list,
-                              error_msgs: list) -> None:
-        """Load students saved before the pyramid gates existed as they were.
-
-        Such a state dict (it has ``up.weight`` but no ``pyramid_gammas``)
-        added the adapter maps at full strength: its gates are set to 1, so
-        the loaded student computes exactly what it computed when it was
-        saved.
-        """
-        gates = [f'{prefix}pyramid_gammas.{i}' for i in range(4)]
-        if self.add_vit_feature and f'{prefix}up.weight' in state_dict \
-                and not any(k in state_dict for k in gates):
-            state_dict.update(
-                {k: torch.ones_like(g) for k, g in zip(gates,
-                                                       self.pyramid_gammas)})
-            print_log(
-                'AdapterViT: the checkpoint has no pyramid gates (saved '
-                'before they existed); loading them as 1, which is what that '
-                'student computed', logger='current', level=logging.WARNING)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata,
-                                      strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     @property
     def out_channels(self) -> tuple[int, ...]:

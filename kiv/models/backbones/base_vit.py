@@ -22,8 +22,8 @@ Implementations:
 - :class:`MMPretrainBaseViT`: ``mmpretrain.models.backbones.VisionTransformer``
   loaded from an mmpretrain backbone or classifier checkpoint.
 
-Weights are read with :func:`kiv.utils.checkpoint.safe_torch_load`
-(``weights_only=True``) and loaded strictly at construction, so a wrapper is
+Weights are read and loaded like the teachers' (:mod:`kiv.utils.state_dict`:
+``weights_only=True``, strictly) at construction, so a wrapper is
 complete as soon as it exists. Wrappers are plain ``nn.Module`` s without
 ``init_weights``: mmengine's recursive ``init_weights`` never reaches (and so
 never re-initialises) the pretrained base.
@@ -43,69 +43,19 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import Tensor
 
-from kiv.utils.checkpoint import safe_torch_load
 from kiv.models.teachers.timm_source import load_timm_checkpoint
 from kiv.registry import MODELS
+from kiv.utils.state_dict import (load_state_dict_checked, read_state_dict,
+                                  select_part)
 
 __all__ = [
     'BaseViT', 'TimmBaseViT', 'MMPretrainBaseViT', 'build_base_vit',
-    'load_state_dict_strict', 'check_outputs', 'check_images',
-    'pad_to_patch_multiple', 'pyramid_sizes', 'crop_to',
-    'pretrained_to_init_cfg', 'STRIDES'
+    'check_outputs', 'check_images', 'pad_to_patch_multiple',
+    'pyramid_sizes', 'crop_to', 'pretrained_to_init_cfg', 'STRIDES'
 ]
 
-#: How many key names an error message lists.
-_SHOWN_KEYS = 5
 #: Stateless stand-in for a missing final norm.
 _IDENTITY = nn.Identity()
-
-
-def _unwrap_state_dict(checkpoint: Any, filename: str) -> dict[str, Tensor]:
-    """Return the state dict inside a checkpoint (``state_dict``/``model``)."""
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f'{filename}: expected a checkpoint dict, got '
-                         f'{type(checkpoint).__name__}')
-    for key in ('state_dict', 'model'):
-        if isinstance(checkpoint.get(key), Mapping):
-            return dict(checkpoint[key])
-    return dict(checkpoint)
-
-
-def _first(keys: Sequence[str]) -> str:
-    shown = ', '.join(keys[:_SHOWN_KEYS])
-    more = f' ... ({len(keys)} in total)' if len(keys) > _SHOWN_KEYS else ''
-    return f'[{shown}{more}]'
-
-
-def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, Tensor],
-                           filename: str, what: str) -> None:
-    """Load ``state_dict`` into ``module`` strictly, with a readable error.
-
-    Args:
-        module (nn.Module): the model to fill.
-        state_dict (Mapping[str, Tensor]): its weights.
-        filename (str): the checkpoint path, named in errors.
-        what (str): a short description of ``module`` for errors.
-
-    Raises:
-        ValueError: if keys are missing or unexpected, or a shape differs;
-            the message names the file and the first offending keys.
-    """
-    try:
-        result = module.load_state_dict(state_dict, strict=False)
-    except RuntimeError as err:  # size mismatches are raised even if lax
-        detail = str(err).strip().splitlines()
-        detail = ' '.join(line.strip() for line in detail[1:1 + _SHOWN_KEYS])
-        raise ValueError(f'{filename}: weights do not fit {what}: '
-                         f'{detail}') from None
-    problems = []
-    if result.missing_keys:
-        problems.append(f'missing keys {_first(result.missing_keys)}')
-    if result.unexpected_keys:
-        problems.append(f'unexpected keys {_first(result.unexpected_keys)}')
-    if problems:
-        raise ValueError(f'{filename}: checkpoint does not match {what}: ' +
-                         '; '.join(problems))
 
 
 class BaseViT(nn.Module, metaclass=ABCMeta):
@@ -343,15 +293,9 @@ class MMPretrainBaseViT(BaseViT):
         Args:
             filename (str): local checkpoint path.
         """
-        state_dict = _unwrap_state_dict(
-            safe_torch_load(filename, map_location='cpu'), filename)
-        if any(k.startswith('backbone.') for k in state_dict):
-            state_dict = {
-                k[len('backbone.'):]: v
-                for k, v in state_dict.items() if k.startswith('backbone.')
-            }
-        load_state_dict_strict(self.model, state_dict, filename,
-                               'the mmpretrain VisionTransformer')
+        state_dict = select_part(read_state_dict(filename), 'backbone.')
+        load_state_dict_checked(self.model, state_dict, filename,
+                                'the mmpretrain VisionTransformer')
 
     def embed(self, x: Tensor) -> Tensor:
         m = self.model

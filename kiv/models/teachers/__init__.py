@@ -9,8 +9,7 @@ from .recorder import (ModuleOutputsRecorder, flatten_tensors, to_feature_map,
 from .teacher import Teacher, build_teacher_model
 from .timm_source import build_timm_teacher, timm_checkpoint_filter
 from .torchvision_source import build_torchvision_teacher
-from .weights import (TeacherCheckpointError, load_state_dict_checked,
-                      load_teacher_checkpoint, read_state_dict)
+from .weights import TeacherCheckpointError, load_teacher_checkpoint
 
 __all__ = [
     'Teacher', 'build_teacher_model', 'ModuleOutputsRecorder',
@@ -18,7 +17,7 @@ __all__ = [
     'HFVisionModel', 'build_mm_teacher', 'build_timm_teacher',
     'build_hf_teacher', 'build_torchvision_teacher', 'build_module_teacher',
     'import_factory', 'timm_checkpoint_filter', 'TeacherCheckpointError',
-    'read_state_dict', 'load_state_dict_checked', 'load_teacher_checkpoint'
+    'load_teacher_checkpoint'
 ]
 from .cached_teacher import CachedTeacher  # noqa: E402
 

@@ -11,7 +11,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from kiv.registry import TEACHER_SOURCES
-from .weights import TeacherCheckpointError, first_keys
+from kiv.utils.state_dict import first_keys
+from .weights import TeacherCheckpointError
 
 
 def _hf_prefix_tokens(model: nn.Module) -> int | None:

@@ -12,7 +12,8 @@ from mmengine.registry import DefaultScope
 from torch import Tensor, nn
 
 from kiv.registry import TEACHER_SOURCES
-from .weights import StateDict, load_teacher_checkpoint
+from kiv.utils.state_dict import StateDict, select_part, select_prefix
+from .weights import load_teacher_checkpoint
 
 #: ``part`` option -> the submodules it keeps.
 PARTS = ('whole', 'backbone', 'backbone+neck')
@@ -94,12 +95,8 @@ def _select_part(part: str) -> Callable[[StateDict], StateDict]:
         if part == 'whole':
             return state_dict
         if part == 'backbone':
-            if not any(k.startswith('backbone.') for k in state_dict):
-                return state_dict
-            return {k[len('backbone.'):]: v for k, v in state_dict.items()
-                    if k.startswith('backbone.')}
-        return {k: v for k, v in state_dict.items()
-                if k.startswith(('backbone.', 'neck.'))}
+            return select_part(state_dict, 'backbone.')
+        return select_prefix(state_dict, ('backbone.', 'neck.'), strip=False)
 
     return select
 

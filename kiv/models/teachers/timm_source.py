@@ -42,7 +42,8 @@ from mmengine.logging import print_log
 from torch import Tensor, nn
 
 from kiv.registry import TEACHER_SOURCES
-from .weights import StateDict, convert_checked, load_teacher_checkpoint
+from kiv.utils.state_dict import StateDict
+from .weights import convert_checked, load_teacher_checkpoint
 
 #: Relative position tables ``(2 * size - 1, head_dim)`` of SAM / ViTDet /
 #: MViT-style attention (timm ``vision_transformer_sam``).
