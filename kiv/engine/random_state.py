@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -26,7 +27,8 @@ import torch
 from mmengine.dist import get_world_size
 from mmengine.logging import print_log
 
-__all__ = ['get_random_state', 'set_random_state', 'ResumeRandomState']
+__all__ = ['get_random_state', 'set_random_state', 'preserved_random_state',
+           'ResumeRandomState']
 
 #: checkpoint key of the saved states (one per rank)
 CHECKPOINT_KEY = 'random_state'
@@ -109,6 +111,25 @@ class _RestoreBeforeBatch:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+@contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Run a block without changing the process's global random states.
+
+    Python ``random``, NumPy's global state, the torch CPU generator and the
+    CUDA generators (if CUDA is initialised) are restored on exit, whatever
+    the block drew from them (e.g. random data augmentation, a
+    ``DataLoader`` iterator's base seed).
+
+    Yields:
+        None
+    """
+    state = get_random_state()
+    try:
+        yield
+    finally:
+        set_random_state(state)
 
 
 class ResumeRandomState:

@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import itertools
-import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook
@@ -18,53 +14,7 @@ from torch.utils.data import DataLoader
 
 from kiv.models.necks.shared_latent_space import all_reduce_sums
 from kiv.registry import HOOKS
-
-
-def _global_random_state() -> dict[str, Any]:
-    """The process's global random states.
-
-    Returns:
-        dict: Python ``random``'s state, NumPy's global ``RandomState``, the
-        torch CPU generator's state and, when CUDA is initialised, every CUDA
-        device's generator state.
-    """
-    state = dict(python=random.getstate(), numpy=np.random.get_state(),
-                 torch=torch.get_rng_state())
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_global_random_state(state: dict[str, Any]) -> None:
-    """Put back states taken by :func:`_global_random_state`.
-
-    Args:
-        state (dict): the states to restore.
-    """
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state:
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-@contextmanager
-def preserved_random_state() -> Iterator[None]:
-    """Run a block without changing the process's global random states.
-
-    Python ``random``, NumPy's global state, the torch CPU generator and the
-    CUDA generators (if CUDA is initialised) are restored on exit, whatever
-    the block drew from them (e.g. random data augmentation, a
-    ``DataLoader`` iterator's base seed).
-
-    Yields:
-        None
-    """
-    state = _global_random_state()
-    try:
-        yield
-    finally:
-        _set_global_random_state(state)
+from ..random_state import preserved_random_state
 
 
 @HOOKS.register_module()
