@@ -14,8 +14,9 @@ so it can be tested (and reused) on any callables:
   :class:`torch.utils.flop_counter.FlopCounterMode` (matrix products,
   convolutions, attention; forward and backward; elementwise ops, norms,
   gathers are not counted);
-- :func:`rss_bytes` / :func:`peak_rss_bytes`: process memory for the
-  memory workers (one fresh process per case: ``ru_maxrss`` only grows);
+- :func:`rss_bytes` / :func:`peak_rss_bytes` / :func:`reset_peak_rss`:
+  process memory for the memory workers (one fresh process per case, its
+  peak restarted after the imports);
 - :func:`format_table`, :func:`format_ratios`: the markdown tables.
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ import torch
 __all__ = [
     'BenchCase', 'CaseResult', 'RatioSpec', 'RatioResult', 'synchronize',
     'count_flops', 'measure_interleaved', 'compute_ratio', 'rss_bytes',
-    'peak_rss_bytes', 'format_table', 'format_ratios', 'CLOCKS'
+    'peak_rss_bytes', 'reset_peak_rss', 'format_table', 'format_ratios',
+    'CLOCKS'
 ]
 
 #: ``--clock`` choices: wall time (throughput) or process CPU time (robust
@@ -381,10 +383,39 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process in bytes (``ru_maxrss``:
-    KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process in bytes.
+
+    Returns:
+        int: ``VmHWM`` of ``/proc/self/status`` on Linux (this process's
+        own peak: ``ru_maxrss`` also counts the peak of the process that
+        started it, e.g. a large parent through ``subprocess``), else
+        ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == 'darwin' else int(peak) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart :func:`peak_rss_bytes` at the current resident set size
+    (Linux: ``5`` written to ``/proc/self/clear_refs``), so a later peak is
+    not one of an earlier phase (imports, set-up).
+
+    Returns:
+        bool: whether the peak was reset.
+    """
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        return False
+    return True
 
 
 def _num(value: Optional[float], fmt: str) -> str:

@@ -1,26 +1,31 @@
 """tools/analysis/benchmark.py and its helpers (kiv.utils.benchmark).
 
-The tool runs at ``--arch tiny`` in CI: its numbers are printed, not
-asserted; the table structure, the JSON and that every ratio is finite are.
-(``test_benchmark_options.py`` is about ``tools/test.py``'s options.)
+The tool runs on the tiny distillation config in CI: its numbers are
+printed, not asserted; the table structure, the JSON, that every case is
+built from the config and that every ratio is finite and positive are.
+(``test_test_tool_options.py`` is about ``tools/test.py``'s options.)
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import os
 import os.path as osp
 import re
+import shutil
 import sys
 
 import pytest
 import torch
+from mmengine.config import Config
 
 from kiv.utils.benchmark import (BenchCase, CaseResult, RatioSpec,
                                  compute_ratio, count_flops, format_ratios,
-                                 format_table, measure_interleaved)
+                                 format_table, measure_interleaved,
+                                 peak_rss_bytes, reset_peak_rss)
 
-from conftest import REPO, run_tool
+from conftest import REPO, TINY_DISTILL_CFG, run_tool
 
 CASES = ['timm_fwd', 'timm_train', 'adapter_fwd', 'adapter_train',
          'teachers_fwd', 'distill_online', 'distill_cached', 'cache_write']
@@ -31,35 +36,44 @@ RATIOS = ['adapter fwd / timm fwd',
           'cache writing / teachers fwd']
 
 
-def _has_cache_api() -> bool:
-    return importlib.util.find_spec('kiv.datasets.teacher_cache') is not None
+@pytest.fixture(scope='module')
+def tiny_teachers(tmp_path_factory) -> str:
+    """A directory holding the tiny config's teachers (data/tiny_teachers),
+    the tool's cwd."""
+    from kiv.testing.tiny_teachers import create_tiny_teachers
+    root = str(tmp_path_factory.mktemp('benchmark'))
+    create_tiny_teachers(osp.join(root, 'data', 'tiny_teachers'))
+    return root
 
 
-def test_benchmark_tiny_all_cases(tmp_path):
-    """Every case and ratio at --arch tiny: table, JSON, finite numbers."""
+def test_benchmark_tiny_config_all_cases(tiny_teachers, tmp_path):
+    """Every case and ratio of the tiny config: table, JSON, finite
+    numbers."""
     out = tmp_path / 'bench.json'
-    proc = run_tool(['analysis/benchmark.py', '--arch', 'tiny', '--iters',
-                     '1', '--warmup', '1', '--repeats', '2', '--memory',
-                     'none', '--quiet', '--out', str(out)], str(tmp_path))
+    proc = run_tool(['analysis/benchmark.py', '--config', TINY_DISTILL_CFG,
+                     '--iters', '1', '--warmup', '1', '--repeats', '2',
+                     '--memory', 'none', '--quiet', '--out', str(out)],
+                    tiny_teachers)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)  # the numbers, for the log
     report = json.loads(out.read_text())
 
-    assert report['meta']['arch'] == 'tiny'
-    assert report['meta']['batch_size'] == 2
-    assert report['meta']['img_size'] == 56
+    # sizes from the config: its batch size and its pipeline's 56 px
+    meta = report['meta']
+    assert meta['config'] == TINY_DISTILL_CFG
+    assert meta['batch_size'] == 4 and meta['input_size'] == [56, 56]
+    assert meta['random_weights'] == []
     cases = {c['name']: c for c in report['cases']}
     assert list(cases) == CASES
-    cached = ['distill_cached', 'cache_write']
     for name, case in cases.items():
-        if name in cached and not _has_cache_api():
-            assert case['unavailable']
-            continue
         assert case['unavailable'] is None, (name, case['unavailable'])
         assert len(case['seconds_per_call']) == 2
         assert math.isfinite(case['img_per_s']) and case['img_per_s'] > 0
         assert case['gflop_per_image'] > 0
         assert math.isfinite(case['achieved_gflop_per_s'])
+    # the config's teachers, in its order
+    assert cases['teachers_fwd']['label'] == \
+        'teachers forward (dinov2, clip, detector)'
     # a cached step holds no teacher: its FLOPs are the student step's
     assert cases['distill_online']['gflop_per_image'] > \
         cases['distill_cached']['gflop_per_image']
@@ -67,18 +81,17 @@ def test_benchmark_tiny_all_cases(tmp_path):
     ratios = {r['name']: r for r in report['ratios']}
     assert list(ratios) == RATIOS
     for name, ratio in ratios.items():
-        if ratio['unavailable']:
-            assert not _has_cache_api()
-            continue
+        assert ratio['unavailable'] is None, (name, ratio['unavailable'])
         assert len(ratio['per_repeat']) == 2
         assert all(math.isfinite(v) and v > 0 for v in ratio['per_repeat'])
         assert ratio['min'] <= ratio['median'] <= ratio['max']
-        assert math.isfinite(ratio['flop_ratio'])
+        assert math.isfinite(ratio['flop_ratio']) and ratio['flop_ratio'] > 0
 
     # the printed tables: header, one row per case / ratio
     lines = proc.stdout.splitlines()
-    assert any(line.startswith('kiv benchmark: --arch tiny, batch 2, 56 px')
-               for line in lines)
+    assert lines[0].startswith(
+        'kiv benchmark: kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images'
+        '.py, batch 4, 56x56 px, cpu'), lines[0]
     head = lines.index('| case | what | img/s | min-max | ms/img | '
                        'GFLOP/img | GFLOP/s | peak MB |')
     rows = [line.split('|')[1].strip() for line in lines[head + 2:
@@ -88,24 +101,52 @@ def test_benchmark_tiny_all_cases(tmp_path):
             if line.startswith('| ratio (time per image)')][0]
     for line, name in zip(lines[head + 2:head + 7], RATIOS):
         assert line.startswith(f'| {name} | ')
-        if _has_cache_api():
-            assert re.match(r'\| .+ \| \d+\.\d{3} \| \d+\.\d{3}-\d+\.\d{3} '
-                            r'\| \d+\.\d{3} \| ', line), line
+        assert re.match(r'\| .+ \| \d+\.\d{3} \| \d+\.\d{3}-\d+\.\d{3} '
+                        r'\| \d+\.\d{3} \| ', line), line
 
 
-def test_benchmark_memory_per_case(tmp_path):
-    """--memory rss: each case in a fresh process; a positive peak."""
-    out = tmp_path / 'mem.json'
-    proc = run_tool(['analysis/benchmark.py', '--arch', 'tiny', '--cases',
+def test_benchmark_random_weights_and_memory(tiny_teachers, tmp_path):
+    """A cached config is benchmarked as its online config;
+    --random-weights stands in for missing weights files (one file per
+    original: the student base and the base teacher share theirs);
+    --cfg-options applies first; --memory rss: each case in a fresh
+    process, a positive peak."""
+    cwd = tmp_path / 'cwd'
+    teachers = cwd / 'data' / 'tiny_teachers'
+    teachers.mkdir(parents=True)
+    for name in os.listdir(osp.join(tiny_teachers, 'data', 'tiny_teachers')):
+        if not name.endswith('.pth'):  # the detector's mmdet config only
+            shutil.copy(osp.join(tiny_teachers, 'data', 'tiny_teachers',
+                                 name), teachers)
+    out, work = tmp_path / 'mem.json', tmp_path / 'work'
+    cached = TINY_DISTILL_CFG.replace('.py', '_cached.py')
+    proc = run_tool(['analysis/benchmark.py', '--config', cached,
+                     '--random-weights', '--batch-size', '2', '--cases',
                      'timm_train', '--iters', '1', '--warmup', '0',
                      '--repeats', '1', '--no-flops', '--memory', 'rss',
-                     '--out', str(out)], str(tmp_path))
+                     '--work-dir', str(work), '--cfg-options',
+                     'model.student.conv_inplane=8', '--out', str(out)],
+                    str(cwd))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    case, = json.loads(out.read_text())['cases']
+    report = json.loads(out.read_text())
+    assert report['meta']['random_weights'] == [
+        'student base', 'teacher dinov2', 'teacher clip', 'teacher detector']
+    assert report['meta']['batch_size'] == 2
+    assert 'random weights: student base, teacher dinov2' in proc.stdout
+    case, = report['cases']
     assert case['name'] == 'timm_train' and case['peak_memory_mb'] > 0
     assert case['gflop_per_image'] is None
-    ratio = json.loads(out.read_text())['ratios'][0]
-    assert 'adapter_fwd: not measured' in ratio['unavailable']
+    assert 'adapter_fwd: not measured' in report['ratios'][0]['unavailable']
+    # the prepared config: online, --cfg-options applied, weights in the
+    # work dir, the base teacher's file is the student base's
+    cfg = Config.fromfile(str(work / 'config.json'))
+    assert 'teacher_cache' not in cfg and 'teacher_cache' not in cfg.model
+    assert cfg.train_dataloader.dataset.type == 'kiv.UnlabeledImageDataset'
+    assert cfg.model.student.conv_inplane == 8
+    base = cfg.model.student.base.checkpoint
+    assert base.startswith(str(work / 'weights'))
+    assert cfg.model.teachers.dinov2.source.checkpoint == base
+    assert cfg.model.grad_share_interval == 0
 
 
 def _tool():
@@ -119,24 +160,33 @@ def _tool():
     return module
 
 
-def test_benchmark_options(capsys):
+def test_benchmark_options(capsys, tmp_path, monkeypatch):
     tool = _tool()
-    args = tool.parse_args(['--arch', 'small', '--cases',
+    args = tool.parse_args(['--config', TINY_DISTILL_CFG, '--cases',
                             'adapter_fwd, timm_fwd', '--device', 'cpu'])
-    assert (args.batch_size, args.img_size) == (4, 224)
+    assert args.batch_size is None  # the config's
     assert args.cases == ['adapter_fwd', 'timm_fwd'] and args.memory == 'rss'
     for argv, message in (
+            ([], '--config'),
             (['--cases', 'timm_fwd,nope'], "unknown cases ['nope']"),
             (['--memory', 'cuda', '--device', 'cpu'], '--memory cuda needs'),
             (['--iters', '0'], '--iters must be >= 1')):
+        if argv:
+            argv = ['--config', TINY_DISTILL_CFG] + argv
         with pytest.raises(SystemExit) as exc:
             tool.parse_args(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
-    # the base arch is the real recipe's student
-    base = tool.ARCHS['base']
-    assert base.vit == 'vit_base_patch14_reg4_dinov2'
-    assert base.adapter['deform_num_heads'] == 12
-    assert base.adapter['deform_ratio'] == 0.5
+    # the config's weights files: the student base and every teacher
+    cfg = Config.fromfile(TINY_DISTILL_CFG)
+    assert [what for what, _ in tool.weight_files(cfg.model)] == [
+        'student base', 'teacher dinov2', 'teacher clip', 'teacher detector']
+    # missing (no data/tiny_teachers here): named, with the switch that
+    # replaces them
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match='pass --random-weights') as exc:
+        tool.Workspace(str(tmp_path / 'work')).prepare(args, print)
+    assert 'student base: data/tiny_teachers/dinov2_tiny.pth' in \
+        str(exc.value)
 
 
 # ---------------------------------------------------------------- helpers
@@ -198,3 +248,14 @@ def test_count_flops_linear_forward_and_backward():
     assert count_flops(lambda: layer(x)) == 2 * 3 * 8 * 4
     # backward: grad input and grad weight, each as large as the forward
     assert count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * 3 * 8 * 4
+
+
+def test_peak_rss_is_this_process_and_restarts():
+    """The memory workers' peak: this process's own (not the peak of the
+    process that started it), restartable after the imports."""
+    block = torch.ones(32 * 2**20 // 4)  # 32 MiB, written: resident
+    with_block = peak_rss_bytes()
+    del block
+    if not reset_peak_rss():
+        pytest.skip('no /proc/self/clear_refs here')
+    assert peak_rss_bytes() < with_block - 16 * 2**20

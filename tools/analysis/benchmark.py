@@ -1,37 +1,44 @@
 #!/usr/bin/env python
-"""Speed of the student, the distillation step and the teacher cache,
-measured side by side in one run on this machine.
+"""Speed of a distillation config's student, distillation step and teacher
+cache, measured side by side in one run on this machine.
 
 Examples::
 
-    # CI size, seconds
-    python tools/analysis/benchmark.py --arch tiny --memory none
-    # ViT-B/14-reg4 student, 2 ViT-B teachers, batch 4 at 224 px
-    python tools/analysis/benchmark.py --arch base --batch-size 4 \\
-        --iters 3 --repeats 3 --out work_dirs/benchmark/base.json
+    # CI size, seconds (tiny teachers: tools/misc/create_tiny_teachers.py)
+    python tools/analysis/benchmark.py --memory none --config \\
+        configs/distill/kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images.py
+    # the real recipe without its weight files, batch 4
+    python tools/analysis/benchmark.py --random-weights --batch-size 4 \\
+        --iters 3 --repeats 3 --config \\
+        configs/distill/kiv_adapter-vit-b14-reg4_dinov2-clip-sam-maskrcnn_8xb64-100k_in1k.py
 
-Cases (random weights; nothing is downloaded):
+Every case is built from ``--config`` (a ``kiv.KnowledgeInheritance``
+config, online or cached; ``--cfg-options`` first):
 
-(a) ``timm_fwd`` / ``timm_train``: the bare timm ViT of the student's base,
-    forward (no grad) and full train step (every weight, AdamW);
-(b) ``adapter_fwd`` / ``adapter_train``: ``kiv.AdapterViT`` (same base +
-    ViT-Adapter) ``forward_features``, and its train step with the base
-    frozen;
-(c) ``teachers_fwd``: the two teachers (DINOv2-like = the student's base,
-    CLIP-like ViT-B/16) on the batch; ``distill_online``: one
-    ``kiv.KnowledgeInheritance`` train step with those teachers online;
-(d) ``distill_cached``: the same step from the teacher-feature cache
-    (``kiv.CachedTeacher`` reading the targets from the data samples; no
-    teacher in memory);
-(e) ``cache_write``: ``kiv``'s cache writer over ``batch x iters`` images
-    (teachers + fp16 shards + exact statistics + index).
+(a) ``timm_fwd`` / ``timm_train``: the student's base ViT
+    (``model.student.base``) alone, forward (no grad) and full train step
+    (every weight);
+(b) ``adapter_fwd`` / ``adapter_train``: the student (``model.student``)
+    ``forward_features``, and its train step (base frozen);
+(c) ``teachers_fwd``: the teachers (``model.teachers``) on the batch;
+    ``distill_online``: one train step of ``model``;
+(d) ``distill_cached``: the same step from a teacher cache of the benchmark
+    images: the cached config (``use_teacher_cache``, as
+    ``tools/train.py``), ``kiv.CachedTeacher``, no teacher in memory;
+(e) ``cache_write``: the cache writer of ``tools/cache_teachers.py`` over
+    ``batch x iters`` images (teachers + fp16 shards + statistics + index).
 
-Every case runs ``--iters`` calls per repeat, the cases take turns,
+What the benchmark sets itself: the images (``batch x iters`` synthetic
+ones, through the config's train pipeline; data loading is not timed), the
+batch size (``--batch-size``, default the config's), the train steps'
+optimizer (``optim_wrapper.optimizer`` in fp32, no AMP, clipping or
+paramwise options), no gradient-share diagnostics, one cached view per
+image. ``--random-weights`` replaces every weights file the config names
+by random weights of the same architecture, loaded through the real code
+paths. Every case runs ``--iters`` calls per repeat, the cases take turns,
 ``--repeats`` times; the table gives the median img/s with its min-max,
-counted GFLOP per image (``FlopCounterMode``: matrix products,
-convolutions, attention) and achieved GFLOP/s, and the peak memory of the
-case measured in a fresh process (``--memory``). Data loading is not
-timed: each step gets an already collated batch. See docs/performance.md.
+counted GFLOP per image and achieved GFLOP/s, and the peak memory of the
+case measured in a fresh process (``--memory``). See docs/performance.md.
 """
 from __future__ import annotations
 
@@ -39,7 +46,9 @@ import argparse
 import contextlib
 import copy
 import datetime
+import hashlib
 import json
+import logging
 import os
 import os.path as osp
 import platform
@@ -47,9 +56,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import traceback
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 # mmengine 0.10 and mmcv import pkg_resources, which warns on every start.
@@ -57,67 +64,15 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
 
-import kiv  # noqa: E402,F401  (registers kiv.*)
+import kiv  # noqa: E402  (registers kiv.*)
 from kiv.utils.benchmark import (BenchCase, CaseResult,  # noqa: E402
                                  RatioSpec, compute_ratio, count_flops,
                                  format_ratios, format_table,
                                  measure_interleaved, peak_rss_bytes,
-                                 rss_bytes, synchronize)
-
-IMAGENET_NORM = dict(mean=[123.675, 116.28, 103.53],
-                     std=[58.395, 57.12, 57.375])
-CLIP_NORM = dict(mean=[122.771, 116.746, 104.094],
-                 std=[68.501, 66.632, 70.323])
-
-
-@dataclass(frozen=True)
-class Arch:
-    """A model size of the benchmark.
-
-    Attributes:
-        vit (str): timm name of the student's base (= the DINOv2-like
-            teacher).
-        clip (str): timm name of the CLIP-like teacher.
-        vit_kwargs (dict): ``timm.create_model`` overrides of both.
-        adapter (dict): ``kiv.AdapterViT`` adapter options.
-        hidden_dim (int): student-to-teacher head width.
-        img_size (int): default image size.
-        batch_size (int): default batch size.
-    """
-    vit: str
-    clip: str
-    vit_kwargs: dict = field(default_factory=dict)
-    adapter: dict = field(default_factory=dict)
-    hidden_dim: int = 1280
-    img_size: int = 224
-    batch_size: int = 4
-
-
-#: ``base`` is the real recipe's student (configs/distill/kiv_adapter-vit-
-#: b14-reg4_*.py: DINOv2 ViT-B/14-reg4, 12 deformable heads, deform_ratio
-#: 0.5) without gradient checkpointing and with BN instead of SyncBN.
-_VIT_ADAPTER = dict(interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
-                    conv_inplane=64, n_points=4, cffn_ratio=0.25,
-                    deform_ratio=0.5, with_global_token=True)
-ARCHS: dict[str, Arch] = {
-    'tiny': Arch(
-        'vit_small_patch14_reg4_dinov2', 'vit_base_patch16_clip_224',
-        vit_kwargs=dict(embed_dim=64, depth=4, num_heads=2),
-        adapter=dict(interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
-                     conv_inplane=16, deform_num_heads=2, n_points=2,
-                     cffn_ratio=0.25),
-        hidden_dim=64, img_size=56, batch_size=2),
-    'small': Arch(
-        'vit_small_patch14_reg4_dinov2', 'vit_base_patch16_clip_224',
-        vit_kwargs=dict(embed_dim=384, num_heads=6),
-        adapter=dict(_VIT_ADAPTER, deform_num_heads=6, drop_path_rate=0.1),
-        hidden_dim=1024),
-    'base': Arch(
-        'vit_base_patch14_reg4_dinov2', 'vit_base_patch16_clip_224',
-        adapter=dict(_VIT_ADAPTER, deform_num_heads=12, drop_path_rate=0.1),
-        hidden_dim=1280),
-}
+                                 reset_peak_rss, rss_bytes, synchronize)
 
 CASES = ('timm_fwd', 'timm_train', 'adapter_fwd', 'adapter_train',
          'teachers_fwd', 'distill_online', 'distill_cached', 'cache_write')
@@ -130,7 +85,7 @@ LABELS = {
     'timm_train': 'timm ViT train step (all weights)',
     'adapter_fwd': 'kiv.AdapterViT forward_features',
     'adapter_train': 'kiv.AdapterViT train step (base frozen)',
-    'teachers_fwd': 'teachers forward (2)',
+    'teachers_fwd': 'teachers forward',
     'distill_online': 'distillation step, teachers online',
     'distill_cached': 'distillation step from the teacher cache',
     'cache_write': 'cache writing (teachers + shards + statistics)',
@@ -153,16 +108,23 @@ RATIOS = (
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command line (``--memory-worker`` is internal)."""
     parser = argparse.ArgumentParser(
-        description='Side-by-side speed of timm ViT, kiv.AdapterViT, the '
-        'distillation step (online / from the cache) and cache writing',
+        description='Side-by-side speed of a distillation config: its '
+        "student's base ViT, the student, the distillation step (online / "
+        'from the cache) and cache writing',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--arch', choices=sorted(ARCHS), default='base',
-                        help='model size')
+    parser.add_argument('--config', required=True,
+                        help='a kiv distillation config (online or cached)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config settings, key=value (e.g. '
+        'model.student.with_cp=False)')
+    parser.add_argument('--random-weights', action='store_true',
+                        help='random weights of the same architectures for '
+                        'every weights file the config names (student base, '
+                        'teachers), written to the work dir')
     parser.add_argument('--batch-size', type=int,
-                        help='images per step (default: 2 tiny, 4 small/'
-                        'base)')
-    parser.add_argument('--img-size', type=int,
-                        help='image side (default: 56 tiny, 224 small/base)')
+                        help='images per step (default: the config\'s '
+                        'train_dataloader.batch_size)')
     parser.add_argument('--iters', type=int, default=3,
                         help='timed calls per case and repeat')
     parser.add_argument('--warmup', type=int, default=1,
@@ -188,23 +150,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument('--no-flops', action='store_true',
                         help='skip FLOP counting')
     parser.add_argument('--work-dir',
-                        help='where weights, images and the cache go '
-                        '(default: a temporary directory, removed after)')
+                        help='where the prepared config, weights, images and '
+                        'the cache go (default: a temporary directory, '
+                        'removed after)')
     parser.add_argument('--out', help='write the results as JSON here')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--quiet', action='store_true',
                         help='no progress lines')
     parser.add_argument('--memory-worker', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    arch = ARCHS[args.arch]
-    args.batch_size = args.batch_size or arch.batch_size
-    args.img_size = args.img_size or arch.img_size
     args.cases = [c.strip() for c in args.cases.split(',') if c.strip()]
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         parser.error(f'unknown cases {unknown}; choose from {list(CASES)}')
-    for name in ('batch_size', 'img_size', 'iters', 'repeats'):
-        if getattr(args, name) < 1:
+    for name in ('batch_size', 'iters', 'repeats'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1')
     if args.warmup < 0:
         parser.error('--warmup must be >= 0')
@@ -217,187 +178,269 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------- workspace
-def _teacher_cache_api() -> tuple[Optional[dict], Optional[str]]:
-    """The teacher-cache functions (d) and (e) need, or why not."""
+# ------------------------------------------------------------------- config
+def _scope(cfg: Config) -> str:
+    return cfg.get('default_scope', None) or 'kiv'
+
+
+def weight_files(model: dict) -> list[tuple[str, dict]]:
+    """Where a distillation model config names weights files.
+
+    Args:
+        model (dict): ``cfg.model`` of a ``kiv.KnowledgeInheritance``.
+
+    Returns:
+        list[tuple[str, dict]]: ``('student base' | 'teacher <name>', the
+        dict whose ``checkpoint`` is the file)``: the student's base and
+        every teacher source with a ``checkpoint``.
+    """
+    found = []
+    base = model['student'].get('base')
+    if isinstance(base, dict) and base.get('checkpoint'):
+        found.append(('student base', base))
+    for name, teacher in model['teachers'].items():
+        source = teacher.get('source')
+        if isinstance(source, dict) and source.get('checkpoint'):
+            found.append((f'teacher {name}', source))
+    return found
+
+
+@contextlib.contextmanager
+def _log_level(level: int):
+    """Raise the current mmengine logger's level for a while."""
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    saved = logger.level
+    logger.setLevel(level)
     try:
-        from kiv.datasets.teacher_cache import (TeacherCacheWriter,
-                                                load_statistics, read_index,
-                                                use_teacher_cache)
-        from kiv.datasets.teacher_cache.format import STATISTICS_FILE
-    except ImportError as err:
-        return None, f'kiv has no teacher-feature cache API ({err})'
-    return dict(writer=TeacherCacheWriter, use=use_teacher_cache,
-                read_index=read_index, load_statistics=load_statistics,
-                statistics_file=STATISTICS_FILE), None
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
+def random_state_dict(what: str, holder: dict, scope: str,
+                      empty_file: str) -> dict:
+    """Random weights of the network a weights file is loaded into.
+
+    Args:
+        what (str): ``'student base'`` or ``'teacher <name>'``.
+        holder (dict): the base config or the teacher's source config.
+        scope (str): the config's default scope.
+        empty_file (str): an empty state dict file: a teacher source is
+            built from it with ``strict=False``, i.e. with its own random
+            initialisation.
+
+    Returns:
+        dict: the state dict, in the layout the source loads strictly.
+    """
+    from kiv.models.backbones import build_base_vit
+    from kiv.registry import TEACHER_SOURCES
+    with DefaultScope.overwrite_default_scope(scope):
+        if what == 'student base':
+            return build_base_vit(dict(holder, checkpoint=None)) \
+                .model.state_dict()
+        with _log_level(logging.ERROR):  # the expected missing-key warning
+            return TEACHER_SOURCES.build(
+                dict(holder, checkpoint=empty_file, strict=False)) \
+                .state_dict()
 
 
 class Workspace:
-    """Files the cases share: teacher/base weights (random), images, the
-    distillation config and the teacher cache.
+    """The benchmark's files: the prepared config (``config.json``) and what
+    it names (weights, images, the teacher cache), with ``meta.json``.
 
     Args:
         root (str): the directory.
-        args (argparse.Namespace): benchmark options.
     """
 
-    def __init__(self, root: str, args: argparse.Namespace) -> None:
+    def __init__(self, root: str) -> None:
         self.root = root
-        self.args = args
-        self.arch = ARCHS[args.arch]
+        # JSON keeps the order of the teachers (a .py dump sorts keys)
+        self.config_file = osp.join(root, 'config.json')
+        self.meta_file = osp.join(root, 'meta.json')
         self.image_dir = osp.join(root, 'images')
-        self.dinov2_ckpt = osp.join(root, 'dinov2.pth')
-        self.clip_ckpt = osp.join(root, 'clip.pth')
+        self.weight_dir = osp.join(root, 'weights')
         self.cache_dir = osp.join(root, 'cache')
-        self.num_images = args.batch_size * args.iters
-        # CLIP-like teacher input: the image size rounded up to its patch
-        self.clip_size = -(-args.img_size // 16) * 16
-        self.cache_api, self.cache_error = _teacher_cache_api()
+        self.cfg: Any = None
+        self.meta: dict = {}
+        self.cache_error: Optional[str] = None
 
-    # ------------------------------------------------------------ files
-    def vit_kwargs(self) -> dict:
-        """timm kwargs of the student's base / DINOv2-like teacher."""
-        kwargs = dict(self.arch.vit_kwargs)
-        if self.args.arch == 'tiny':
-            kwargs['img_size'] = self.args.img_size
-        return kwargs
+    def load(self) -> Workspace:
+        """Read a prepared workspace (memory workers)."""
+        self.cfg = Config.fromfile(self.config_file)
+        with open(self.meta_file) as f:
+            self.meta = json.load(f)
+        self.cache_error = self.meta.get('cache_error')
+        return self
 
-    def clip_kwargs(self) -> dict:
-        """timm kwargs of the CLIP-like teacher (no head)."""
-        return dict(self.arch.vit_kwargs, img_size=self.clip_size,
-                    num_classes=0)
+    @property
+    def batch_size(self) -> int:
+        return self.meta['batch_size']
 
-    def prepare(self, need_cache: bool, log: Callable[[str], None]) -> None:
-        """Write what is missing: weights, images, and (if ``need_cache``
-        and the API exists) the teacher cache of the images.
+    @property
+    def num_images(self) -> int:
+        return self.meta['num_images']
 
-        Args:
-            need_cache (bool): write the cache for ``distill_cached``.
-            log (Callable[[str], None]): progress messages.
+    def prepare(self, args: argparse.Namespace,
+                log: Callable[[str], None]) -> None:
+        """The benchmark's config from ``args.config``, and its files.
+
+        Loads the config with ``--cfg-options``, takes a cached config's
+        online config, points weights to random files (``--random-weights``;
+        else every file must exist), replaces the train data by synthetic
+        images through the config's train pipeline, turns the gradient-share
+        diagnostics off, writes ``config.json`` and ``meta.json``, and the
+        teacher cache of the images if ``distill_cached`` is measured.
+
+        Raises:
+            SystemExit: not a distillation config, or missing weights files
+                without ``--random-weights``.
         """
-        import timm
+        from kiv.datasets.teacher_cache.config import online_config
         os.makedirs(self.root, exist_ok=True)
-        torch.manual_seed(self.args.seed)
-        if not osp.isfile(self.dinov2_ckpt):
-            model = timm.create_model(self.arch.vit, pretrained=False,
-                                      num_classes=0, dynamic_img_size=True,
-                                      **self.vit_kwargs())
-            torch.save(model.state_dict(), self.dinov2_ckpt)
-        if not osp.isfile(self.clip_ckpt):
-            model = timm.create_model(self.arch.clip, pretrained=False,
-                                      **self.clip_kwargs())
-            torch.save(model.state_dict(), self.clip_ckpt)
-        self._write_images()
-        if need_cache and self.cache_api is not None and not osp.isfile(
-                osp.join(self.cache_dir, 'index.json')):
-            log(f'writing the teacher cache of {self.num_images} images')
-            try:
-                self.write_cache(self.cache_dir)
-            except Exception as err:  # reported in the table, not hidden
-                self.cache_error = ('the teacher cache could not be written '
-                                    f'({type(err).__name__}: {err})')
-                traceback.print_exc()
-
-    def _write_images(self) -> None:
-        """``num_images`` smooth random RGB images (PNG)."""
-        import cv2
-        os.makedirs(self.image_dir, exist_ok=True)
-        rng = np.random.default_rng(self.args.seed)
-        size = self.args.img_size
-        for i in range(self.num_images):
-            path = osp.join(self.image_dir, f'{i:05d}.png')
-            if osp.isfile(path):
-                continue
-            small = rng.integers(0, 256, (max(size // 8, 2), ) * 2 + (3, ),
-                                 dtype=np.uint8)
-            img = cv2.resize(small, (size, size),
-                             interpolation=cv2.INTER_CUBIC)
-            cv2.imwrite(path, img)
-
-    def distill_config(self) -> Any:
-        """The distillation config of the cases (c), (d), (e).
-
-        Returns:
-            mmengine.config.Config: a ``kiv.KnowledgeInheritance`` with the
-            student (``kiv.AdapterViT`` on the DINOv2-like weights), the
-            DINOv2-like and CLIP-like teachers, PHI-S with fixed statistics,
-            no gradient-share diagnostics, and an image-folder train
-            dataloader over the workspace images.
-        """
-        from mmengine.config import Config
-        size = self.args.img_size
-        teachers = dict(
-            dinov2=dict(
-                type='kiv.Teacher',
-                source=dict(type='timm', model_name=self.arch.vit,
-                            checkpoint=self.dinov2_ckpt,
-                            model_kwargs=dict(dynamic_img_size=True,
-                                              num_classes=0,
-                                              **self.vit_kwargs())),
-                input_size=size, pad_to_multiple=14,
-                forward_method='forward_features',
-                summary=dict(type='cls'), **IMAGENET_NORM),
-            clip=dict(
-                type='kiv.Teacher',
-                source=dict(type='timm', model_name=self.arch.clip,
-                            checkpoint=self.clip_ckpt,
-                            model_kwargs=self.clip_kwargs()),
-                input_size=self.clip_size, pad_to_multiple=16,
-                forward_method='forward_features',
-                summary=dict(type='cls'), **CLIP_NORM))
-        model = dict(
-            type='kiv.KnowledgeInheritance',
-            base_teacher='dinov2',
-            student=dict(type='kiv.AdapterViT',
-                         base=dict(type='timm', model_name=self.arch.vit,
-                                   checkpoint=self.dinov2_ckpt,
-                                   model_kwargs=self.vit_kwargs()),
-                         summary_names=['dinov2', 'clip'],
-                         **self.arch.adapter),
-            student_mean=IMAGENET_NORM['mean'],
-            student_std=IMAGENET_NORM['std'],
-            teachers=teachers,
-            latent=dict(type='kiv.SharedLatentSpace', standardize='phis',
-                        statistics='fixed', hidden_dim=self.arch.hidden_dim,
-                        teachers=dict(clip=dict(student_levels=[2]))),
-            grad_share_interval=0)
-        pipeline = [
-            dict(type='kiv.LoadImageFromFileSafe'),
-            dict(type='mmcv.Resize', scale=(size, size), keep_ratio=False),
-            dict(type='mmcv.RandomFlip', prob=0.5),
-            dict(type='kiv.PackImageInputs'),
-        ]
-        train_dataloader = dict(
-            batch_size=self.args.batch_size, num_workers=0,
-            persistent_workers=False,
+        cfg = Config.fromfile(args.config)
+        if args.cfg_options:
+            cfg.merge_from_dict(args.cfg_options)
+        model = cfg.get('model', None)
+        if not isinstance(model, dict) or not model.get('student') or \
+                not model.get('teachers'):
+            raise SystemExit(f'{args.config}: not a distillation config '
+                             '(a kiv.KnowledgeInheritance model with '
+                             'student and teachers)')
+        cfg = online_config(cfg)
+        cfg.pop('teacher_cache', None)
+        cfg.model.grad_share_interval = 0  # a periodic diagnostic
+        random = self._weights(cfg, args.random_weights, log)
+        loader = cfg.train_dataloader
+        batch_size = args.batch_size or loader.batch_size
+        pipeline = loader.dataset.get('pipeline', None)
+        if not pipeline:
+            raise SystemExit(f'{args.config}: train_dataloader.dataset has '
+                             'no pipeline')
+        cfg.train_dataloader = dict(
+            batch_size=batch_size, num_workers=0, persistent_workers=False,
             sampler=dict(type='DefaultSampler', shuffle=False),
             collate_fn=dict(type='pseudo_collate'),
             dataset=dict(type='kiv.UnlabeledImageDataset',
                          data_root=self.image_dir, pipeline=pipeline))
-        return Config(dict(default_scope='kiv', model=model,
-                           train_dataloader=train_dataloader))
+        num_images = batch_size * args.iters
+        size = self._write_images(cfg, num_images, args.seed)
+        cfg.dump(self.config_file)
+        self.cfg = Config.fromfile(self.config_file)  # what workers read
+        self.meta = dict(config=args.config, cfg_options=args.cfg_options,
+                         batch_size=batch_size, num_images=num_images,
+                         input_size=size, random_weights=random)
+        if 'distill_cached' in args.cases:
+            log(f'writing the teacher cache of {num_images} images')
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            try:
+                with _quiet_stdout():
+                    self.new_writer(self.cache_dir, args).run(
+                        check_space=False)
+            except Exception as err:  # reported in the table, not hidden
+                self.cache_error = ('the teacher cache could not be written '
+                                    f'({type(err).__name__}: {err})')
+                log(self.cache_error)
+        self.meta['cache_error'] = self.cache_error
+        with open(self.meta_file, 'w') as f:
+            json.dump(self.meta, f, indent=2)
 
-    def new_writer(self, out_dir: str) -> Any:
-        """A prepared (teachers built, outputs measured) cache writer.
+    def _weights(self, cfg: Config, random: bool,
+                 log: Callable[[str], None]) -> list[str]:
+        """Check the weights files, or point them to random ones.
+
+        One random file per original file (the student base and the base
+        teacher share theirs, as in the recipe), named by the original path
+        and the architecture it was made for.
+
+        Returns:
+            list[str]: what got random weights (``'student base'``,
+            ``'teacher <name>'``).
+        """
+        found = weight_files(cfg.model)
+        if not random:
+            missing = [f'{what}: {holder["checkpoint"]}'
+                       for what, holder in found if not osp.isfile(
+                           osp.expanduser(holder['checkpoint']))]
+            if missing:
+                raise SystemExit(
+                    'weights files not found (' + '; '.join(missing) +
+                    '); pass --random-weights to benchmark random weights '
+                    'of the same architectures')
+            return []
+        os.makedirs(self.weight_dir, exist_ok=True)
+        empty = osp.join(self.weight_dir, 'empty.pth')
+        torch.save({}, empty)
+        torch.manual_seed(0)
+        files: dict[str, str] = {}
+        for what, holder in found:
+            original = holder['checkpoint']
+            if original not in files:
+                key = json.dumps([original, holder.to_dict()],
+                                 sort_keys=True, default=str)
+                stem = osp.splitext(osp.basename(original))[0]
+                files[original] = osp.join(
+                    self.weight_dir, f'{stem}-'
+                    f'{hashlib.sha1(key.encode()).hexdigest()[:10]}.pth')
+                if not osp.isfile(files[original]):
+                    log(f'random weights for {what} ({original})')
+                    torch.save(random_state_dict(what, holder, _scope(cfg),
+                                                 empty), files[original])
+            holder['checkpoint'] = files[original]
+        return [what for what, _ in found]
+
+    def _write_images(self, cfg: Config, count: int,
+                      seed: int) -> list[int]:
+        """``count`` smooth random RGB images (PNG) at the size the train
+        pipeline gives (found with a probe image).
+
+        Returns:
+            list[int]: ``[H, W]`` of the student's input images.
+        """
+        import cv2
+        shutil.rmtree(self.image_dir, ignore_errors=True)
+        os.makedirs(self.image_dir)
+        rng = np.random.default_rng(seed)
+
+        def write(index: int, size: tuple[int, int]) -> None:
+            h, w = size
+            small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3),
+                                 dtype=np.uint8)
+            cv2.imwrite(osp.join(self.image_dir, f'{index:05d}.png'),
+                        cv2.resize(small, (w, h),
+                                   interpolation=cv2.INTER_CUBIC))
+
+        write(0, (64, 64))
+        size = self._first_sample(cfg)['inputs'].shape[-2:]
+        for i in range(count):
+            write(i, size)
+        return [int(s) for s in self._first_sample(cfg)['inputs'].shape[-2:]]
+
+    @staticmethod
+    def _first_sample(cfg: Config) -> dict:
+        from kiv.registry import DATASETS
+        with DefaultScope.overwrite_default_scope(_scope(cfg)):
+            return DATASETS.build(copy.deepcopy(
+                cfg.train_dataloader.dataset))[0]
+
+    def new_writer(self, out_dir: str, args: argparse.Namespace) -> Any:
+        """A prepared (teachers built, outputs measured) cache writer of
+        ``tools/cache_teachers.py`` (one view per image, fp16).
 
         Args:
             out_dir (str): the cache directory to write.
+            args (argparse.Namespace): benchmark options.
 
         Returns:
             TeacherCacheWriter: ready to ``run``.
         """
-        writer = self.cache_api['writer'](
-            self.distill_config(), out_dir, views=1, dtype='fp16',
-            seed=self.args.seed, batch_size=self.args.batch_size,
-            num_workers=0, device=self.args.device,
+        from kiv.datasets.teacher_cache import TeacherCacheWriter
+        writer = TeacherCacheWriter(
+            self.cfg, out_dir, views=1, dtype='fp16', seed=args.seed,
+            num_workers=0, device=args.device, config_path=self.config_file,
             log=lambda msg: None)
         writer.prepare()
         return writer
-
-    def write_cache(self, out_dir: str) -> None:
-        """Write the cache of the workspace images to ``out_dir``."""
-        with _quiet_stdout():
-            self.new_writer(out_dir).run(check_space=False)
 
 
 @contextlib.contextmanager
@@ -420,13 +463,18 @@ def _loss(outputs: Any) -> torch.Tensor:
     """Mean square of every output tensor (a stand-in training loss)."""
     if isinstance(outputs, torch.Tensor):
         return outputs.float().pow(2).mean()
-    tensors = [outputs.summary] + list(outputs.features) \
-        if hasattr(outputs, 'features') else list(outputs)
+    if hasattr(outputs, 'features'):  # a FeatureOutput: every summary
+        summaries = list((outputs.summaries or {}).values()) or \
+            [outputs.summary]
+        tensors = summaries + list(outputs.features)
+    else:
+        tensors = list(outputs)
     return sum(t.float().pow(2).mean() for t in tensors if t is not None)
 
 
 class CaseBuilder:
-    """Builds the benchmark cases, sharing models where timing allows.
+    """Builds the benchmark cases from the workspace's config, sharing
+    models where timing allows.
 
     Args:
         ws (Workspace): the prepared workspace.
@@ -435,12 +483,12 @@ class CaseBuilder:
 
     def __init__(self, ws: Workspace, args: argparse.Namespace) -> None:
         self.ws = ws
+        self.cfg = ws.cfg
         self.args = args
         self.device = torch.device(args.device)
         self.shared: dict[str, Any] = {}
         gen = torch.Generator().manual_seed(args.seed)
-        self.images = torch.randn(args.batch_size, 3, args.img_size,
-                                  args.img_size,
+        self.images = torch.randn(ws.batch_size, 3, *ws.meta['input_size'],
                                   generator=gen).to(self.device)
 
     def build(self, name: str) -> BenchCase:
@@ -452,21 +500,31 @@ class CaseBuilder:
         Returns:
             BenchCase: ready to time.
         """
-        case = BenchCase(name, LABELS[name], self.args.batch_size,
+        case = BenchCase(name, LABELS[name], self.ws.batch_size,
                          calls=self.args.iters, group=GROUPS[name])
         getattr(self, f'_{name}')(case)
         return case
 
+    def _build(self, registry: Any, cfg: dict) -> Any:
+        with DefaultScope.overwrite_default_scope(_scope(self.cfg)):
+            return registry.build(copy.deepcopy(cfg))
+
+    def _optimizer(self, module: torch.nn.Module) -> torch.optim.Optimizer:
+        """The config's ``optim_wrapper.optimizer`` over the trainable
+        weights."""
+        from kiv.registry import OPTIMIZERS
+        return self._build(OPTIMIZERS, dict(
+            self.cfg.optim_wrapper.optimizer,
+            params=[p for p in module.parameters() if p.requires_grad]))
+
     # (a) ---------------------------------------------------------------
     def _timm(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         if 'timm' not in self.shared:
-            import timm
-            model = timm.create_model(
-                self.ws.arch.vit, pretrained=False, num_classes=0,
-                dynamic_img_size=True, **self.ws.vit_kwargs()).to(
-                    self.device)
-            optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            self.shared['timm'] = (model, optim)
+            from kiv.models.backbones import build_base_vit
+            with DefaultScope.overwrite_default_scope(_scope(self.cfg)):
+                model = build_base_vit(self.cfg.model.student.base).model
+            model.to(self.device)
+            self.shared['timm'] = (model, self._optimizer(model))
         return self.shared['timm']
 
     def _timm_fwd(self, case: BenchCase) -> None:
@@ -478,15 +536,10 @@ class CaseBuilder:
     # (b) ---------------------------------------------------------------
     def _adapter(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         if 'adapter' not in self.shared:
-            from kiv.models.backbones import AdapterViT
-            model = AdapterViT(
-                base=dict(type='timm', model_name=self.ws.arch.vit,
-                          checkpoint=self.ws.dinov2_ckpt,
-                          model_kwargs=self.ws.vit_kwargs()),
-                **self.ws.arch.adapter).to(self.device)
-            optim = torch.optim.AdamW(
-                [p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            self.shared['adapter'] = (model, optim)
+            from kiv.registry import MODELS
+            model = self._build(MODELS, self.cfg.model.student)
+            model.to(self.device)
+            self.shared['adapter'] = (model, self._optimizer(model))
         return self.shared['adapter']
 
     def _adapter_fwd(self, case: BenchCase) -> None:
@@ -497,85 +550,76 @@ class CaseBuilder:
 
     def _forward_step(self, model: torch.nn.Module) -> Callable[[], None]:
         """One inference ``forward_features`` of the benchmark batch."""
+        forward = getattr(model, 'forward_features', model)
 
         def step() -> None:
             model.eval()
             with torch.no_grad():
-                model.forward_features(self.images)
+                forward(self.images)
 
         return step
 
     def _train_step(self, model: torch.nn.Module,
                     optim: torch.optim.Optimizer) -> Callable[[], None]:
         """One training step of ``forward_features`` (forward, backward,
-        AdamW step) on the benchmark batch."""
+        optimizer step) on the benchmark batch."""
+        forward = getattr(model, 'forward_features', model)
 
         def step() -> None:
             model.train()
-            _loss(model.forward_features(self.images)).backward()
+            _loss(forward(self.images)).backward()
             optim.step()
             optim.zero_grad(set_to_none=True)
 
         return step
 
     # (c) ---------------------------------------------------------------
-    def _distiller(self, cfg: Any) -> tuple[Any, Any]:
-        """Build a distiller from ``cfg`` with an AdamW optim wrapper."""
+    def _distiller(self, cfg: Config) -> tuple[Any, Any]:
+        """The distiller of ``cfg`` with the config's optimizer."""
         from mmengine.optim import OptimWrapper
-        from mmengine.registry import DefaultScope
 
         from kiv.registry import MODELS
-        with DefaultScope.overwrite_default_scope('kiv'):
-            model = MODELS.build(copy.deepcopy(cfg.model))
-        model.to(self.device).train()
-        wrapper = OptimWrapper(torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=1e-4))
-        return model, wrapper
+        model = self._build(MODELS, cfg.model).to(self.device).train()
+        return model, OptimWrapper(self._optimizer(model))
 
     def _batch(self, dataset_cfg: dict) -> dict:
         """The first ``batch_size`` samples of a dataset, collated."""
         from mmengine.dataset import pseudo_collate
-        from mmengine.registry import DefaultScope
 
         from kiv.registry import DATASETS
-        with DefaultScope.overwrite_default_scope('kiv'):
-            dataset = DATASETS.build(copy.deepcopy(dataset_cfg))
+        dataset = self._build(DATASETS, dataset_cfg)
         return pseudo_collate(
-            [dataset[i] for i in range(self.args.batch_size)])
+            [dataset[i] for i in range(self.ws.batch_size)])
 
     def _online(self) -> tuple[Any, Any, dict]:
         if 'online' not in self.shared:
-            cfg = self.ws.distill_config()
-            model, wrapper = self._distiller(cfg)
-            data = self._batch(cfg.train_dataloader.dataset)
-            if hasattr(model, 'statistic_sums') and \
-                    hasattr(model, 'load_statistics'):
-                # fixed statistics, as after the warm-up of a real run
-                inputs = model.data_preprocessor(data, False)
-                model.load_statistics(model.statistic_sums(
-                    inputs['inputs'], inputs['data_samples']))
+            model, wrapper = self._distiller(self.cfg)
+            data = self._batch(self.cfg.train_dataloader.dataset)
+            # fixed statistics, as after the warm-up of a real run
+            inputs = model.data_preprocessor(data, False)
+            model.load_statistics(model.statistic_sums(
+                inputs['inputs'], inputs['data_samples']))
             self.shared['online'] = (model, wrapper, data)
         return self.shared['online']
 
     def _teachers_fwd(self, case: BenchCase) -> None:
+        case.label = f'{case.label} ({", ".join(self.cfg.model.teachers)})'
         if 'online' in self.shared:
-            model = self.shared['online'][0]
+            model, _, data = self.shared['online']
             teachers, preprocess = model.teachers, model.data_preprocessor
-            data = self.shared['online'][2]
         else:  # alone (memory worker): only the teachers in memory
-            from mmengine.model import ImgDataPreprocessor
-            from mmengine.registry import DefaultScope
-
             from kiv.registry import MODELS
-            cfg = self.ws.distill_config()
-            with DefaultScope.overwrite_default_scope('kiv'):
-                teachers = torch.nn.ModuleDict({
-                    name: MODELS.build(copy.deepcopy(t))
-                    for name, t in cfg.model.teachers.items()
-                }).to(self.device)
-            # the distiller's default data preprocessor
-            preprocess = ImgDataPreprocessor(bgr_to_rgb=True).to(self.device)
-            data = self._batch(cfg.train_dataloader.dataset)
+            teachers = torch.nn.ModuleDict({
+                name: self._build(MODELS, t)
+                for name, t in self.cfg.model.teachers.items()
+            }).to(self.device)
+            # the model's data preprocessor (kiv.KnowledgeInheritance's
+            # default if the config sets none)
+            preprocess = self._build(MODELS, self.cfg.model.get(
+                'data_preprocessor', None) or dict(
+                    type='mmengine.ImgDataPreprocessor', bgr_to_rgb=True))
+            preprocess.to(self.device)
+            data = self._batch(self.cfg.train_dataloader.dataset)
         images = preprocess(data, False)['inputs']
 
         def step() -> None:
@@ -591,39 +635,31 @@ class CaseBuilder:
 
     # (d) ---------------------------------------------------------------
     def _distill_cached(self, case: BenchCase) -> None:
-        ws = self.ws
-        if ws.cache_api is None or ws.cache_error:
-            case.unavailable = ws.cache_error or 'no teacher cache'
+        from kiv.datasets.teacher_cache import use_teacher_cache
+        if self.ws.cache_error:
+            case.unavailable = self.ws.cache_error
             return
-        if not osp.isfile(osp.join(ws.cache_dir, 'index.json')):
-            case.unavailable = f'no teacher cache in {ws.cache_dir}'
+        if not osp.isfile(osp.join(self.ws.cache_dir, 'index.json')):
+            case.unavailable = f'no teacher cache in {self.ws.cache_dir}'
             return
-        api = ws.cache_api
-        cfg = api['use'](ws.distill_config(), ws.cache_dir)
+        # the cached config, as tools/train.py makes it (statistics fixed
+        # from the cache when the model is built)
+        cfg = use_teacher_cache(copy.deepcopy(self.cfg), self.ws.cache_dir)
         model, wrapper = self._distiller(cfg)
-        index = api['read_index'](ws.cache_dir)
-        sums = api['load_statistics'](
-            osp.join(ws.cache_dir, api['statistics_file']),
-            index['cache_id'])
-        model.load_statistics(sums)
         data = self._batch(cfg.train_dataloader.dataset)
         case.step = lambda: model.train_step(data, wrapper)
 
     # (e) ---------------------------------------------------------------
     def _cache_write(self, case: BenchCase) -> None:
-        ws = self.ws
-        if ws.cache_api is None:
-            case.unavailable = ws.cache_error
-            return
-        state: dict[str, Any] = {'calls': 0}
-        case.images = ws.num_images
+        state: dict[str, Any] = {}
+        case.images = self.ws.num_images
         case.calls = 1
 
         def before_call() -> None:
             state.pop('writer', None)
-            out = osp.join(ws.root, 'cache_write')
+            out = osp.join(self.ws.root, 'cache_write')
             shutil.rmtree(out, ignore_errors=True)
-            state['writer'] = ws.new_writer(out)
+            state['writer'] = self.ws.new_writer(out, self.args)
 
         def step() -> None:
             with _quiet_stdout():
@@ -666,19 +702,22 @@ def _initialise_kernels(device: str) -> None:
 def memory_worker(args: argparse.Namespace) -> None:
     """Peak memory of one case in this fresh process (one JSON line).
 
-    Builds the case, runs one warm-up call and one measured call; prints
-    ``{"case": ..., "peak_bytes": ...}``: ``torch.cuda.max_memory_allocated``
-    on a GPU, else the growth of the peak RSS over the process after
-    imports (weights, activations, optimizer state, allocator caches).
+    Builds the case from the prepared workspace, runs one warm-up call and
+    one measured call; prints ``{"case": ..., "peak_bytes": ...}``:
+    ``torch.cuda.max_memory_allocated`` on a GPU, else the growth of the
+    peak RSS over the process after imports (weights, activations,
+    optimizer state, allocator caches; the peak restarts after the
+    imports).
     """
     _set_threads(args)
     _quiet_mmengine()
     _initialise_kernels(args.device)
+    reset_peak_rss()
     baseline = rss_bytes()
     cuda = args.memory == 'cuda'
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
-    ws = Workspace(args.work_dir, args)
+    ws = Workspace(args.work_dir).load()
     case = CaseBuilder(ws, args).build(args.memory_worker)
     peak = None
     if case.available:
@@ -693,23 +732,20 @@ def memory_worker(args: argparse.Namespace) -> None:
                           unavailable=case.unavailable)), flush=True)
 
 
-def measure_memory(args: argparse.Namespace, cases: list[str],
-                   work_dir: str,
+def measure_memory(args: argparse.Namespace, ws: Workspace,
                    log: Callable[[str], None]) -> dict[str, Optional[int]]:
-    """Run one memory worker per case.
+    """Run one memory worker per case on the prepared workspace.
 
     Returns:
         dict[str, int | None]: case -> peak bytes (None if it failed).
     """
-    forwarded = ['--arch', args.arch, '--batch-size', str(args.batch_size),
-                 '--img-size', str(args.img_size), '--iters',
-                 str(args.iters), '--device', args.device, '--memory',
-                 args.memory, '--seed', str(args.seed), '--work-dir',
-                 work_dir]
+    forwarded = ['--config', ws.config_file, '--work-dir', ws.root,
+                 '--iters', str(args.iters), '--device', args.device,
+                 '--memory', args.memory, '--seed', str(args.seed)]
     if args.threads:
         forwarded += ['--threads', str(args.threads)]
     peaks: dict[str, Optional[int]] = {}
-    for name in cases:
+    for name in args.cases:
         log(f'memory of {name} (fresh process)')
         proc = subprocess.run(
             [sys.executable, osp.abspath(__file__), *forwarded,
@@ -760,7 +796,8 @@ def run(args: argparse.Namespace) -> dict:
     """Prepare, measure memory, time, count FLOPs; print and return all.
 
     Returns:
-        dict: ``meta`` (machine, options), ``cases`` and ``ratios``.
+        dict: ``meta`` (machine, options, what the config gave), ``cases``
+        and ``ratios``.
     """
     log = _log(args)
     _quiet_mmengine()
@@ -769,9 +806,9 @@ def run(args: argparse.Namespace) -> dict:
     created = args.work_dir is None
     work_dir = args.work_dir or tempfile.mkdtemp(prefix='kiv-benchmark-')
     try:
-        ws = Workspace(work_dir, args)
-        ws.prepare('distill_cached' in args.cases, log)
-        peaks = measure_memory(args, args.cases, work_dir, log) \
+        ws = Workspace(work_dir)
+        ws.prepare(args, log)
+        peaks = measure_memory(args, ws, log) \
             if args.memory != 'none' else {}
 
         builder = CaseBuilder(ws, args)
@@ -797,9 +834,9 @@ def run(args: argparse.Namespace) -> dict:
         if created:
             shutil.rmtree(work_dir, ignore_errors=True)
     ratios = [compute_ratio(spec, results) for spec in RATIOS]
-    meta = dict(machine_info(args), arch=args.arch,
-                batch_size=args.batch_size, img_size=args.img_size,
-                iters=args.iters, warmup=args.warmup, repeats=args.repeats,
+    meta = dict(machine_info(args), **{
+        k: v for k, v in ws.meta.items() if k != 'cache_error'
+    }, iters=args.iters, warmup=args.warmup, repeats=args.repeats,
                 clock=args.clock, memory=args.memory)
     return dict(meta=meta, cases=[r.to_dict() for r in results.values()],
                 ratios=[r.to_dict() for r in ratios],
@@ -815,11 +852,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     report = run(args)
     meta = report['meta']
-    print(f"kiv benchmark: --arch {meta['arch']}, batch {meta['batch_size']}"
-          f", {meta['img_size']} px, {meta['device']} "
+    height, width = meta['input_size']
+    print(f"kiv benchmark: {osp.basename(meta['config'])}, batch "
+          f"{meta['batch_size']}, {height}x{width} px, {meta['device']} "
           f"({meta['cpu']}, {meta['threads']} threads), {meta['clock']} "
           f"clock, {meta['repeats']} repeats x {meta['iters']} calls, "
           f"{meta['date']}")
+    if meta['random_weights']:
+        print('random weights: ' + ', '.join(meta['random_weights']))
     print()
     print(report['table'])
     print()
