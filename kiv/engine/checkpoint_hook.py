@@ -23,6 +23,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 
 from kiv.registry import HOOKS
+from .random_state import ResumeRandomState
 
 #: Marker key of a serialised HistoryBuffer.
 _BUFFER_TAG = '__kiv_history_buffer__'
@@ -80,17 +81,38 @@ class SafeCheckpointHook(Hook):
     with ``torch.load(weights_only=True)``. Its priority is ``VERY_LOW`` so
     on save it runs after every other hook has added its data, and on load
     it runs after the other hooks, still before the Runner restores the
-    message hub. It only touches ``message_hub`` and ``meta``.
+    message hub. It rewrites only ``message_hub`` and ``meta``, and adds
+    ``random_state``: the global random states (Python, NumPy, torch), put
+    back on ``--resume`` right before the first batch after the checkpoint
+    (:class:`kiv.engine.random_state.ResumeRandomState`), so a resumed run
+    continues bit for bit as the uninterrupted one.
     """
 
     priority = 'VERY_LOW'
+
+    def __init__(self) -> None:
+        self.random_state = ResumeRandomState()
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         for key in ('message_hub', 'meta'):
             if key in checkpoint:
                 checkpoint[key] = to_weights_only_data(checkpoint[key])
+        self.random_state.save(checkpoint)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         if 'message_hub' in checkpoint:
             checkpoint['message_hub'] = restore_history_buffers(
                 checkpoint['message_hub'])
+        self.random_state.load(runner, checkpoint)
+
+    def before_train(self, runner) -> None:
+        self.random_state.before_train(runner)
+
+    def before_train_epoch(self, runner) -> None:
+        self.random_state.before_train_epoch(runner)
+
+    def before_val(self, runner) -> None:
+        self.random_state.before_val()
+
+    def after_val(self, runner) -> None:
+        self.random_state.after_val()
