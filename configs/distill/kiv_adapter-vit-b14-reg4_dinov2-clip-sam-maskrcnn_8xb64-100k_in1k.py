@@ -23,15 +23,17 @@ _base_ = [
     '../_base_/default_runtime.py',
     '../_base_/datasets/imagenet_unlabeled_224.py',
     '../_base_/schedules/adamw_100k.py',
+    '../_base_/models/kiv_adapter-vit-b14-reg4.py',  # the student
 ]
 ckpt_dir = 'checkpoints/teachers/'
 imagenet_norm = dict(mean=[123.675, 116.28, 103.53],
                      std=[58.395, 57.12, 57.375])
 clip_norm = dict(mean=[122.771, 116.746, 104.094],
                  std=[68.501, 66.632, 70.323])
-# the original facebookresearch file; its iBOT mask token is unused
+# the knowledge base = the student's base ViT, read from the original
+# facebookresearch file; its iBOT mask token is unused
 dinov2 = dict(
-    model_name='vit_base_patch14_reg4_dinov2',
+    _base_.kiv_student_b14.base,
     checkpoint=ckpt_dir + 'dinov2_vitb14_reg4_pretrain.pth',
     drop_keys=[r'^mask_token$'])
 
@@ -44,26 +46,19 @@ train_dataloader = dict(
 model = dict(
     type='kiv.KnowledgeInheritance',
     base_teacher='dinov2',
+    # the architecture of configs/_base_/models/kiv_adapter-vit-b14-reg4.py
+    # (a summary per teacher with one: dinov2, clip) on the knowledge base
     student=dict(
-        type='kiv.AdapterViT',
-        base=dict(type='timm', **dinov2),
-        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
-        conv_inplane=64,
-        deform_num_heads=12,
-        n_points=4,
-        cffn_ratio=0.25,
-        deform_ratio=0.5,
+        _base_.kiv_student_b14,
+        base=dinov2,
         drop_path_rate=0.1,
-        with_global_token=True,
-        # a summary per teacher with one (CLIP's stays in its text space)
-        summary_names=['dinov2', 'clip'],
         norm_cfg=dict(type='SyncBN'),
         with_cp=True),
     **{f'student_{k}': v for k, v in imagenet_norm.items()},
     teachers=dict(
         dinov2=dict(
             type='kiv.Teacher',
-            source=dict(type='timm', **dinov2,
+            source=dict(dinov2,
                         model_kwargs=dict(dynamic_img_size=True,
                                           num_classes=0)),
             input_size=224, pad_to_multiple=14,

@@ -7,36 +7,30 @@
 _base_ = [
     '../_base_/default_runtime.py',
     '../_base_/datasets/tiny_coco_images.py',
+    '../_base_/models/kiv_adapter-vit-t14-reg4.py',  # the student
 ]
 teacher_dir = 'data/tiny_teachers/'
 imagenet_norm = dict(mean=[123.675, 116.28, 103.53],
                      std=[58.395, 57.12, 57.375])
 clip_norm = dict(mean=[122.771, 116.746, 104.094],
                  std=[68.501, 66.632, 70.323])
-# the knowledge base: a DINOv2-like ViT (patch 14, 4 registers)
+# the knowledge base = the student's base ViT: a DINOv2-like ViT (patch 14,
+# 4 registers)
 dinov2 = dict(
-    model_name='vit_small_patch14_reg4_dinov2',
-    checkpoint=teacher_dir + 'dinov2_tiny.pth',
-    model_kwargs=dict(img_size=56, embed_dim=64, depth=4, num_heads=2))
+    _base_.kiv_student_t14.base,
+    checkpoint=teacher_dir + 'dinov2_tiny.pth')
 
 model = dict(
     type='kiv.KnowledgeInheritance',
     base_teacher='dinov2',
-    student=dict(
-        type='kiv.AdapterViT',
-        base=dict(type='timm', **dinov2),
-        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
-        conv_inplane=16,
-        deform_num_heads=2,
-        n_points=2,
-        cffn_ratio=0.25,
-        with_global_token=True,
-        summary_names=['dinov2', 'clip']),  # a summary per teacher
+    # the architecture of configs/_base_/models/kiv_adapter-vit-t14-reg4.py
+    # (a summary per teacher with one: dinov2, clip) on the knowledge base
+    student=dict(_base_.kiv_student_t14, base=dinov2),
     **{f'student_{k}': v for k, v in imagenet_norm.items()},
     teachers=dict(
         dinov2=dict(
             type='kiv.Teacher',
-            source=dict(type='timm', **dinov2),
+            source=dinov2,
             input_size=56, pad_to_multiple=14,
             forward_method='forward_features',
             summary=dict(type='cls'),

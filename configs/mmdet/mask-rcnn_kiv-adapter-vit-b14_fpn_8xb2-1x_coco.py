@@ -11,6 +11,7 @@ _base_ = [
     'mmdet::_base_/datasets/coco_instance.py',
     'mmdet::_base_/schedules/schedule_1x.py',
     'mmdet::_base_/default_runtime.py',
+    '../_base_/models/kiv_adapter-vit-b14-reg4.py',  # the kiv student
 ]
 custom_imports = dict(
     imports=['kiv'],
@@ -23,24 +24,14 @@ model = dict(
     # backbone pads to its 14-px patches inside and returns maps of the
     # ResNet sizes ceil(H / s), s = 4, 8, 16, 32.
     backbone=dict(
+        # Architecture of the exported student
+        # (configs/_base_/models/kiv_adapter-vit-b14-reg4.py); its weights
+        # come from init_cfg, so the base is not read from its own checkpoint.
+        _base_.kiv_student_b14,
         _delete_=True,
-        type='kiv.AdapterViT',
-        # Architecture of the exported student (weights come from init_cfg,
-        # so the base is not read from its own checkpoint).
-        base=dict(
-            type='timm',
-            model_name='vit_base_patch14_reg4_dinov2',
-            checkpoint=None,
-            model_kwargs=dict(drop_path_rate=0.1)),
-        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
-        conv_inplane=64,
-        deform_num_heads=12,
-        n_points=4,
-        deform_ratio=0.5,
-        cffn_ratio=0.25,
+        base=dict(_base_.kiv_student_b14.base, checkpoint=None,
+                  model_kwargs=dict(drop_path_rate=0.1)),
         drop_path_rate=0.1,
-        with_global_token=True,
-        summary_names=['dinov2', 'clip'],
         # Fine-tune the whole student; freeze_base=True keeps the inherited
         # DINOv2 weights fixed (knowledge preservation, less memory).
         freeze_base=False,

@@ -5,26 +5,21 @@
 # configs/distill/kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images.py,
 # exported with tools/export_student.py; set its path with
 #   --cfg-options model.backbone.init_cfg.checkpoint=<student.pth>
-_base_ = './mask-rcnn_kiv-adapter-vit-b14_fpn_8xb2-1x_coco.py'
+_base_ = [
+    './mask-rcnn_kiv-adapter-vit-b14_fpn_8xb2-1x_coco.py',
+    '../_base_/models/kiv_adapter-vit-t14-reg4.py',  # the tiny student
+]
 
 student_checkpoint = 'checkpoints/kiv_vit-t14_tiny_student.pth'
-width = 64  # the tiny student's embed_dim
+width = _base_.kiv_student_t14.base.model_kwargs.embed_dim  # 64
 metainfo = dict(classes=('class0', 'class1'))
 img_scale = (64, 64)
 model = dict(
     backbone=dict(
-        base=dict(
-            _delete_=True,
-            type='timm',
-            model_name='vit_small_patch14_reg4_dinov2',
-            checkpoint=None,
-            model_kwargs=dict(img_size=56, embed_dim=width, depth=4,
-                              num_heads=2)),
-        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
-        conv_inplane=16,
-        deform_num_heads=2,
-        n_points=2,
-        deform_ratio=1.0,
+        # every architecture key of the tiny student replaces ViT-B/14's
+        _base_.kiv_student_t14,
+        base=dict(_base_.kiv_student_t14.base, _delete_=True,
+                  checkpoint=None),
         drop_path_rate=0.0,
         with_cp=False,
         norm_cfg=dict(type='BN', requires_grad=True),  # SyncBN is GPU-only

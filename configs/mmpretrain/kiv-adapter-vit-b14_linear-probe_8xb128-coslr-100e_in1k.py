@@ -15,6 +15,7 @@
 _base_ = [
     'mmpretrain::_base_/datasets/imagenet_bs64_pil_resize.py',
     'mmpretrain::_base_/default_runtime.py',
+    '../_base_/models/kiv_adapter-vit-b14-reg4.py',  # the kiv student
 ]
 custom_imports = dict(imports=['kiv'], allow_failed_imports=False)
 
@@ -25,20 +26,10 @@ num_interactions = 4
 model = dict(
     type='ImageClassifier',
     backbone=dict(
-        type='kiv.AdapterViT',
-        # the student's base; its weights come with the exported student
-        base=dict(
-            type='timm',
-            model_name='vit_base_patch14_reg4_dinov2',
-            checkpoint=None),
-        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
-        conv_inplane=64,
-        deform_num_heads=12,
-        n_points=4,
-        deform_ratio=0.5,
-        cffn_ratio=0.25,
-        with_global_token=True,
-        summary_names=['dinov2', 'clip'],
+        # the student (configs/_base_/models/kiv_adapter-vit-b14-reg4.py);
+        # its base's weights come with the exported student
+        _base_.kiv_student_b14,
+        base=dict(_base_.kiv_student_b14.base, checkpoint=None),
         summary='dinov2',  # or 'clip': CLIP's text-aligned summary
         # linear probing: base and every adapter stage frozen (eval mode)
         freeze_base=True,

@@ -7,9 +7,12 @@
 # images: 2 epochs = 2 iterations). 56 = 4 x 14 px crops.
 #   python tools/train.py configs/mmpretrain/<this file> \
 #       --cfg-options model.backbone.init_cfg.checkpoint=<student.pth>
-_base_ = './kiv-adapter-vit-b14_8xb128-coslr-100e_in1k.py'
+_base_ = [
+    './kiv-adapter-vit-b14_8xb128-coslr-100e_in1k.py',
+    '../_base_/models/kiv_adapter-vit-t14-reg4.py',  # the tiny student
+]
 
-embed_dim = 64
+embed_dim = _base_.kiv_student_t14.base.model_kwargs.embed_dim  # 64
 num_classes = 2
 crop_size = 56
 metainfo = dict(classes=('n00000000', 'n00000001'))
@@ -19,15 +22,9 @@ bgr_std = [57.375, 57.12, 58.395]
 data_preprocessor = dict(num_classes=num_classes)
 model = dict(
     backbone=dict(
-        base=dict(
-            model_name='vit_small_patch14_reg4_dinov2',
-            model_kwargs=dict(img_size=56, embed_dim=embed_dim, depth=4,
-                              num_heads=2, drop_path_rate=0.1)),
-        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
-        conv_inplane=16,
-        deform_num_heads=2,
-        n_points=2,
-        deform_ratio=1.0,
+        # every architecture key of the tiny student replaces ViT-B/14's
+        # (the base's drop path is the real config's)
+        _base_.kiv_student_t14,
         norm_cfg=dict(type='BN'),  # SyncBN needs GPUs under DDP
         init_cfg=dict(checkpoint='checkpoints/kiv_vit-t14_student.pth')),
     head=dict(num_classes=num_classes, in_channels=embed_dim,

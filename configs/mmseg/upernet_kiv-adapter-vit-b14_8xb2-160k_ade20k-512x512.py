@@ -13,6 +13,7 @@ _base_ = [
     'mmseg::_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py',
     'mmseg::_base_/schedules/schedule_160k.py',
+    '../_base_/models/kiv_adapter-vit-b14-reg4.py',  # the kiv student
 ]
 custom_imports = dict(
     imports=['kiv'],
@@ -32,24 +33,18 @@ model = dict(
     data_preprocessor=dict(size=crop_size),
     pretrained=None,
     backbone=dict(
+        # the student (configs/_base_/models/kiv_adapter-vit-b14-reg4.py);
+        # its base's weights come with the exported student
+        _base_.kiv_student_b14,
         _delete_=True,
-        type='kiv.AdapterViT',
-        # the student's base; its weights come with the exported student
-        base=dict(
-            type='timm',
-            model_name='vit_base_patch14_reg4_dinov2',
-            checkpoint=None,
-            model_kwargs=dict(drop_path_rate=0.3)),
-        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
-        conv_inplane=64,
-        deform_num_heads=12,
-        n_points=4,
-        deform_ratio=0.5,
-        cffn_ratio=0.25,
+        base=dict(_base_.kiv_student_b14.base, checkpoint=None,
+                  model_kwargs=dict(drop_path_rate=0.3)),
         drop_path_rate=0.3,
-        # the decode heads read the pyramid only; the exported global token
-        # is skipped with a warning (Pretrained init is non-strict)
+        # the decode heads read the pyramid only: the summaries' global
+        # tokens are left out (the exported ones are skipped with a warning,
+        # Pretrained init is non-strict); the pyramid is the student's
         with_global_token=False,
+        summary_names=None,
         freeze_base=False,
         frozen_stages=-1,
         out_type='pyramid',

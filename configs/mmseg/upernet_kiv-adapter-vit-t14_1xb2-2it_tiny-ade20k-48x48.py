@@ -7,11 +7,14 @@
 # 48x48 crops, not a multiple of the patch 14, as 512 is not.
 #   python tools/train.py configs/mmseg/<this file> \
 #       --cfg-options model.backbone.init_cfg.checkpoint=<student.pth>
-_base_ = './upernet_kiv-adapter-vit-b14_8xb2-160k_ade20k-512x512.py'
+_base_ = [
+    './upernet_kiv-adapter-vit-b14_8xb2-160k_ade20k-512x512.py',
+    '../_base_/models/kiv_adapter-vit-t14-reg4.py',  # the tiny student
+]
 
 crop_size = (48, 48)
 img_scale = (128, 48)
-embed_dim = 64
+embed_dim = _base_.kiv_student_t14.base.model_kwargs.embed_dim  # 64
 num_classes = 2
 metainfo = dict(classes=('wall', 'building'))
 # SyncBN needs GPUs under DDP (single-process runs revert it to BN anyway)
@@ -20,16 +23,16 @@ norm_cfg = dict(type='BN', requires_grad=True)
 model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(
+        # every architecture key of the tiny student replaces ViT-B/14's
+        _base_.kiv_student_t14,
         base=dict(
-            model_name='vit_small_patch14_reg4_dinov2',
-            model_kwargs=dict(img_size=56, embed_dim=embed_dim, depth=4,
-                              num_heads=2, drop_path_rate=0.1)),
-        interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
-        conv_inplane=16,
-        deform_num_heads=2,
-        n_points=2,
-        deform_ratio=1.0,
+            _base_.kiv_student_t14.base,
+            model_kwargs=dict(_base_.kiv_student_t14.base.model_kwargs,
+                              drop_path_rate=0.1)),
         drop_path_rate=0.1,
+        # pyramid only, as the real config: no global tokens
+        with_global_token=False,
+        summary_names=None,
         norm_cfg=norm_cfg,
         init_cfg=dict(checkpoint='checkpoints/kiv_vit-t14_student.pth')),
     decode_head=dict(
