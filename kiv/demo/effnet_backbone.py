@@ -56,7 +56,7 @@ class EfficientNetLite0(BaseModule):
         super().__init__(init_cfg=init_cfg)
         from efficientnet_lite_pytorch import EfficientNet
 
-        from kiv.models.teachers.weights import load_teacher_checkpoint
+        from kiv.utils.weights import load_teacher_checkpoint
         net = EfficientNet.from_name('efficientnet-lite0')
         if checkpoint is not None:
             load_teacher_checkpoint(net, checkpoint)

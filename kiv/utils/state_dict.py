@@ -19,7 +19,7 @@ base ViT, exported students, the demo's checkpoints):
 
 Errors are :class:`StateDictError` (a ``ValueError``) unless the caller
 passes its own class (the teachers raise
-:class:`~kiv.models.teachers.TeacherCheckpointError`, a subclass).
+:class:`~kiv.utils.weights.TeacherCheckpointError`, a subclass).
 """
 from __future__ import annotations
 

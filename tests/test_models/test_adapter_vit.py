@@ -18,8 +18,8 @@ from mmpretrain.models.backbones import VisionTransformer as MMPViT
 import kiv  # noqa: F401  registers kiv.*
 from kiv.demo import PlainViTStudent
 from kiv.models.backbones import AdapterViT, MMPretrainBaseViT, TimmBaseViT
-from kiv.models.teachers.weights import TeacherCheckpointError
 from kiv.structures import FeatureOutput
+from kiv.utils.weights import TeacherCheckpointError
 
 TIMM_NAME = 'vit_small_patch14_reg4_dinov2'
 TIMM_KWARGS = dict(img_size=56, embed_dim=64, depth=4, num_heads=2)

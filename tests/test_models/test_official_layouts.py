@@ -29,19 +29,15 @@ import kiv  # noqa: F401  registers kiv.*
 from kiv.models.backbones.base_vit import pyramid_sizes
 from kiv.models.teachers import (Teacher, TeacherCheckpointError,
                                  build_teacher_model)
-from kiv.models.teachers.timm_source import (build_timm_teacher,
-                                             resample_position_tables,
-                                             resample_rel_pos)
-from kiv.models.teachers.weights import discarded_entries
+from kiv.models.teachers.timm_source import build_timm_teacher
 from kiv.structures import FeatureOutput
 from kiv.testing.official_layouts import (OFFICIAL_FILES, write_clip,
                                           write_dinov2, write_mmdet,
                                           write_sam)
+from kiv.testing.paths import REAL_DISTILL_CFG as RECIPE
+from kiv.utils.timm_weights import resample_position_tables, resample_rel_pos
+from kiv.utils.weights import discarded_entries
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-RECIPE = osp.join(
-    REPO, 'configs', 'distill',
-    'kiv_adapter-vit-b14-reg4_dinov2-clip-sam-maskrcnn_8xb64-100k_in1k.py')
 #: the student's input side and its pyramid (strides 4, 8, 16, 32)
 STUDENT_SIZE = 224
 #: reduced depths (key names do not change)

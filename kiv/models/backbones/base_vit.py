@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import Tensor
 
-from kiv.models.teachers.timm_source import load_timm_checkpoint
 from kiv.registry import MODELS
 from kiv.utils.state_dict import (load_state_dict_checked, read_state_dict,
                                   select_part)
+from kiv.utils.timm_weights import load_timm_checkpoint
 
 __all__ = [
     'BaseViT', 'TimmBaseViT', 'MMPretrainBaseViT', 'build_base_vit',
@@ -208,7 +208,7 @@ class TimmBaseViT(BaseViT):
         """Load ``filename`` strictly through timm's checkpoint filter.
 
         The same loading path as the timm teachers
-        (:func:`kiv.models.teachers.timm_source.load_timm_checkpoint`):
+        (:func:`kiv.utils.timm_weights.load_timm_checkpoint`):
         ``.pth`` read weights-only or ``.safetensors``, timm's filter for the
         official layouts, and nothing in the file dropped unless
         ``drop_keys`` names it.

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from kiv.registry import TEACHER_SOURCES
 from kiv.utils.state_dict import first_keys
-from .weights import TeacherCheckpointError
+from kiv.utils.weights import TeacherCheckpointError
 
 
 def _hf_prefix_tokens(model: nn.Module) -> int | None:

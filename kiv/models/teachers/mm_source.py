@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from kiv.registry import TEACHER_SOURCES
 from kiv.utils.state_dict import StateDict, select_part, select_prefix
-from .weights import load_teacher_checkpoint
+from kiv.utils.weights import load_teacher_checkpoint
 
 #: ``part`` option -> the submodules it keeps.
 PARTS = ('whole', 'backbone', 'backbone+neck')
@@ -136,7 +136,7 @@ def build_mm_teacher(config: str | Mapping,
             of the model type (``'mmdet.RetinaNet'``).
         strict (bool): keys and shapes must match exactly. Defaults to True.
         state_dict_key, rename, drop_keys: see
-            :func:`~kiv.models.teachers.weights.load_teacher_checkpoint`.
+            :func:`~kiv.utils.weights.load_teacher_checkpoint`.
 
     Returns:
         nn.Module: the selected part with its weights loaded.

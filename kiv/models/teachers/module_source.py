@@ -11,7 +11,7 @@ from torch import nn
 
 from kiv.registry import MODELS, TEACHER_SOURCES
 from kiv.utils import in_own_scope
-from .weights import load_teacher_checkpoint
+from kiv.utils.weights import load_teacher_checkpoint
 
 
 def import_factory(path: str) -> Callable[..., Any]:

@@ -7,7 +7,7 @@ from difflib import get_close_matches
 from torch import nn
 
 from kiv.registry import TEACHER_SOURCES
-from .weights import load_teacher_checkpoint
+from kiv.utils.weights import load_teacher_checkpoint
 
 
 @TEACHER_SOURCES.register_module(name='torchvision')
@@ -28,7 +28,7 @@ def build_torchvision_teacher(model_name: str,
             ``dict(num_classes=10)``.
         strict (bool): keys and shapes must match exactly. Defaults to True.
         state_dict_key, rename, drop_keys: see
-            :func:`~kiv.models.teachers.weights.load_teacher_checkpoint`.
+            :func:`~kiv.utils.weights.load_teacher_checkpoint`.
 
     Returns:
         nn.Module: the torchvision model with its weights loaded.

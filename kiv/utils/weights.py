@@ -1,6 +1,8 @@
-"""Strict, weights-only loading of teacher checkpoints.
+"""Strict, weights-only loading of a weights file into a built network.
 
-Every teacher source loads its file through :func:`load_teacher_checkpoint`:
+Every teacher source (and the student's timm base ViT, through
+:mod:`kiv.utils.timm_weights`) loads its file through
+:func:`load_teacher_checkpoint`:
 
 1. read the file and take the state dict out of it
    (:func:`kiv.utils.state_dict.read_state_dict`: weights-only, the
@@ -30,8 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from mmengine.logging import print_log
 from torch import Tensor, nn
 
-from kiv.utils.state_dict import (StateDict, StateDictError, first_keys,
-                                  load_state_dict_checked, read_state_dict)
+from .state_dict import (StateDict, StateDictError, first_keys,
+                         load_state_dict_checked, read_state_dict)
 
 
 class TeacherCheckpointError(StateDictError, RuntimeError):
