@@ -12,7 +12,7 @@ __all__ = [
     'to_bgr_uint8'
 ]
 # offline teacher-feature cache (registers kiv.TeacherCacheDataset,
-# kiv.ReplayView, kiv.TeacherCacheStatisticsHook)
+# kiv.ReplayView)
 from .teacher_cache import (ReplayView, TeacherCacheDataset,  # noqa: E402
                             TeacherCacheError, TeacherCacheWriter,
                             use_teacher_cache)

@@ -219,7 +219,7 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
         labels (bool): attach the world's labels (multi-task heads).
     """
     from kiv.datasets.teacher_cache import TeacherCacheError, read_index
-    from kiv.datasets.teacher_cache.writer import teacher_fingerprint
+    from kiv.fileio.teacher_cache_identity import teacher_fingerprint
     index = read_index(cache_dir)
     for name in cached:
         tcfg = cfg.model.teachers[name]

@@ -7,19 +7,21 @@ safetensors shards, an index and the exact standardiser statistics
 (:func:`use_teacher_cache`) then trains from the cache with no teacher in
 memory: :class:`TeacherCacheDataset` replays every cached view
 (:class:`ReplayView`) with its targets and ``kiv.CachedTeacher`` hands them
-to the distiller. See ``docs/teacher_cache.md``.
+to the distiller. The file format itself is :mod:`kiv.fileio` (the models
+read it too). See ``docs/teacher_cache.md``.
 """
-from .config import TeacherCacheStatisticsHook, use_teacher_cache
-from .dataset import CACHE_ID, CACHED_TARGETS, TeacherCacheDataset
-from .format import (STORAGE_DTYPES, ImageList, TeacherCacheError,
-                     load_statistics, read_index)
+from kiv.fileio.teacher_cache_format import (CACHE_ID, CACHED_TARGETS,
+                                             STORAGE_DTYPES, ImageList,
+                                             TeacherCacheError,
+                                             load_statistics, read_index)
+from .config import use_teacher_cache
+from .dataset import TeacherCacheDataset
 from .views import ReplayView, ViewParams, split_pipeline, view_rng
 from .writer import TeacherCacheWriter, format_bytes
 
 __all__ = [
     'TeacherCacheWriter', 'TeacherCacheDataset', 'ReplayView', 'ViewParams',
-    'TeacherCacheError', 'TeacherCacheStatisticsHook', 'use_teacher_cache',
-    'load_statistics', 'read_index', 'split_pipeline', 'view_rng',
-    'format_bytes', 'ImageList', 'STORAGE_DTYPES', 'CACHED_TARGETS',
-    'CACHE_ID'
+    'TeacherCacheError', 'use_teacher_cache', 'load_statistics',
+    'read_index', 'split_pipeline', 'view_rng', 'format_bytes', 'ImageList',
+    'STORAGE_DTYPES', 'CACHED_TARGETS', 'CACHE_ID'
 ]

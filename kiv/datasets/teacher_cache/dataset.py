@@ -16,20 +16,17 @@ from mmengine.logging import print_log
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from kiv.fileio.teacher_cache_format import (CACHE_ID, CACHED_TARGETS,
+                                             IMAGES_FILE, TeacherCacheError,
+                                             open_shard, output_keys,
+                                             read_image_list, read_index,
+                                             shard_metadata)
 from kiv.registry import DATASETS
 from ..transforms import SKIP_CAUSES, SKIPPED_FILES, UnreadableImageError
 from .config import dataset_differences
-from .format import (IMAGES_FILE, TeacherCacheError, open_shard, output_keys,
-                     read_image_list, read_index, shard_metadata)
 from .views import VIEW_PARAMS, ReplayView, ViewParams
 
-__all__ = ['TeacherCacheDataset', 'CACHED_TARGETS', 'CACHE_ID']
-
-#: data-sample field holding ``{'<teacher>.summary' | '<teacher>.features.l':
-#: Tensor}`` (one sample, storage dtype) for ``kiv.CachedTeacher``.
-CACHED_TARGETS = 'cached_targets'
-#: data-sample metainfo key: the ``cache_id`` the targets come from.
-CACHE_ID = 'teacher_cache'
+__all__ = ['TeacherCacheDataset']
 
 
 def _join(root: str, path: str) -> str:

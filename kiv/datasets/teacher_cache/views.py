@@ -16,8 +16,8 @@ import mmcv
 import numpy as np
 from mmcv.transforms import BaseTransform
 
+from kiv.fileio.teacher_cache_format import TeacherCacheError
 from kiv.registry import TRANSFORMS
-from .format import TeacherCacheError
 
 __all__ = ['ViewParams', 'ReplayView', 'view_rng', 'split_pipeline']
 

@@ -35,21 +35,23 @@ from mmengine.utils import ProgressBar
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kiv.fileio.teacher_cache_format import (
+    CACHE_FORMAT, CACHE_VERSION, IMAGES_FILE, INDEX_FILE, STATISTICS_FILE,
+    STORAGE_DTYPES, ImageList, TeacherCacheError, config_to_json, fingerprint,
+    open_shard, output_keys, read_index, save_statistics, shard_metadata,
+    shard_name, shard_stats_name, write_image_list, write_json_atomic,
+    write_safetensors_atomic)
+from kiv.fileio.teacher_cache_identity import (dataset_fingerprint,
+                                               teacher_fingerprint)
 from kiv.registry import DATASETS, MODELS, TRANSFORMS
 from kiv.structures import FeatureOutput
 from kiv.version import __version__
 from ..transforms import UnreadableImageError
-from .format import (CACHE_FORMAT, CACHE_VERSION, IMAGES_FILE, INDEX_FILE,
-                     STATISTICS_FILE, STORAGE_DTYPES, ImageList,
-                     TeacherCacheError, config_to_json, fingerprint,
-                     open_shard, output_keys, read_index, save_statistics,
-                     shard_metadata, shard_name, shard_stats_name,
-                     write_image_list, write_json_atomic,
-                     write_safetensors_atomic)
+from .config import online_config
 from .views import split_pipeline, view_rng
 
-__all__ = ['TeacherCacheWriter', 'format_bytes', 'dataset_fingerprint',
-           'teacher_fingerprint', 'VIEW_ROW_BYTES', 'DEFAULT_SHARD_BYTES']
+__all__ = ['TeacherCacheWriter', 'format_bytes', 'VIEW_ROW_BYTES',
+           'DEFAULT_SHARD_BYTES']
 
 #: bytes of the view description of one cached view: image (int64), view
 #: (int64), box (4 x int64), flip (uint8), image_hw (2 x int64).
@@ -59,10 +61,6 @@ VIEW_ROW_BYTES = 8 + 8 + 4 * 8 + 1 + 2 * 8
 ROUNDING_WARN = 0.01
 #: target size of one shard when ``shard_size`` is not given.
 DEFAULT_SHARD_BYTES = 1 << 30
-#: dataset config keys that only say *where* the images are (ignored when
-#: checking that a cache belongs to a config: data may move).
-_LOCATION_KEYS = ('data_root', 'data_prefix', 'pipeline', 'backend_args',
-                  'lazy_init', 'serialize_data', 'max_refetch')
 
 
 def format_bytes(num: float) -> str:
@@ -73,32 +71,6 @@ def format_bytes(num: float) -> str:
                 f'{num:.2f} {unit}'
         num /= 1024
     raise AssertionError('unreachable')
-
-
-def teacher_fingerprint(teacher_cfg: Mapping) -> str:
-    """Fingerprint of one teacher's config (source, preprocessing, dtype).
-
-    Args:
-        teacher_cfg (dict): ``model.teachers[<name>]``.
-
-    Returns:
-        str: 16 hex digits.
-    """
-    return fingerprint(teacher_cfg)
-
-
-def dataset_fingerprint(dataset_cfg: Mapping) -> str:
-    """Fingerprint of a train dataset config, ignoring where the data lives
-    (``data_root``, ``data_prefix``) and the pipeline (checked separately).
-
-    Args:
-        dataset_cfg (dict): ``train_dataloader.dataset``.
-
-    Returns:
-        str: 16 hex digits.
-    """
-    return fingerprint({k: v for k, v in dataset_cfg.items()
-                        if k not in _LOCATION_KEYS})
 
 
 def _collate_list(batch: list) -> list:
@@ -210,7 +182,6 @@ class TeacherCacheWriter:
                              f'got {dtype!r}')
         if shard_size is not None and shard_size < 1:
             raise ValueError(f'shard_size must be >= 1, got {shard_size}')
-        from .config import online_config  # config.py imports this module
         self.cfg = online_config(cfg)
         self.out_dir = out_dir
         self.views = views

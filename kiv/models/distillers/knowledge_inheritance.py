@@ -12,11 +12,10 @@ from mmengine.logging import MessageHub
 from mmengine.model import BaseModel, ModuleDict
 from torch import Tensor
 
-from kiv.datasets.teacher_cache.config import (cached_teachers,
-                                               fix_cache_statistics)
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
 from kiv.utils import in_own_scope
+from .teacher_cache import cached_teachers, fix_cache_statistics
 
 #: default distillation losses (RADIOv2.5): MSE on PHI-S-standardised
 #: targets for the summary and every dense level. PHI-S gives every teacher
@@ -322,7 +321,7 @@ class KnowledgeInheritance(BaseModel):
         Returns:
             nn.ModuleDict: name -> teacher; ``kiv.CachedTeacher`` for every
             teacher with ``teacher_cache`` (see
-            :func:`kiv.datasets.teacher_cache.config.cached_teachers`).
+            :func:`kiv.models.distillers.teacher_cache.cached_teachers`).
 
         Raises:
             TeacherCacheError: the cache does not belong to the teachers

@@ -8,9 +8,9 @@ import torch
 from mmengine.model import BaseModule
 from torch import Tensor
 
-from kiv.datasets.teacher_cache.dataset import CACHE_ID, CACHED_TARGETS
-from kiv.datasets.teacher_cache.format import (TeacherCacheError,
-                                               output_keys, read_index)
+from kiv.fileio.teacher_cache_format import (CACHE_ID, CACHED_TARGETS,
+                                             TeacherCacheError, output_keys,
+                                             read_index)
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
 

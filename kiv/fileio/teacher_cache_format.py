@@ -42,6 +42,14 @@ deleted when the cache is complete.
 
 Target and statistic keys are those of the shared latent space:
 ``'<teacher>.summary'`` and ``'<teacher>.features.<level>'``.
+
+In memory, ``kiv.TeacherCacheDataset`` hands a view's targets to
+``kiv.CachedTeacher`` in its data sample: the field :data:`CACHED_TARGETS`
+(``{key: Tensor}``) and the metainfo key :data:`CACHE_ID` (the cache id).
+
+This module is below both of them (``kiv.datasets`` writes and reads the
+files, ``kiv.models`` reads the index and the statistics): it imports
+neither.
 """
 from __future__ import annotations
 
@@ -61,11 +69,12 @@ from kiv.utils.atomic import atomic_path, atomic_write_bytes
 
 __all__ = [
     'CACHE_FORMAT', 'CACHE_VERSION', 'INDEX_FILE', 'IMAGES_FILE',
-    'STATISTICS_FILE', 'STORAGE_DTYPES', 'TeacherCacheError', 'ImageList',
-    'shard_name', 'shard_stats_name', 'output_keys', 'fingerprint',
-    'config_to_json', 'read_index', 'write_json_atomic',
-    'write_safetensors_atomic', 'read_image_list', 'write_image_list',
-    'save_statistics', 'load_statistics', 'open_shard', 'shard_metadata'
+    'STATISTICS_FILE', 'STORAGE_DTYPES', 'CACHED_TARGETS', 'CACHE_ID',
+    'TeacherCacheError', 'ImageList', 'shard_name', 'shard_stats_name',
+    'output_keys', 'fingerprint', 'config_to_json', 'read_index',
+    'write_json_atomic', 'write_safetensors_atomic', 'read_image_list',
+    'write_image_list', 'save_statistics', 'load_statistics',
+    'cache_statistics', 'open_shard', 'shard_metadata'
 ]
 
 CACHE_FORMAT = 'kiv-teacher-cache'
@@ -73,6 +82,12 @@ CACHE_VERSION = 1
 INDEX_FILE = 'index.json'
 IMAGES_FILE = 'images.txt'
 STATISTICS_FILE = 'statistics.safetensors'
+
+#: data-sample field holding ``{'<teacher>.summary' | '<teacher>.features.l':
+#: Tensor}`` (one sample, storage dtype) for ``kiv.CachedTeacher``.
+CACHED_TARGETS = 'cached_targets'
+#: data-sample metainfo key: the ``cache_id`` the targets come from.
+CACHE_ID = 'teacher_cache'
 
 #: ``--dtype`` option -> storage dtype of the targets.
 STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -371,3 +386,21 @@ def load_statistics(path: str,
             f'{path} holds the statistics of cache '
             f'{meta.get("cache_id")!r}, not of {cache_id!r}')
     return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+def cache_statistics(cache_dir: str) -> tuple[dict[str, Tensor], dict]:
+    """The exact standardiser sums of all the targets of a complete cache.
+
+    Args:
+        cache_dir (str): the cache directory.
+
+    Returns:
+        tuple[dict[str, Tensor], dict]: the packed float64 sums (see
+        :func:`load_statistics`) and the index.
+
+    Raises:
+        TeacherCacheError: no complete cache, or a foreign statistics file.
+    """
+    index = read_index(cache_dir)
+    return load_statistics(osp.join(cache_dir, STATISTICS_FILE),
+                           index['cache_id']), index

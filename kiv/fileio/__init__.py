@@ -1,0 +1,21 @@
+"""File formats shared by kiv's layers.
+
+The teacher-feature cache is written and read by ``kiv.datasets`` and read
+by ``kiv.models`` (``kiv.CachedTeacher``, the distiller's statistics): its
+format (:mod:`.teacher_cache_format`: index, shards, image list, statistics
+file) and what ties it to a config (:mod:`.teacher_cache_identity`:
+fingerprints, the teacher check) live here, below both. Nothing here
+imports ``kiv.models``, ``kiv.datasets`` or ``kiv.engine``.
+"""
+from .teacher_cache_format import (CACHE_ID, CACHED_TARGETS, STORAGE_DTYPES,
+                                   ImageList, TeacherCacheError,
+                                   cache_statistics, load_statistics,
+                                   read_index)
+from .teacher_cache_identity import (dataset_fingerprint, teacher_differences,
+                                     teacher_fingerprint)
+
+__all__ = [
+    'CACHE_ID', 'CACHED_TARGETS', 'STORAGE_DTYPES', 'ImageList',
+    'TeacherCacheError', 'cache_statistics', 'load_statistics', 'read_index',
+    'dataset_fingerprint', 'teacher_differences', 'teacher_fingerprint'
+]
