@@ -18,7 +18,9 @@ import torch
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 
-from conftest import REPO, run_tool
+from kiv.testing.paths import REAL_DISTILL_CFG as DISTILL_CFG
+from kiv.testing.paths import REPO
+from kiv.testing.tools import run_tool
 from kiv.utils.checkpoint import safe_torch_load
 from kiv.models.backbones import AdapterViT
 from kiv.models.necks import SimplePyramid
@@ -44,9 +46,6 @@ IMPORT_CFG = osp.join(CFG_DIR, 'import_example',
 IMPORT_TINY_CFG = osp.join(
     CFG_DIR, 'import_example',
     'mask-rcnn_kiv-adapter-vit-t14_fpn_1xb2-1e_tiny-coco.py')
-DISTILL_CFG = osp.join(
-    REPO, 'configs', 'distill',
-    'kiv_adapter-vit-b14-reg4_dinov2-clip-sam-maskrcnn_8xb64-100k_in1k.py')
 #: AdapterViT arguments that change the state dict (must match the student).
 ARCH_ARGS = ('interaction_indexes', 'conv_inplane', 'deform_num_heads',
              'n_points', 'deform_ratio', 'with_cffn', 'cffn_ratio',
@@ -411,6 +410,7 @@ def test_import_into_upstream_config_with_cfg_options_only(
         f'{b}base.model_kwargs.depth=4', f'{b}base.model_kwargs.num_heads=2',
         f'{b}interaction_indexes=[[0,0],[1,1],[2,2],[3,3]]',
         f'{b}conv_inplane=16', f'{b}deform_num_heads=2', f'{b}n_points=2',
+        f'{b}summary_names=[dinov2,clip]',
         f'{b}init_cfg.type=Pretrained',
         f'{b}init_cfg.checkpoint={exported_student["path"]}',
         'model.neck.in_channels=[64,64,64,64]',

@@ -17,7 +17,8 @@ from mmengine.registry import init_default_scope
 from kiv.utils.checkpoint import safe_torch_load
 from kiv.models.backbones import AdapterViT
 
-from conftest import REPO, run_tool
+from kiv.testing.paths import REPO
+from kiv.testing.tools import run_tool
 
 CLS = osp.join(REPO, 'configs', 'mmpretrain')
 REAL_LP = osp.join(
@@ -81,10 +82,10 @@ def test_get_layer_depth_timm_base():
             # injector k writes the input of block k; extractors read its
             # output
             assert layer_id == (k if part == 'injector' else k + 1), name
-        else:  # base final norm, pyramid outputs, global token
+        else:  # base final norm, pyramid outputs, global / summary tokens
             assert name.startswith(('base.model.norm.', 'up.', 'vit_norms.',
                                     'pyramid_gammas.', 'out_norms.',
-                                    'global_token.')), name
+                                    'global_token.', 'summary_tokens.')), name
             assert layer_id == 5, name
     # every block is at its own depth: decay really orders the base
     assert sorted(set(depths.values())) == [0, 1, 2, 3, 4, 5]
@@ -169,7 +170,7 @@ def test_finetune_layer_decay_param_groups():
         'backbone.base.model.blocks.0.attn.qkv.weight': 1,
         'backbone.base.model.blocks.2.attn.qkv.weight': 3,
         'backbone.interactions.3.injector.attn.sampling_offsets.weight': 3,
-        'backbone.global_token.pool.q.weight': 5,
+        'backbone.summary_tokens.dinov2.pool.q.weight': 5,
         'head.fc.weight': 5,
     }
     for name, layer_id in expected.items():
@@ -177,7 +178,8 @@ def test_finetune_layer_decay_param_groups():
             base_lr * rate**(5 - layer_id)), name
     for name in ('backbone.base.model.pos_embed',
                  'backbone.base.model.reg_token',
-                 'backbone.global_token.pool.latent', 'head.fc.bias'):
+                 'backbone.summary_tokens.dinov2.pool.latent',
+                 'backbone.summary_tokens.clip.gamma', 'head.fc.bias'):
         assert by_name[name]['weight_decay'] == 0.0, name
     assert by_name['head.fc.weight']['weight_decay'] == \
         cfg.optim_wrapper.optimizer.weight_decay
