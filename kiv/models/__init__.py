@@ -1,4 +1,5 @@
 """kiv models: teachers, the adapter backbone, the latent space, losses and
 the distiller. Importing this package registers them all in ``kiv.MODELS``.
 """
-from . import backbones, distillers, losses, necks, teachers  # noqa: F401
+from . import (backbones, connectors, distillers, layers, losses,  # noqa
+               necks, teachers)

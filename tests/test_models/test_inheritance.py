@@ -12,7 +12,8 @@ from mmengine.runner import Runner
 import kiv  # noqa: F401
 from kiv.evaluation import TeacherAgreementMetric
 from kiv.models.distillers.knowledge_inheritance import DEFAULT_LOSSES
-from kiv.models.necks.standardizers import EMAStandardizer, PHISStandardizer
+from kiv.models.connectors.standardizers import (PHISStandardizer,
+                                                 StatisticsStandardizer)
 from kiv.registry import MODELS
 from conftest import TINY_DISTILL_CFG as TINY_CFG
 
@@ -30,7 +31,7 @@ def _images(n=4, seed=0, size=56):
 
 def _standardizers(model):
     return [m for m in model.latent.modules()
-            if isinstance(m, EMAStandardizer)]
+            if isinstance(m, StatisticsStandardizer)]
 
 
 # ------------------------------------------------------------------ losses

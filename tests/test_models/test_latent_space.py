@@ -8,10 +8,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kiv.utils.checkpoint import safe_torch_load
-from kiv.models.necks import (ChannelStandardizer, DenseS2THead,
-                              IdentityStandardizer, PHISStandardizer,
-                              S2THead, SharedLatentSpace, build_standardizer,
-                              equalizing_rotation, hadamard_matrix)
+from kiv.models.connectors import (ChannelStandardizer, DenseS2THead,
+                                   IdentityStandardizer, PHISStandardizer,
+                                   S2THead, SharedLatentSpace,
+                                   build_standardizer, equalizing_rotation,
+                                   hadamard_matrix)
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
 

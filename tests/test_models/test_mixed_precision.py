@@ -42,9 +42,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import kiv  # noqa: F401
-from kiv.models.necks.s2t_heads import S2THead
-from kiv.models.necks.standardizers import (EMAStandardizer,
-                                            build_standardizer)
+from kiv.models.connectors.s2t_heads import S2THead
+from kiv.models.connectors.standardizers import (StatisticsStandardizer,
+                                                 build_standardizer)
 from kiv.registry import MODELS
 from conftest import TINY_DISTILL_CFG as TINY_CFG
 from test_inheritance import _head_teacher_cfg, _head_teacher_file
@@ -389,7 +389,7 @@ def test_fp32_islands_under_autocast(head_ckpt, monkeypatch, standardize):
     model.train()
     spy = PrecisionSpy()
     stds = [m for m in model.latent.modules()
-            if isinstance(m, EMAStandardizer)]
+            if isinstance(m, StatisticsStandardizer)]
     assert stds
     for std in stds:
         for method in ('batch_sums', '_refresh', 'forward', 'inverse'):
@@ -468,7 +468,7 @@ def test_fp32_compute_switches_and_restores():
     """``fp32_compute`` turns autocast off and forces IEEE float32 kernels
     (CUDA's TF32 switches are plain flags, checked here on the CPU), and
     restores every switch on exit."""
-    from kiv.models.necks.standardizers import fp32_compute
+    from kiv.models.layers.precision import fp32_compute
     switches = {'cpu': [torch.backends.mkldnn.matmul,
                         torch.backends.mkldnn.conv],
                 'cuda': [torch.backends.cuda.matmul,

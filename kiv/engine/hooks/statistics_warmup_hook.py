@@ -12,7 +12,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from torch.utils.data import DataLoader
 
-from kiv.models.necks.shared_latent_space import all_reduce_sums
+from kiv.models.connectors.shared_latent_space import all_reduce_sums
 from kiv.registry import HOOKS
 from ..random_state import preserved_random_state
 

@@ -13,8 +13,8 @@ from torch import Tensor
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
 from .s2t_heads import DenseS2THead, S2THead
-from .standardizers import BaseStandardizer, EMAStandardizer, \
-    build_standardizer
+from .standardizers import (BaseStandardizer, StatisticsStandardizer,
+                            build_standardizer)
 
 __all__ = ['SharedLatentSpace', 'all_reduce_sums']
 
@@ -289,14 +289,14 @@ class SharedLatentSpace(BaseModule):
         """Keys of every standardiser with statistics, in a fixed order."""
         return [key for t in self.teacher_names
                 for key, std in self._named_standardizers(t)
-                if isinstance(std, EMAStandardizer)]
+                if isinstance(std, StatisticsStandardizer)]
 
     @property
     def statistics_ready(self) -> bool:
         """Whether every standardiser with statistics has them fixed."""
         return all(std.frozen for t in self.teacher_names
                    for _, std in self._named_standardizers(t)
-                   if isinstance(std, EMAStandardizer))
+                   if isinstance(std, StatisticsStandardizer))
 
     @property
     def statistics_exist(self) -> bool:
@@ -304,7 +304,7 @@ class SharedLatentSpace(BaseModule):
         running); without them the standardisers are the identity."""
         return all(std.initialized for t in self.teacher_names
                    for _, std in self._named_standardizers(t)
-                   if isinstance(std, EMAStandardizer))
+                   if isinstance(std, StatisticsStandardizer))
 
     def _warn_if_no_statistics(self) -> None:
         """Warn once when outputs are used before statistics exist: they
@@ -314,7 +314,7 @@ class SharedLatentSpace(BaseModule):
         self._warned_no_statistics = True
         missing = [key for t in self.teacher_names
                    for key, std in self._named_standardizers(t)
-                   if isinstance(std, EMAStandardizer)
+                   if isinstance(std, StatisticsStandardizer)
                    and not std.initialized]
         print_log(
             f'{type(self).__name__}: no standardiser statistics yet for '
@@ -338,7 +338,7 @@ class SharedLatentSpace(BaseModule):
 
         Returns:
             dict[str, Tensor]: float64 packed ``[count, sum x, sum x x^T]``
-            (see ``EMAStandardizer.batch_sums``) per key of
+            (see ``StatisticsStandardizer.batch_sums``) per key of
             :meth:`statistic_keys` of the given teachers.
         """
         sums = {}
@@ -346,7 +346,7 @@ class SharedLatentSpace(BaseModule):
             self._check_teacher_output(out, teacher)
             for (key, std), x in zip(self._named_standardizers(teacher),
                                      self._outputs(out)):
-                if isinstance(std, EMAStandardizer):
+                if isinstance(std, StatisticsStandardizer):
                     sums[key] = std.batch_sums(x)
         return sums
 
@@ -375,7 +375,7 @@ class SharedLatentSpace(BaseModule):
                            f'expected {keys}')
         for teacher in self.teacher_names:
             for key, std in self._named_standardizers(teacher):
-                if isinstance(std, EMAStandardizer) and key in sums:
+                if isinstance(std, StatisticsStandardizer) and key in sums:
                     std.load_sums(sums[key].double(), freeze=freeze)
         self.init_preservation_heads()
 
@@ -384,7 +384,7 @@ class SharedLatentSpace(BaseModule):
         statistics has ``attr`` (``'frozen'`` / ``'initialized'``)."""
         return {t: all(getattr(std, attr) for _, std in
                        self._named_standardizers(t)
-                       if isinstance(std, EMAStandardizer))
+                       if isinstance(std, StatisticsStandardizer))
                 for t in self.preserved_teachers}
 
     @torch.no_grad()
@@ -435,7 +435,7 @@ class SharedLatentSpace(BaseModule):
         sums = self.statistic_sums(targets)
         ready = {key for t in targets
                  for key, std in self._named_standardizers(t)
-                 if isinstance(std, EMAStandardizer) and std.frozen}
+                 if isinstance(std, StatisticsStandardizer) and std.frozen}
         sums = {k: v for k, v in sums.items() if k not in ready}
         self.load_statistics(all_reduce_sums(sums), strict=False)
 
@@ -452,12 +452,12 @@ class SharedLatentSpace(BaseModule):
         """
         initialized = self._preserved_state('initialized')
         frozen = self._preserved_state('frozen')
-        pending: list[tuple[EMAStandardizer, Tensor]] = []
+        pending: list[tuple[StatisticsStandardizer, Tensor]] = []
         for teacher, out in targets.items():
             self._check_teacher_output(out, teacher)
             for std, x in zip(self._standardizers(teacher),
                               self._outputs(out)):
-                if isinstance(std, EMAStandardizer) and not std.frozen:
+                if isinstance(std, StatisticsStandardizer) and not std.frozen:
                     pending.append((std, std.batch_sums(x)))
         if not pending:
             return

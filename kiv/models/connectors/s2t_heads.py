@@ -2,7 +2,7 @@
 
 Mixed precision: the MLP runs in the autocast dtype; the knowledge-
 preservation skip path (``with_skip=True``) always computes in IEEE float32
-(:func:`~kiv.models.necks.standardizers.fp32_compute`), because at step 0
+(:func:`~kiv.models.layers.precision.fp32_compute`), because at step 0
 it must reproduce the teacher's float32 standardiser exactly. Under autocast
 the heads return float32.
 """
@@ -17,7 +17,7 @@ from mmengine.model import BaseModule
 from torch import Tensor, nn
 
 from kiv.registry import MODELS
-from .standardizers import autocast_enabled, fp32_compute
+from ..layers.precision import autocast_enabled, fp32_compute
 
 __all__ = ['S2THead', 'DenseS2THead']
 

@@ -19,7 +19,7 @@ its variance: ``diag(R diag(lambda) R^T) = mean(lambda) * 1``.
 Both are built in NumPy and returned as float64 tensors: autocast never
 casts float64, and the float32 kernel-precision switches (TF32, bf16 oneDNN
 kernels) do not apply to it, so the rotation is exact under mixed precision
-too. :class:`~kiv.models.necks.standardizers.PHISStandardizer` combines it
+too. :class:`~kiv.models.connectors.standardizers.PHISStandardizer` combines it
 with the float64 eigendecomposition outside any autocast and applies the
 result in IEEE float32.
 """

@@ -4,63 +4,77 @@ Teachers differ in feature magnitude; standardising every teacher output
 (summary and each dense level) before the loss keeps the largest-magnitude
 teacher from dominating the distillation ("imbalanced transfer").
 
+Hierarchy
+---------
+* :class:`BaseStandardizer`: the interface (``forward``, ``inverse``,
+  ``affine``);
+* :class:`IdentityStandardizer` (``standardize='none'``): no statistics;
+* :class:`StatisticsStandardizer`: the base of the standardisers driven by a
+  mean and a second moment, with two ways to get them: *exact sums*
+  (:meth:`~StatisticsStandardizer.load_sums`, the default ``'fixed'``
+  statistics of :class:`~kiv.SharedLatentSpace`) or *EMA updates*
+  (:meth:`~StatisticsStandardizer.update`, ``statistics='ema'``);
+  subclasses :class:`ChannelStandardizer` (per channel) and
+  :class:`PHISStandardizer` (PHI-S, the default).
+
 Statistics
 ----------
-All EMA standardisers keep float64 buffers (saved in checkpoints, restored by
-``load_state_dict``):
+Every :class:`StatisticsStandardizer` keeps float64 buffers (saved in
+checkpoints, restored by ``load_state_dict``):
 
-* ``num_updates``: number of :meth:`~EMAStandardizer.update` calls;
+* ``num_updates``: number of :meth:`~StatisticsStandardizer.update` calls;
 * ``fixed``: True once the statistics are fixed (set exactly by
-  :meth:`~EMAStandardizer.load_sums`, or ``max_updates`` reached): later
-  updates are ignored, also after resuming from a checkpoint;
-* ``ema_mean``: EMA of the batch mean, ``(C,)``;
-* ``ema_moment2``: EMA of the batch second moment ``E[x x^T]`` (``(C, C)``,
+  :meth:`~StatisticsStandardizer.load_sums`, or ``max_updates`` reached):
+  later updates are ignored, also after resuming from a checkpoint;
+* ``ema_mean``: (EMA of the) mean, ``(C,)``;
+* ``ema_moment2``: (EMA of the) second moment ``E[x x^T]`` (``(C, C)``,
   PHI-S) or ``E[x^2]`` (``(C,)``, per channel).
 
-An update ``s_n = m * s_{n-1} + (1 - m) * batch_n`` with ``m = momentum``
-starts from ``s_0 = 0`` and is read *bias-corrected* like Adam:
-``s_n / (1 - m^n)``. After the first update the estimate is exactly the first
-batch's statistics; later batches get the normalised weights
-``(1 - m) m^(n-k) / (1 - m^n)``. The covariance is
-``E[x x^T] - mean mean^T`` of that weighted mixture of batches, so it also
-holds the variation between batch means and stays positive semi-definite.
+Fixed statistics (the default): sum the packed
+:meth:`~StatisticsStandardizer.batch_sums` of every batch of a warm-up pass
+(``kiv.StatisticsWarmupHook``) or of a whole teacher-feature cache and give
+the total to :meth:`~StatisticsStandardizer.load_sums`: the statistics are
+then the exact statistics of all those samples, and they never move under the
+student. The transform is computed once; the training hot path does no
+eigendecomposition and no host-device synchronisation (the update counter
+and the fixed flag are mirrored in Python).
+
+EMA updates: an update ``s_n = m * s_{n-1} + (1 - m) * batch_n`` with
+``m = momentum`` starts from ``s_0 = 0`` and is read *bias-corrected* like
+Adam: ``s_n / (1 - m^n)``. After the first update the estimate is exactly
+the first batch's statistics; later batches get the normalised weights
+``(1 - m) m^(n-k) / (1 - m^n)``. The covariance is ``E[x x^T] - mean
+mean^T`` of that weighted mixture of batches, so it also holds the
+variation between batch means and stays positive semi-definite. (Exact sums
+are stored as one such step from zero, so both modes share the buffers.)
 
 Batch sums (count, ``sum x``, ``sum x x^T``) are all-reduced across ranks
 with :func:`mmengine.dist.all_reduce` (a no-op outside distributed runs)
-before the EMA, so every rank holds identical statistics. The Gram matrix is
-computed around the batch mean in the input precision (float32 for
+before an update, so every rank holds identical statistics. The Gram matrix
+is computed around the batch mean in the input precision (float32 for
 half-precision input) and accumulated in float64; eigendecompositions run in
 float64.
 
 Precision under mixed precision: every standardiser computes in float32
-(float64 for float64 input) under any autocast, inside :func:`fp32_compute`
-(autocast off, IEEE float32 matmul and convolution kernels: no TF32 on
-CUDA, no bf16 oneDNN kernels on CPU, whatever
-``torch.set_float32_matmul_precision`` says). Under an enabled autocast its
-output is float32 (autocast's convention for its float32 ops), so the
-targets, the de-standardised predictions and the losses built on them are
-float32; outside autocast the output keeps the input's dtype.
+(float64 for float64 input) under any autocast, inside
+:func:`~kiv.models.layers.precision.fp32_compute` (autocast off, IEEE
+float32 matmul and convolution kernels: no TF32 on CUDA, no bf16 oneDNN
+kernels on CPU, whatever ``torch.set_float32_matmul_precision`` says).
+Under an enabled autocast its output is float32 (autocast's convention for
+its float32 ops), so the targets, the de-standardised predictions and the
+losses built on them are float32; outside autocast the output keeps the
+input's dtype.
 
 The transform derived from the statistics (e.g. the PHI-S matrix from an
 eigendecomposition) is cached in non-persistent buffers and recomputed
-lazily, only after the statistics changed (an update or ``load_state_dict``).
-Before the first update (``num_updates == 0``) every standardiser is the
-identity.
-
-Fixed statistics (the default of :class:`~kiv.SharedLatentSpace`): sum the
-packed :meth:`~EMAStandardizer.batch_sums` of every batch of a warm-up pass
-(``kiv.StatisticsWarmupHook``) or of a whole teacher-feature cache and give
-the total to :meth:`~EMAStandardizer.load_sums`: the statistics are then the
-exact statistics of all those samples, and they never move under the student.
-The transform is computed once; the training hot path does no
-eigendecomposition and no host-device synchronisation (the update counter
-and the fixed flag are mirrored in Python).
+lazily, only after the statistics changed (an update, ``load_sums`` or
+``load_state_dict``). Before any statistics exist (``num_updates == 0``)
+every standardiser is the identity.
 """
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from contextlib import ExitStack, contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,106 +82,14 @@ from mmengine.dist import all_reduce
 from torch import Tensor, nn
 
 from kiv.registry import MODELS
+from ..layers.precision import autocast_enabled, fp32_compute
 from .rotations import equalizing_rotation, hadamard_matrix
 
 __all__ = [
-    'BaseStandardizer', 'EMAStandardizer', 'IdentityStandardizer',
+    'BaseStandardizer', 'StatisticsStandardizer', 'IdentityStandardizer',
     'ChannelStandardizer', 'PHISStandardizer', 'STANDARDIZE_MODES',
-    'build_standardizer', 'fp32_compute', 'autocast_enabled'
+    'build_standardizer'
 ]
-
-#: ``torch.backends`` precision switches of float32 matmuls / convolutions
-#: per device type (``fp32_precision``: ``'ieee'``, ``'tf32'``, ``'bf16'``
-#: or ``'none'`` = inherit).
-_PRECISION_SWITCHES: dict[str, tuple[tuple[str, str], ...]] = {
-    'cuda': (('cuda', 'matmul'), ('cudnn', 'conv'), ('cudnn', 'rnn')),
-    'cpu': (('mkldnn', 'matmul'), ('mkldnn', 'conv')),
-}
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is enabled for ``device_type`` right now.
-
-    Args:
-        device_type (str): e.g. ``'cuda'`` or ``'cpu'``.
-
-    Returns:
-        bool: True inside an enabled ``torch.autocast`` of that device.
-    """
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        if device_type == 'cpu':
-            return torch.is_autocast_cpu_enabled()
-        return device_type == 'cuda' and torch.is_autocast_enabled()
-
-
-def _switches(device_type: str) -> list[object]:
-    """The ``fp32_precision`` switch objects of ``device_type`` that this
-    torch has (older versions have none, only the ``allow_tf32`` flags).
-
-    Args:
-        device_type (str): e.g. ``'cuda'`` or ``'cpu'``.
-
-    Returns:
-        list: e.g. ``torch.backends.mkldnn.matmul`` on the CPU.
-    """
-    found = []
-    for backend, op in _PRECISION_SWITCHES.get(device_type, ()):
-        obj = getattr(getattr(torch.backends, backend, None), op, None)
-        if obj is not None and hasattr(obj, 'fp32_precision'):
-            found.append(obj)
-    return found
-
-
-@contextmanager
-def fp32_compute(device_type: str) -> Iterator[None]:
-    """Run a block in true IEEE float32.
-
-    Disables autocast for ``device_type`` and, for the duration of the block
-    only, sets the float32 precision of that device's matmul and
-    convolution kernels to IEEE (``fp32_precision = 'ieee'``): no TF32 on
-    CUDA (cuDNN convolutions default to TF32), no bf16 oneDNN kernels on
-    CPU (``torch.set_float32_matmul_precision('medium')`` selects them on
-    CPUs with AMX / AVX512-BF16). The previous settings are restored on
-    exit. Inputs must be cast to float32 by the caller (autocast no longer
-    does it). Used by the standardisers and the knowledge-preservation skip
-    path of the s2t heads, whose exactness the step-0 guarantees rely on.
-
-    The switches are process-global (like ``torch.backends`` itself): do
-    not run a model in several Python threads at once (``DataParallel``)
-    with other code relying on TF32 in the same moment.
-
-    Args:
-        device_type (str): device type of the tensors, e.g. ``'cuda'``.
-
-    Yields:
-        None
-    """
-    with ExitStack() as stack:
-        stack.enter_context(torch.autocast(device_type, enabled=False))
-        switches = _switches(device_type)
-        if switches:
-            saved = [(obj, obj.fp32_precision) for obj in switches
-                     if obj.fp32_precision != 'ieee']
-            for obj, _ in saved:
-                obj.fp32_precision = 'ieee'
-            stack.callback(_restore_precision, saved)
-        elif device_type == 'cuda':  # older torch: the legacy switches
-            saved = [(obj, obj.allow_tf32) for obj in (
-                torch.backends.cuda.matmul, torch.backends.cudnn)
-                     if obj.allow_tf32]
-            for obj, _ in saved:
-                obj.allow_tf32 = False
-            stack.callback(_restore_precision, saved, 'allow_tf32')
-        yield
-
-
-def _restore_precision(saved: list[tuple[object, object]],
-                       attr: str = 'fp32_precision') -> None:
-    """Set ``attr`` of every switch back to its saved value."""
-    for obj, value in reversed(saved):
-        setattr(obj, attr, value)
 
 
 def _check_channels(x: Tensor, dim: int, who: str) -> None:
@@ -277,9 +199,12 @@ class IdentityStandardizer(BaseStandardizer):
         return torch.eye(self.dim), torch.zeros(self.dim)
 
 
-class EMAStandardizer(BaseStandardizer):
-    """Base class of standardisers driven by EMA mean and second moment.
+class StatisticsStandardizer(BaseStandardizer):
+    """Base class of standardisers driven by a mean and a second moment.
 
+    The statistics come either exactly from summed batch sums
+    (:meth:`load_sums`: the default fixed statistics) or from EMA updates
+    (:meth:`update` / :meth:`update_from_sums`); see the module doc.
     Subclasses set :attr:`full_covariance` and implement
     :meth:`_compute_transform`, :meth:`forward` and :meth:`inverse`.
 
@@ -522,11 +447,11 @@ class EMAStandardizer(BaseStandardizer):
 
 
 @MODELS.register_module()
-class ChannelStandardizer(EMAStandardizer):
+class ChannelStandardizer(StatisticsStandardizer):
     """Per-channel standardisation (UNIC / DUNE).
 
     ``y = (x - mean) / sqrt(var + eps)`` per channel, with the EMA statistics
-    described in :mod:`kiv.models.necks.standardizers`;
+    described in :mod:`kiv.models.connectors.standardizers`;
     ``inverse(y) = y * sqrt(var + eps) + mean``.
 
     Args:
@@ -606,7 +531,7 @@ class ChannelStandardizer(EMAStandardizer):
 
 
 @MODELS.register_module()
-class PHISStandardizer(EMAStandardizer):
+class PHISStandardizer(StatisticsStandardizer):
     r"""PHI-S: PCA-Hadamard isotropic standardisation (RADIOv2.5).
 
     With the EMA mean :math:`\mu` and covariance
@@ -630,9 +555,9 @@ class PHISStandardizer(EMAStandardizer):
 
     :math:`R` is the normalised Hadamard matrix (entries
     :math:`\pm 1/\sqrt{C}`, data independent; see
-    :func:`~kiv.models.necks.rotations.hadamard_matrix`) when one is
+    :func:`~kiv.models.connectors.rotations.hadamard_matrix`) when one is
     constructed for ``C``; for other ``C`` it is the Givens rotation of
-    :func:`~kiv.models.necks.rotations.equalizing_rotation`, computed from
+    :func:`~kiv.models.connectors.rotations.equalizing_rotation`, computed from
     :math:`\Lambda` with the same equal-variance guarantee (and exact).
 
     The inverse is exact: :math:`x = \alpha^{-1} U R^T y + \mu`.
