@@ -19,9 +19,10 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch import Tensor
 
-from kiv.models.backbones.base_vit import (STRIDES, BaseViT, build_base_vit,
-                                           check_images, check_outputs,
-                                           crop_to, pad_to_patch_multiple,
+from kiv.models.backbones.base_vit import BaseViT, build_base_vit
+from kiv.models.layers.backbone_io import (STRIDES, check_images,
+                                           check_outputs, crop_to,
+                                           pad_to_patch_multiple,
                                            pretrained_to_init_cfg,
                                            pyramid_sizes)
 from kiv.registry import MODELS

@@ -23,6 +23,8 @@ from timm.layers import AttentionPoolLatent
 
 import kiv  # noqa: F401  registers kiv.*
 from kiv.models.backbones import adapter_modules as am
+from kiv.models.layers import attention_pool as ap
+from kiv.models.layers import deform_attention as da
 
 EMBED, HEADS, POINTS = 32, 4, 3
 QUERY_SHAPES = [(6, 5)]
@@ -37,7 +39,7 @@ def _pair(levels: int, ratio: float = 0.5, **kwargs):
                                         **kwargs)
     for p in ref.parameters():
         p.data.normal_(0, 0.3)
-    new = am.MSDeformAttn(EMBED, HEADS, levels, POINTS, dropout=0.0,
+    new = da.MSDeformAttn(EMBED, HEADS, levels, POINTS, dropout=0.0,
                           value_proj_ratio=ratio, **kwargs)
     new.load_state_dict(ref.state_dict())
     return ref, new
@@ -119,21 +121,21 @@ def _core_inputs(dtype: torch.dtype = torch.float32):
 def test_sampling_core_gradcheck_and_reference():
     value, shapes, starts, locations, weights = _core_inputs(torch.float64)
     assert torch.autograd.gradcheck(
-        lambda v, loc, w: am.ms_deform_attn_sampling(v, shapes, starts, loc,
+        lambda v, loc, w: da.ms_deform_attn_sampling(v, shapes, starts, loc,
                                                      w),
         (value, locations, weights))
     expected = multi_scale_deformable_attn_pytorch(value, shapes, locations,
                                                    weights)
-    got = am.ms_deform_attn(value, shapes, starts, locations, weights)
+    got = da.ms_deform_attn(value, shapes, starts, locations, weights)
     assert got.dtype == torch.float64
     _close(expected, got, 1e-12)
 
 
 def _spy(monkeypatch, name: str) -> list:
-    """Record dtypes and the autocast state where ``am.<name>`` is called.
+    """Record dtypes and the autocast state where ``da.<name>`` is called.
     """
     seen = []
-    real = getattr(am, name)
+    real = getattr(da, name)
 
     def spy(value, shapes, starts, locations, weights, *args):
         seen.append(dict(dtypes={value.dtype, locations.dtype,
@@ -141,7 +143,7 @@ def _spy(monkeypatch, name: str) -> list:
                          autocast=torch.is_autocast_enabled('cpu')))
         return real(value, shapes, starts, locations, weights, *args)
 
-    monkeypatch.setattr(am, name, spy)
+    monkeypatch.setattr(da, name, spy)
     return seen
 
 
@@ -184,8 +186,8 @@ def test_kernel_path_gets_fp32_under_bf16(monkeypatch):
     query = torch.randn(2, 30, EMBED)
     value = torch.randn(2, sum(h * w for h, w in VALUE_SHAPES), EMBED)
     cpu_path = attn.attend(query, value, *inputs)
-    monkeypatch.setattr(am, '_has_mmcv_kernel', lambda value: True)
-    monkeypatch.setattr(am, 'MultiScaleDeformableAttnFunction', FakeKernel)
+    monkeypatch.setattr(da, '_has_mmcv_kernel', lambda value: True)
+    monkeypatch.setattr(da, 'MultiScaleDeformableAttnFunction', FakeKernel)
     _close(cpu_path, attn.attend(query, value, *inputs))
     with torch.autocast('cpu', dtype=torch.bfloat16):
         attn.attend(query, value, *inputs)
@@ -199,7 +201,7 @@ def test_ms_deform_attn_casts(monkeypatch, dtype):
     seen = _spy(monkeypatch, 'ms_deform_attn_sampling')
     value, shapes, starts, locations, weights = _core_inputs()
     with torch.autocast('cpu', dtype=dtype):
-        out = am.ms_deform_attn(value.to(dtype), shapes, starts,
+        out = da.ms_deform_attn(value.to(dtype), shapes, starts,
                                 locations.to(dtype), weights)
     assert seen == [dict(dtypes={torch.float32}, autocast=False)]
     assert out.dtype == torch.float32
@@ -215,7 +217,7 @@ def test_latent_attention_pool_matches_timm(latents):
     parts = [torch.randn(2, 7, EMBED, requires_grad=True),
              torch.randn(2, 11, EMBED, requires_grad=True)]
     expected = pool(torch.cat(parts, 1))
-    got = am.latent_attention_pool(pool, parts)
+    got = ap.latent_attention_pool(pool, parts)
     _close(expected, got)
     params = parts + list(pool.parameters())
     for a, b in zip(
@@ -228,8 +230,8 @@ def test_latent_attention_pool_falls_back():
     """Query/key norms cannot be folded: the module's own forward runs."""
     pool = AttentionPoolLatent(EMBED, num_heads=HEADS, qk_norm=True)
     parts = [torch.randn(1, 5, EMBED), torch.randn(1, 4, EMBED)]
-    assert not am._folds_keys(pool)
-    assert torch.equal(am.latent_attention_pool(pool, parts),
+    assert not ap._folds_keys(pool)
+    assert torch.equal(ap.latent_attention_pool(pool, parts),
                        pool(torch.cat(parts, 1)))
 
 
@@ -276,7 +278,7 @@ def test_non_finite_locations_give_nan_not_an_error():
     locations = locations.detach().clone()
     locations[0, 0, 0, 0, 0, 0] = float('nan')
     locations[1, 2, 1, 1, 2, 1] = float('inf')
-    out = am.ms_deform_attn_sampling(value, shapes, starts, locations,
+    out = da.ms_deform_attn_sampling(value, shapes, starts, locations,
                                      weights)
     nan = out.isnan().view(2, 5, 2, 3).any(-1)
     assert nan.nonzero().tolist() == [[0, 0, 0], [1, 2, 1]]

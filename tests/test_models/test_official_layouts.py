@@ -26,7 +26,7 @@ from mmengine.config import Config
 from mmengine.registry import MODELS as ROOT_MODELS
 
 import kiv  # noqa: F401  registers kiv.*
-from kiv.models.backbones.base_vit import pyramid_sizes
+from kiv.models.layers.backbone_io import pyramid_sizes
 from kiv.models.teachers import (Teacher, TeacherCheckpointError,
                                  build_teacher_model)
 from kiv.models.teachers.timm_source import build_timm_teacher

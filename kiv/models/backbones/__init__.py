@@ -3,12 +3,11 @@ from .adapter_modules import (ConvFFN, DeformInputs, Extractor, GlobalToken,
                               Injector, InteractionBlock, SpatialPriorModule,
                               make_deform_inputs)
 from .adapter_vit import AdapterViT
-from .base_vit import (BaseViT, MMPretrainBaseViT, TimmBaseViT,
-                       build_base_vit, pad_to_patch_multiple, pyramid_sizes)
+from .base_vit import BaseViT, MMPretrainBaseViT, TimmBaseViT, build_base_vit
 
 __all__ = [
     'AdapterViT', 'BaseViT', 'TimmBaseViT', 'MMPretrainBaseViT',
     'build_base_vit', 'SpatialPriorModule', 'Injector', 'Extractor',
     'ConvFFN', 'InteractionBlock', 'GlobalToken', 'DeformInputs',
-    'make_deform_inputs', 'pad_to_patch_multiple', 'pyramid_sizes'
+    'make_deform_inputs'
 ]

@@ -38,12 +38,13 @@ from torch.utils.checkpoint import checkpoint
 
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
+from ..layers.backbone_io import (check_images, check_outputs, crop_to,
+                                  pad_to_patch_multiple,
+                                  pretrained_to_init_cfg, pyramid_sizes)
 from .adapter_modules import (GlobalToken, InteractionBlock,
                               SpatialPriorModule, TokenNorm,
                               make_deform_inputs, tokens_to_maps)
-from .base_vit import (BaseViT, build_base_vit, check_images, check_outputs,
-                       crop_to, pad_to_patch_multiple, pretrained_to_init_cfg,
-                       pyramid_sizes)
+from .base_vit import BaseViT, build_base_vit
 
 __all__ = ['AdapterViT']
 
@@ -112,7 +113,7 @@ class AdapterViT(BaseModule):
     the knowledge base's own summary stays its CLS token until training
     opens its gate, while the others move freely. The extra cost is one
     latent-query attention pool per name (keys folded into the query, see
-    :func:`.latent_attention_pool`).
+    :func:`~kiv.models.layers.attention_pool.latent_attention_pool`).
 
     Knowledge preservation at initialisation (step 0):
 
