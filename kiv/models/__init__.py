@@ -1,5 +1,31 @@
-"""kiv models: teachers, the adapter backbone, the latent space, losses and
-the distiller. Importing this package registers them all in ``kiv.MODELS``.
+"""kiv models, laid out as the method: ``teachers`` (frozen, any source),
+``connectors`` (the shared latent space: standardisers, s2t heads),
+``backbones`` (the student: frozen base ViT + zero-initialised adapter),
+``layers`` (building blocks), ``distillers`` (knowledge inheritance),
+``losses`` and ``necks`` (downstream). Importing this package registers them
+all in ``kiv.MODELS``; every public class is importable from here.
 """
-from . import (backbones, connectors, distillers, layers, losses,  # noqa
-               necks, teachers)
+from .backbones import (AdapterViT, BaseViT, ConvFFN, DeformInputs,
+                        Extractor, GlobalToken, Injector, InteractionBlock,
+                        MMPretrainBaseViT, SpatialPriorModule, TimmBaseViT)
+from .connectors import (BaseStandardizer, ChannelStandardizer, DenseS2THead,
+                         IdentityStandardizer, PHISStandardizer, S2THead,
+                         SharedLatentSpace, StatisticsStandardizer)
+from .distillers import KnowledgeInheritance
+from .layers import MSDeformAttn
+from .losses import FeatureMatchingLoss, LogitDistillationLoss
+from .necks import SimplePyramid
+from .teachers import (BackboneNeck, CachedTeacher, HFVisionModel,
+                       ModuleOutputsRecorder, Teacher, TeacherCheckpointError)
+
+__all__ = [
+    'AdapterViT', 'BaseViT', 'TimmBaseViT', 'MMPretrainBaseViT',
+    'SpatialPriorModule', 'Injector', 'Extractor', 'ConvFFN',
+    'InteractionBlock', 'GlobalToken', 'DeformInputs', 'SharedLatentSpace',
+    'S2THead', 'DenseS2THead', 'BaseStandardizer', 'StatisticsStandardizer',
+    'IdentityStandardizer', 'ChannelStandardizer', 'PHISStandardizer',
+    'KnowledgeInheritance', 'MSDeformAttn', 'FeatureMatchingLoss',
+    'LogitDistillationLoss', 'SimplePyramid', 'Teacher', 'CachedTeacher',
+    'BackboneNeck', 'HFVisionModel', 'ModuleOutputsRecorder',
+    'TeacherCheckpointError'
+]
