@@ -13,7 +13,7 @@ from mmengine.registry import DefaultScope
 import kiv  # noqa: F401
 from kiv.registry import (DATASETS, HOOKS, METRICS, MODELS, TEACHER_SOURCES,
                           TRANSFORMS)
-from conftest import REPO
+from kiv.testing.paths import REPO
 
 CONFIGS = sorted(glob.glob(osp.join(REPO, 'configs', 'distill', '*.py')))
 REGISTRIES = (MODELS, DATASETS, TRANSFORMS, HOOKS, METRICS, TEACHER_SOURCES)

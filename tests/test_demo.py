@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from kiv.testing.paths import REPO
 
 
 # ------------------------------------------------------------ the world ---

@@ -14,7 +14,7 @@ import os.path as osp
 
 import pytest
 
-from conftest import REPO
+from kiv.testing.paths import REPO
 
 #: package under kiv/ -> packages it must not import
 FORBIDDEN = {

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO
+from kiv.testing.paths import REPO
 
 BOOTSTRAP = osp.join(REPO, 'tools', 'setup', 'bootstrap.sh')
 

@@ -105,3 +105,60 @@ def fit_head(model: TinyConvClassifier, images: Tensor, labels: Tensor,
     model.head.weight.copy_(weights[:-1].T.float())
     model.head.bias.copy_(weights[-1].float())
     return float((model(images).argmax(1) == labels).float().mean())
+
+
+#: the ImageNet normalisation the colour classifier is fitted and run with
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+
+def save_colour_classifier(root: str, seed: int = 0) -> tuple[str, str]:
+    """The colour classifier with its head fitted, saved under ``root``.
+
+    Writes 96 colour images to ``root/colour/train``, fits the head of a
+    seeded :class:`TinyConvClassifier` on them (training accuracy > 0.9) and
+    saves its state dict to ``root/colour_cls_<seed>.pth``; an existing file
+    is reused.
+
+    Args:
+        root (str): folder of the checkpoint and the images.
+        seed (int): seed of the images and of the network. Defaults to 0.
+
+    Returns:
+        tuple[str, str]: the checkpoint path and the training image folder.
+    """
+    path = osp.join(root, f'colour_cls_{seed}.pth')
+    train_dir = osp.join(root, 'colour', 'train')
+    if not osp.exists(path):
+        import cv2
+        files, labels = make_colour_images(train_dir, 96, seed=seed)
+        imgs = np.stack([cv2.imread(f)[..., ::-1] for f in files])
+        x = torch.from_numpy(imgs.copy()).permute(0, 3, 1, 2).float()
+        mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(STD).view(1, 3, 1, 1)
+        torch.manual_seed(seed)
+        net = TinyConvClassifier(num_classes=4)
+        acc = fit_head(net, (x - mean) / std, torch.from_numpy(labels))
+        assert acc > 0.9, acc
+        torch.save(net.state_dict(), path)
+    return path, train_dir
+
+
+def colour_classifier_teacher(checkpoint: str) -> dict:
+    """A ``kiv.Teacher`` config of the saved colour classifier: 56 px input,
+    ``features`` as the dense features, ``pool`` as the summary and the
+    kept ``head`` reading the summary.
+
+    Args:
+        checkpoint (str): a file written by :func:`save_colour_classifier`.
+    """
+    return dict(
+        type='kiv.Teacher',
+        source=dict(type='module',
+                    factory='kiv.testing.tiny_classifier:TinyConvClassifier',
+                    kwargs=dict(num_classes=4), checkpoint=checkpoint),
+        mean=list(MEAN), std=list(STD),
+        input_size=56,
+        features=dict(layers=['features']),
+        summary=dict(type='layer', name='pool'),
+        head=dict(layer='head', input='summary'))

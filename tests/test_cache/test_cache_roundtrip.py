@@ -8,17 +8,14 @@ import os.path as osp
 import numpy as np
 import pytest
 import torch
-from cache_helpers import (NUM_IMAGES, SHARD_SIZE, VIEWS, in_dir,
-                           tiny_cfg)
 from mmengine.dataset import pseudo_collate
 
 from kiv.datasets.teacher_cache import (TeacherCacheDataset,
                                         TeacherCacheError, load_statistics,
                                         read_index, use_teacher_cache)
 from kiv.registry import MODELS
-
-#: the fixtures tiny_root, cache, private_root (see cache_fixtures.py)
-pytest_plugins = ['cache_fixtures']
+from kiv.testing.paths import in_dir
+from kiv.testing.tiny_cache import NUM_IMAGES, SHARD_SIZE, VIEWS, tiny_cfg
 
 
 @pytest.fixture(scope='module')

@@ -13,18 +13,13 @@ import time
 
 import pytest
 import torch
-from cache_helpers import NUM_IMAGES, REPO, TINY_DISTILL_CFG
 
-#: the fixtures tiny_root, cache, private_root (see cache_fixtures.py)
-pytest_plugins = ['cache_fixtures']
+from kiv.testing.paths import REPO, TINY_DISTILL_CFG
+from kiv.testing.tiny_cache import NUM_IMAGES
+from kiv.testing.tools import tool_env
 
 TOOL = osp.join(REPO, 'tools', 'cache_teachers.py')
 ARGS = ['--views', '2', '--shard-size', '1', '--workers', '0']
-
-
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=REPO, PYTHONWARNINGS='ignore',
-                OMP_NUM_THREADS='1')
 
 
 def _free_port() -> int:
@@ -51,12 +46,12 @@ def test_kill_resume_equals_two_rank_run(tiny_root, tmp_path):
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node',
          '2', '--master_port', str(_free_port()), TOOL, TINY_DISTILL_CFG,
          '--out', ref_out, '--launcher', 'pytorch'] + ARGS,
-        cwd=tiny_root, env=_env(), stdout=subprocess.PIPE,
+        cwd=tiny_root, env=tool_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     # the same cache in one process, killed with SIGKILL after a shard
     victim = subprocess.Popen([sys.executable, TOOL, TINY_DISTILL_CFG,
                                '--out', out] + ARGS,
-                              cwd=tiny_root, env=_env(),
+                              cwd=tiny_root, env=tool_env(),
                               stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -74,8 +69,8 @@ def test_kill_resume_equals_two_rank_run(tiny_root, tmp_path):
 
     resumed = subprocess.run([sys.executable, TOOL, TINY_DISTILL_CFG,
                               '--out', out] + ARGS,
-                             cwd=tiny_root, env=_env(), capture_output=True,
-                             text=True, timeout=600)
+                             cwd=tiny_root, env=tool_env(),
+                             capture_output=True, text=True, timeout=600)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
     assert 'resuming:' in output, output[-3000:]
@@ -107,7 +102,7 @@ def test_dry_run_reports_disk_use_and_writes_nothing(tiny_root, tmp_path):
     out = str(tmp_path / 'dry')
     proc = subprocess.run([sys.executable, TOOL, TINY_DISTILL_CFG, '--out',
                            out, '--views', '3', '--dtype', 'bf16',
-                           '--dry-run'], cwd=tiny_root, env=_env(),
+                           '--dry-run'], cwd=tiny_root, env=tool_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f'{NUM_IMAGES} images x 3 views, bf16' in proc.stdout
@@ -139,7 +134,7 @@ def test_train_py_trains_from_the_cache_it_is_told(cache, private_root,
         args = ['--cfg-options', f'teacher_cache={cache["dir"]}', *options]
     proc = subprocess.run(
         [sys.executable, TRAIN, config, '--work-dir', 'run', *args],
-        cwd=private_root, env=_env(), capture_output=True, text=True,
+        cwd=private_root, env=tool_env(), capture_output=True, text=True,
         timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -165,7 +160,7 @@ def test_train_py_refuses_a_config_naming_two_caches(cache, private_root):
     proc = subprocess.run(
         [sys.executable, TRAIN, CACHED_CFG, '--work-dir', 'run',
          '--cfg-options', f'model.teacher_cache={cache["dir"]}'],
-        cwd=private_root, env=_env(), capture_output=True, text=True,
+        cwd=private_root, env=tool_env(), capture_output=True, text=True,
         timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith('error: the config names different '

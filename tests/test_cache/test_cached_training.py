@@ -5,16 +5,13 @@ import os.path as osp
 
 import pytest
 import torch
-from cache_helpers import (SHARD_SIZE, TINY_DISTILL_CFG, VIEWS, in_dir,
-                           tiny_cfg)
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 from kiv.datasets.teacher_cache import use_teacher_cache
 from kiv.registry import MODELS
-
-#: the fixtures tiny_root, cache, private_root (see cache_fixtures.py)
-pytest_plugins = ['cache_fixtures']
+from kiv.testing.paths import TINY_DISTILL_CFG, in_dir
+from kiv.testing.tiny_cache import SHARD_SIZE, VIEWS, tiny_cfg
 
 ITERS = 2
 

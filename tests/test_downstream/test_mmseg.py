@@ -17,8 +17,8 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 
 from kiv.models.backbones import AdapterViT
-
-from conftest import REPO, run_tool
+from kiv.testing.paths import REPO
+from kiv.testing.tools import run_tool
 
 SEG = osp.join(REPO, 'configs', 'mmseg')
 REAL_CFG = osp.join(

@@ -40,7 +40,7 @@ import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.hub import get_config
 
-from conftest import REPO
+from kiv.testing.paths import REPO
 from kiv.utils.checkpoint import safe_torch_load
 from kiv.models.backbones import AdapterViT
 

@@ -11,8 +11,8 @@ mmengine's resume restores none of the global random states (Python, NumPy,
 torch): it replays the data stream by skipping the batches already trained.
 A resumed run is identical only if nothing draws random numbers in a fresh
 run that the resumed run skips. The statistics warm-up of the online
-distillation config did (issue 16, item 7: 294 of 404 tensors differed at
-iteration 20): it now leaves the global random state as it found it.
+distillation config did (294 of 404 tensors differed at iteration 20 while
+it did): it now leaves the global random state as it found it.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kiv.testing.paths import REPO, TINY_DISTILL_CFG
+from kiv.testing.tools import run_tool
 from kiv.utils.checkpoint import safe_torch_load
-
-from conftest import REPO, TINY_DISTILL_CFG, run_tool
 
 TINY_CACHED_CFG = TINY_DISTILL_CFG.replace('.py', '_cached.py')
 TINY_SEG_CFG = osp.join(

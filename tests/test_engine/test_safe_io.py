@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from engine_test_utils import REPO, evil_checkpoint, run_python, toy_config
 from mmengine.fileio import get_file_backend
 from mmengine.fileio.backends import LocalBackend
 from mmengine.fileio.backends import registry_utils
@@ -21,6 +20,28 @@ from kiv.engine import safe_io
 from kiv.engine.safe_io import AtomicLocalBackend
 from kiv.utils.checkpoint import (SAFE_GLOBALS, UnsafeCheckpointError,
                                   load_from_local, load_url, safe_torch_load)
+from kiv.testing.paths import REPO
+from kiv.testing.tools import TOY_MODULES, run_python, toy_config
+
+
+class _Evil:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}', ))
+
+
+def evil_checkpoint(tmp_path):
+    """A checkpoint whose ``meta`` would touch ``tmp_path/pwned`` when
+    unpickled; returns its path and the marker path."""
+    marker = tmp_path / 'pwned'
+    path = str(tmp_path / 'evil.pth')
+    torch.save({'state_dict': {'w': torch.zeros(1)},
+                'meta': _Evil(str(marker))}, path)
+    return path, marker
 
 
 @pytest.fixture
@@ -213,7 +234,7 @@ def test_upstream_script_with_custom_imports(tmp_path):
     evil, marker = evil_checkpoint(tmp_path)
     plain = toy_config(tmp_path / 'plain.py', work_dir=str(tmp_path / 'a'))
     opt_in = toy_config(tmp_path / 'opt_in.py',
-                        imports=('toy_engine_modules', 'kiv',
+                        imports=(TOY_MODULES, 'kiv',
                                  'kiv.engine.use_safe_io'),
                         work_dir=str(tmp_path / 'b'))
     script = tmp_path / 'upstream_train.py'

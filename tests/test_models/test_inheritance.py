@@ -15,7 +15,9 @@ from kiv.models.distillers.knowledge_inheritance import DEFAULT_LOSSES
 from kiv.models.connectors.standardizers import (PHISStandardizer,
                                                  StatisticsStandardizer)
 from kiv.registry import MODELS
-from conftest import TINY_DISTILL_CFG as TINY_CFG
+from kiv.testing.paths import TINY_DISTILL_CFG as TINY_CFG
+from kiv.testing.tiny_classifier import (colour_classifier_teacher,
+                                         save_colour_classifier)
 
 
 def _model(**overrides):
@@ -166,45 +168,11 @@ def test_preservation_survives_init_weights_after_loading(distill_workdir):
 
 
 # --------------------------------------------------------- inherited heads
-def _head_teacher_file(distill_workdir, seed=0):
-    """The tiny colour classifier with its head fitted, saved to a file."""
-    from kiv.testing.tiny_classifier import (TinyConvClassifier,
-                                             fit_head, make_colour_images)
-    path = osp.join(distill_workdir, f'colour_cls_{seed}.pth')
-    train_dir = osp.join(distill_workdir, 'colour', 'train')
-    if not osp.exists(path):
-        import cv2
-        files, labels = make_colour_images(train_dir, 96, seed=seed)
-        imgs = np.stack([cv2.imread(f)[..., ::-1] for f in files])
-        x = torch.from_numpy(imgs.copy()).permute(0, 3, 1, 2).float()
-        mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-        std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
-        torch.manual_seed(seed)
-        net = TinyConvClassifier(num_classes=4)
-        acc = fit_head(net, (x - mean) / std, torch.from_numpy(labels))
-        assert acc > 0.9, acc
-        torch.save(net.state_dict(), path)
-    return path, train_dir
-
-
-def _head_teacher_cfg(checkpoint):
-    return dict(
-        type='kiv.Teacher',
-        source=dict(type='module',
-                    factory='kiv.testing.tiny_classifier:TinyConvClassifier',
-                    kwargs=dict(num_classes=4), checkpoint=checkpoint),
-        mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
-        input_size=56,
-        features=dict(layers=['features']),
-        summary=dict(type='layer', name='pool'),
-        head=dict(layer='head', input='summary'))
-
-
 def _head_distiller(distill_workdir, **overrides):
     cfg = Config.fromfile(TINY_CFG)
-    path, _ = _head_teacher_file(distill_workdir)
+    path, _ = save_colour_classifier(distill_workdir)
     cfg.model.teachers = dict(dinov2=cfg.model.teachers.dinov2,
-                              cls=_head_teacher_cfg(path))
+                              cls=colour_classifier_teacher(path))
     cfg.model.student.summary_names = ['dinov2', 'cls']
     cfg.model.latent.teachers = dict()
     cfg.model.update(overrides)
@@ -279,14 +247,14 @@ def test_tiny_distillation_inherits_a_working_classifier(distill_workdir):
     images): see the printed line.
     """
     from kiv.testing.tiny_classifier import make_colour_images
-    path, train_dir = _head_teacher_file(distill_workdir)
+    path, train_dir = save_colour_classifier(distill_workdir)
     val_dir = osp.join(distill_workdir, 'colour', 'val')
     make_colour_images(val_dir, 48, seed=123)
     cfg = Config.fromfile(TINY_CFG)
     cfg.work_dir = osp.join(distill_workdir, 'wd_colour')
     # the knowledge base and the classifier, a summary each
     cfg.model.teachers = dict(dinov2=cfg.model.teachers.dinov2,
-                              cls=_head_teacher_cfg(path))
+                              cls=colour_classifier_teacher(path))
     cfg.model.student.summary_names = ['dinov2', 'cls']
     cfg.model.latent.teachers = dict()
     cfg.model.grad_share_interval = 0

@@ -1,5 +1,5 @@
-"""Mixed precision (issue 16): the distiller trains under bf16 and fp16
-autocast, and knowledge preservation survives it.
+"""Mixed precision: the distiller trains under bf16 and fp16 autocast,
+and knowledge preservation survives it.
 
 The contract (README, "Mixed precision"):
 
@@ -46,8 +46,9 @@ from kiv.models.connectors.s2t_heads import S2THead
 from kiv.models.connectors.standardizers import (StatisticsStandardizer,
                                                  build_standardizer)
 from kiv.registry import MODELS
-from conftest import TINY_DISTILL_CFG as TINY_CFG
-from test_inheritance import _head_teacher_cfg, _head_teacher_file
+from kiv.testing.paths import TINY_DISTILL_CFG as TINY_CFG
+from kiv.testing.tiny_classifier import (colour_classifier_teacher,
+                                         save_colour_classifier)
 
 BF16, FP16 = torch.bfloat16, torch.float16
 HALF = (BF16, FP16)
@@ -62,8 +63,8 @@ BF16_STEP0_TOL = 2.0**-14
 #: Step-0 bound of the knowledge base's losses when the base teacher runs in
 #: the same precision as the student (both fp32, or both bf16 under bf16
 #: AMP): the same bound as the fp32 preservation test of
-#: test_inheritance.py. Measured 0.0 in both cases; before issue 16 the bf16
-#: skip path gave 6.7e-6 (summary) and 8.7e-6 (dense).
+#: test_inheritance.py. Measured 0.0 in both cases; a skip path computing in
+#: bf16 instead of float32 gives 6.7e-6 (summary) and 8.7e-6 (dense).
 EXACT_TOL = 1e-9
 #: aten ops that only view or cast their input (the dtype spy follows data
 #: through them); every other op computes.
@@ -255,7 +256,7 @@ class PrecisionSpy(TorchDispatchMode):
 @pytest.fixture(scope='module')
 def head_ckpt(distill_workdir) -> str:
     """The tiny colour classifier (a kept ``nn.Linear`` head)."""
-    return _head_teacher_file(distill_workdir)[0]
+    return save_colour_classifier(distill_workdir)[0]
 
 
 @pytest.fixture(scope='module')
@@ -292,7 +293,7 @@ def _cached_model(cache_dir: str, head_ckpt: str, **model) -> nn.Module:
     teachers = dict(
         dinov2=dict(type='kiv.CachedTeacher', cache_dir=cache_dir,
                     name='dinov2'),
-        cls=_head_teacher_cfg(head_ckpt))
+        cls=colour_classifier_teacher(head_ckpt))
     cfg = _config(
         teachers, ['dinov2', 'cls'],
         losses=dict(logits=dict(type='kiv.LogitDistillationLoss',
@@ -330,7 +331,7 @@ def _online_model(head_ckpt: str, base_dtype: str = 'fp32',
     base.dtype = base_dtype
     losses = dict(logits=dict(type='kiv.LogitDistillationLoss',
                               temperature=2.0)) if logits else None
-    cfg = _config(dict(dinov2=base, cls=_head_teacher_cfg(head_ckpt)),
+    cfg = _config(dict(dinov2=base, cls=colour_classifier_teacher(head_ckpt)),
                   ['dinov2', 'cls'], losses=losses)
     cfg.model.latent.standardize = standardize
     model = MODELS.build(cfg.model)
@@ -346,9 +347,10 @@ def test_amp_train_step_with_logits_cache_and_task_heads(
     """The real ``model.train_step`` under AMP (bf16 and fp16): a cached
     knowledge base, an online teacher whose kept fp32 ``nn.Linear`` head
     gets the student's de-standardised prediction (logit distillation),
-    multi-task heads, gradient shares, the recipe's student options. Before
-    issue 16 the logit branch fed a bf16 tensor to the fp32 head: "mat1 and
-    mat2 must have the same dtype"."""
+    multi-task heads, gradient shares, the recipe's student options. A kept
+    head that does not cast its input to its own dtype fails here: the
+    logit branch feeds it a bf16 tensor ("mat1 and mat2 must have the same
+    dtype")."""
     model = _cached_model(caches['bf16'], head_ckpt)
     model.train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -453,7 +455,7 @@ def test_kept_head_takes_any_dtype(head_ckpt, teacher_dtype):
     """A teacher's head runs in the teacher's precision whatever it is fed:
     the bf16 output of a student under autocast into an fp32 teacher's
     ``nn.Linear`` gives the same logits as its float32 value."""
-    cfg = _head_teacher_cfg(head_ckpt)
+    cfg = colour_classifier_teacher(head_ckpt)
     cfg['dtype'] = teacher_dtype
     teacher = MODELS.build(cfg)
     summary = teacher(_images()).summary.to(BF16)
@@ -529,8 +531,8 @@ def test_knowledge_preserved_at_step_zero_under_bf16(head_ckpt, base_dtype):
       under the same autocast, so the student's summary and patch-grid
       level are bit-identical to the teacher's, and the float32 skip path
       reproduces the float32 standardiser: the base losses are below
-      :data:`EXACT_TOL`, as in fp32 (measured 0.0; before issue 16 the bf16
-      skip path gave about 9e-6);
+      :data:`EXACT_TOL`, as in fp32 (measured 0.0; a skip path computing
+      in bf16 gives about 9e-6);
     * ``'fp32'``: the student computes the same network in bf16, so its
       outputs differ by bf16 rounding: every summary entry within one bf16
       ulp (2^-8) of the summary's largest magnitude, base losses below
@@ -538,7 +540,7 @@ def test_knowledge_preserved_at_step_zero_under_bf16(head_ckpt, base_dtype):
 
     In both cases the base losses equal, to 1 %, the float64 MSE between
     the standardised student and teacher outputs: the preserved heads add
-    no error of their own (before issue 16 the bf16 skip path made the
+    no error of their own (a skip path computing in bf16 makes the
     fp32-teacher losses 8.0e-6 / 1.7e-5). The purpose-specific teacher's
     losses are far from 0.
     """
@@ -597,8 +599,8 @@ def test_cached_base_targets_at_step_zero(caches, head_ckpt, cache_dtype):
     PHI-S is the scaled rotation ``alpha R U^T``, so the MSE on
     standardised targets is ``alpha^2 * mean(dx^2)``: the base losses are
     within ``alpha^2 * mean(max(2^-11 |x|, 2^-25)^2)``. Measured: bf16 cache
-    3.8e-8 (summary) / 4.8e-8 (dense), fp32 cache 4.1e-8 / 4.8e-8; before
-    issue 16 the bf16 skip path added about 7e-6 under bf16 AMP.
+    3.8e-8 (summary) / 4.8e-8 (dense), fp32 cache 4.1e-8 / 4.8e-8; a skip
+    path computing in bf16 adds about 7e-6 under bf16 AMP.
     """
     model = _cached_model(caches[cache_dtype], head_ckpt)
     model.train()

@@ -6,7 +6,6 @@ has one summary per teacher (``AdapterViT(summary_names=...)``), each
 teacher's s2t head reads its own, and at step 0 they all are the base's CLS.
 """
 import copy
-import os.path as osp
 
 import pytest
 import torch
@@ -16,14 +15,8 @@ import kiv  # noqa: F401
 from kiv.models.backbones import AdapterViT
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
+from kiv.testing.paths import REAL_DISTILL_CFG, TINY_DISTILL_CFG
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TINY_DISTILL_CFG = osp.join(
-    REPO, 'configs', 'distill',
-    'kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images.py')
-REAL_DISTILL_CFG = osp.join(
-    REPO, 'configs', 'distill',
-    'kiv_adapter-vit-b14-reg4_dinov2-clip-sam-maskrcnn_8xb64-100k_in1k.py')
 C = 64
 TIMM_BASE = dict(type='timm', model_name='vit_small_patch14_reg4_dinov2',
                  model_kwargs=dict(img_size=56, embed_dim=C, depth=4,

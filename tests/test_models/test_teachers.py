@@ -638,14 +638,11 @@ def test_hf_dinov2_local_directory(tmp_path):
 def test_mm_source_two_stage_detector_from_config_file(tmp_path):
     """A config *file* of a two-stage detector builds (its nested options
     stay attribute-accessible, e.g. ``train_cfg.rpn``)."""
-    import os.path as osp
-
     from mmdet.registry import MODELS as DET_MODELS
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
 
-    from conftest import CONFIGS
-    cfg_path = osp.join(CONFIGS, 'mask-rcnn_r18_fpn_1xb1-2it_tiny-coco.py')
+    from kiv.testing.paths import TEST_DET_CFG as cfg_path
     with DefaultScope.overwrite_default_scope('mmdet'):
         detector = DET_MODELS.build(Config.fromfile(cfg_path).model)
     ckpt = str(tmp_path / 'mask_rcnn.pth')

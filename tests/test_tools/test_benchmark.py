@@ -25,7 +25,8 @@ from kiv.utils.benchmark import (BenchCase, CaseResult, RatioSpec,
                                  format_table, measure_interleaved,
                                  peak_rss_bytes, reset_peak_rss)
 
-from conftest import REPO, TINY_DISTILL_CFG, run_tool
+from kiv.testing.paths import REPO, TINY_DISTILL_CFG
+from kiv.testing.tools import run_tool
 
 CASES = ['timm_fwd', 'timm_train', 'adapter_fwd', 'adapter_train',
          'teachers_fwd', 'distill_online', 'distill_cached', 'cache_write']

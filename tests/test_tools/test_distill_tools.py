@@ -5,7 +5,8 @@ import os.path as osp
 
 import torch
 
-from conftest import TINY_DISTILL_CFG, run_tool
+from kiv.testing.paths import TINY_DISTILL_CFG
+from kiv.testing.tools import run_tool
 
 
 def test_train_tiny_distillation_then_export(tmp_path):

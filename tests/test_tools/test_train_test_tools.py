@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from conftest import CONFIGS, REPO, run_tool
-
-DET_CFG = osp.join(CONFIGS, 'mask-rcnn_r18_fpn_1xb1-2it_tiny-coco.py')
-SEG_CFG = osp.join(CONFIGS, 'fpn_r18_1xb1-2it_tiny-ade20k-64x64.py')
+from kiv.testing.paths import REPO
+from kiv.testing.paths import TEST_DET_CFG as DET_CFG
+from kiv.testing.paths import TEST_SEG_CFG as SEG_CFG
+from kiv.testing.tools import run_tool
 
 
 def _ok(proc):

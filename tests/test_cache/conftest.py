@@ -1,21 +1,16 @@
 """Fixtures of the teacher-feature cache tests: a tiny COCO layout with the
-tiny teachers, and one cache written from the tiny distillation config.
-
-A pytest plugin of the test modules here (``pytest_plugins =
-['cache_fixtures']``), not a ``conftest.py``: a second module named
-``conftest`` would shadow ``tests/conftest.py`` for the ``from conftest
-import ...`` of other test directories.
-"""
+tiny teachers, and one cache written from the tiny distillation config
+(sizes in :mod:`kiv.testing.tiny_cache`)."""
 import shutil
 
 import pytest
-from cache_helpers import SHARD_SIZE, VIEWS, in_dir, make_root, tiny_cfg
 
 
 @pytest.fixture(scope='session')
 def tiny_root(tmp_path_factory) -> str:
     """A directory with the tiny data and teachers (do not modify)."""
-    return make_root(str(tmp_path_factory.mktemp('cache_root')))
+    from kiv.testing.tiny_cache import make_cache_root
+    return make_cache_root(str(tmp_path_factory.mktemp('cache_root')))
 
 
 @pytest.fixture(scope='session')
@@ -27,6 +22,8 @@ def cache(tiny_root, tmp_path_factory) -> dict:
         the config's relative paths), ``index`` and ``writer``.
     """
     from kiv.datasets.teacher_cache import TeacherCacheWriter
+    from kiv.testing.paths import in_dir
+    from kiv.testing.tiny_cache import SHARD_SIZE, VIEWS, tiny_cfg
     out = str(tmp_path_factory.mktemp('cache') / 'tiny')
     with in_dir(tiny_root):
         writer = TeacherCacheWriter(tiny_cfg(), out, views=VIEWS,

@@ -1,11 +1,10 @@
 """Toy modules for configs that the engine tests run through tools and
 upstream-style scripts (``custom_imports=dict(imports=[
-'toy_engine_modules'])`` with this folder on ``PYTHONPATH``).
+'kiv.testing.toy_engine'])``; :func:`kiv.testing.tools.toy_config` writes
+such a config).
 
 Registered in mmengine's root registries, like a user's own project.
 """
-import os
-
 import torch
 import torch.nn as nn
 from mmengine.evaluator import BaseMetric
@@ -59,7 +58,3 @@ class ToyMetric(BaseMetric):
 
     def compute_metrics(self, results):
         return dict(mean=sum(results) / max(1, len(results)))
-
-
-#: this folder, for PYTHONPATH
-HERE = os.path.dirname(os.path.abspath(__file__))
