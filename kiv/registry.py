@@ -53,7 +53,8 @@ OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
     scope='kiv',
     # imported on first lookup only: it imports mmpretrain
-    locations=['kiv.engine', 'kiv.engine.layer_decay_constructor'])
+    locations=['kiv.engine',
+               'kiv.engine.optimizers.layer_decay_constructor'])
 PARAM_SCHEDULERS = Registry('parameter scheduler',
                             parent=MMENGINE_PARAM_SCHEDULERS, scope='kiv',
                             locations=['kiv.engine'])

@@ -29,7 +29,7 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 import torch  # noqa: E402
 
 import kiv  # noqa: E402  (registers kiv.*)
-from kiv.engine.launch import DictAction, die, load_config  # noqa: E402
+from kiv.apis.launch import DictAction, die, load_config  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,7 +81,7 @@ def init_distributed(launcher: str, timeout_hours: float) -> None:
 
     On GPU machines this is :func:`mmengine.dist.init_dist` (NCCL). Without
     a GPU, mmengine's launcher would call ``torch.cuda.set_device``; as in
-    ``tools/train.py`` (``kiv.engine.launch.setup_cpu_distributed``) the
+    ``tools/train.py`` (``kiv.apis.launch.setup_cpu_distributed``) the
     gloo group is started from torchrun's environment instead.
 
     Args:

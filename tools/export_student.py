@@ -14,8 +14,8 @@ import warnings
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 import kiv  # noqa: F401,E402
-from kiv.engine.export import export_student  # noqa: E402
-from kiv.engine.launch import require_file  # noqa: E402
+from kiv.apis.export import export_student  # noqa: E402
+from kiv.apis.launch import require_file  # noqa: E402
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import warnings
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 import kiv  # noqa: E402  (registers kiv.*)
-from kiv.engine.data_root import check_dataset, set_data_root  # noqa: E402
-from kiv.engine.launch import (  # noqa: E402
+from kiv.apis.data_root import check_dataset, set_data_root  # noqa: E402
+from kiv.apis.launch import (  # noqa: E402
     DictAction,
     config_scope,
     die,
@@ -30,7 +30,7 @@ from kiv.engine.launch import (  # noqa: E402
     require_file,
     setup_cpu_distributed,
     setup_work_dir)
-from kiv.engine.summary import format_summary_table  # noqa: E402
+from kiv.apis.summary import format_summary_table  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

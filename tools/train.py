@@ -32,7 +32,7 @@ import warnings
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 import kiv  # noqa: E402  (registers kiv.*)
-from kiv.engine.launch import (  # noqa: E402
+from kiv.apis.launch import (  # noqa: E402
     DictAction,
     add_nonfinite_loss_hook,
     add_safe_checkpoint_hook,
@@ -42,7 +42,7 @@ from kiv.engine.launch import (  # noqa: E402
     require_file,
     setup_cpu_distributed,
     setup_work_dir)
-from kiv.engine.nonfinite import (  # noqa: E402
+from kiv.engine.hooks import (  # noqa: E402
     NonFiniteLossError,
     NonFiniteWeightsError)
 

@@ -17,7 +17,7 @@ import os.path as osp
 import torch
 from mmengine.config import Config, ConfigDict
 
-from kiv.engine.launch import add_nonfinite_loss_hook
+from kiv.apis.launch import add_nonfinite_loss_hook
 from kiv.utils.atomic import atomic_torch_save
 
 from .stages import ProgressHook, StageContext

@@ -113,7 +113,7 @@ def stage_teacher_cache(preset: dict) -> Callable[[StageContext], dict]:
 def stage_knowledge_base(preset: dict) -> Callable[[StageContext], dict]:
 
     def run(ctx: StageContext) -> dict:
-        from kiv.engine.export import export_student
+        from kiv.apis.export import export_student
         cfg = knowledge_base_cfg(preset)
         use_cache(cfg, CACHE, ('effnet', ), labels=False)
         runner, _ = run_runner(cfg, ctx, test=False)
@@ -132,7 +132,7 @@ def stage_inherit(variant: str,
                   preset: dict) -> Callable[[StageContext], dict]:
 
     def run(ctx: StageContext) -> dict:
-        from kiv.engine.export import export_student
+        from kiv.apis.export import export_student
         cfg = inherit_cfg(variant, preset)
         use_cache(cfg, CACHE, CACHED_TEACHERS,
                   labels=bool(cfg.model.get('task_heads')))

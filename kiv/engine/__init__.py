@@ -1,16 +1,18 @@
-"""kiv's engine: safe checkpoint I/O, hooks, launch helpers, wrappers.
+"""kiv's engine, the runtime pieces: hooks (:mod:`.hooks`), optimizer
+wrapper constructors (:mod:`.optimizers`), model wrappers, the random state
+a resumed run gets back, and safe checkpoint I/O. The command-line plumbing
+of kiv's tools is in :mod:`kiv.apis`.
 
 Importing it registers kiv's hooks and wrappers and changes nothing global;
 :func:`enable_safe_io` is the one explicit switch for weights-only loading
 and atomic writes in mmengine (see :mod:`kiv.engine.safe_io`).
 """
-from . import hooks  # noqa: F401  registers kiv.BadImageReportHook ...
 from kiv.utils.checkpoint import (SAFE_GLOBALS, UnsafeCheckpointError,
                                   safe_torch_load)
-from .checkpoint_hook import SafeCheckpointHook
+from . import hooks  # noqa: F401  registers kiv.BadImageReportHook ...
+from .hooks import (NonFiniteLossError, NonFiniteLossHook,
+                    NonFiniteWeightsError, SafeCheckpointHook)
 from .model_wrappers import CPUDistributedDataParallel
-from .nonfinite import (NonFiniteLossError, NonFiniteLossHook,
-                        NonFiniteWeightsError)
 from .safe_io import disable_safe_io, enable_safe_io, safe_io_enabled
 
 __all__ = [

@@ -36,6 +36,17 @@ config::
 kiv's own loaders (teacher weights, the frozen base ViT, exported students,
 ``tools/export_student.py``) call ``safe_torch_load`` directly and write
 atomically whether or not this is enabled.
+
+How it is switched, through mmengine's public registration API where one
+exists: the plain-path loader with
+``CheckpointLoader.register_scheme('', loader, force=True)`` and the file
+backend with ``mmengine.fileio.register_backend('local', ...,
+prefixes='', force=True)``. Three things have no public API in mmengine
+0.10 and are done directly: reading what is registered (to put it back),
+replacing ``mmengine.runner.checkpoint.load_url`` (the URL, torchvision and
+open-mmlab loaders call this module function, so registering schemes would
+not reach them) and forgetting the cached backend instances of
+``mmengine.fileio.io.backend_instances``.
 """
 from __future__ import annotations
 
@@ -44,6 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from mmengine.fileio import io as mm_io
+from mmengine.fileio import register_backend
 from mmengine.fileio.backends import LocalBackend, registry_utils
 from mmengine.logging import print_log
 from mmengine.runner import checkpoint as mm_checkpoint
@@ -86,18 +98,9 @@ def _drop_cached_local_backends() -> None:
         del mm_io.backend_instances[key]
 
 
-def _set(table: dict, key: str, value: Any) -> None:
-    """``table[key] = value``, or remove ``key`` when ``value`` is None."""
-    if value is None:
-        table.pop(key, None)
-    else:
-        table[key] = value
-
-
-def _install(loader: Optional[Callable], url_loader: Callable,
-             prefix_backend: Optional[type],
-             local_backend: Optional[type]) -> None:
-    """Put loaders and backends in mmengine's tables (None: remove entry).
+def _install(loader: Callable, url_loader: Callable, prefix_backend: type,
+             local_backend: type) -> None:
+    """Register loaders and backends with mmengine (public API).
 
     Args:
         loader: checkpoint loader for plain paths (scheme ``''``).
@@ -105,14 +108,11 @@ def _install(loader: Optional[Callable], url_loader: Callable,
         prefix_backend: file backend class for plain paths (prefix ``''``).
         local_backend: file backend class named ``'local'``.
     """
-    if loader is None:
-        mm_checkpoint.CheckpointLoader._schemes.pop('', None)
-    else:
-        mm_checkpoint.CheckpointLoader._register_scheme('', loader,
-                                                        force=True)
+    mm_checkpoint.CheckpointLoader.register_scheme('', loader, force=True)
     mm_checkpoint.load_url = url_loader
-    _set(registry_utils.prefix_to_backends, '', prefix_backend)
-    _set(registry_utils.backends, 'local', local_backend)
+    # the prefix first: register_backend also names the class 'local'
+    register_backend('local', prefix_backend, force=True, prefixes='')
+    register_backend('local', local_backend, force=True)
     _drop_cached_local_backends()
 
 
@@ -129,11 +129,15 @@ def enable_safe_io() -> bool:
     with _lock:
         if _saved is not None:
             return False
+        # what is registered now (mmengine has no public getter; it
+        # registers load_from_local and LocalBackend itself on import)
         _saved = dict(
-            loader=mm_checkpoint.CheckpointLoader._schemes.get(''),
+            loader=mm_checkpoint.CheckpointLoader._schemes.get(
+                '', mm_checkpoint.load_from_local),
             url_loader=mm_checkpoint.load_url,
-            prefix_backend=registry_utils.prefix_to_backends.get(''),
-            local_backend=registry_utils.backends.get('local'))
+            prefix_backend=registry_utils.prefix_to_backends.get(
+                '', LocalBackend),
+            local_backend=registry_utils.backends.get('local', LocalBackend))
         _install(load_from_local, load_url, AtomicLocalBackend,
                  AtomicLocalBackend)
     print_log(

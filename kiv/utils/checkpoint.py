@@ -16,7 +16,7 @@ checkpoints mmengine's ``Runner`` writes for ``--resume`` also contain the
 ``MessageHub`` state, whose ``HistoryBuffer`` objects pickle their statistics
 methods through ``builtins.getattr``; allowlisting ``getattr`` would let a
 crafted file reach attributes of any allowlisted object, so we do not.
-Instead we *sanitise what we save*: :class:`~kiv.engine.checkpoint_hook.
+Instead we *sanitise what we save*: :class:`~kiv.engine.hooks.
 SafeCheckpointHook` (added to every run by ``tools/train.py``) stores the
 message hub as plain tensors and numbers and rebuilds it on load. The only
 extra globals we allow (:data:`SAFE_GLOBALS`) are NumPy's array, scalar and

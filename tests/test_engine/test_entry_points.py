@@ -25,12 +25,10 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from kiv.testing.paths import REPO
-from kiv.testing.paths import TINY_DISTILL_CFG as BASE_CFG
-from kiv.testing.tools import tool_env
-
-#: this folder, on the subprocesses' PYTHONPATH (they import this module)
 HERE = osp.dirname(osp.abspath(__file__))
+REPO = osp.dirname(osp.dirname(HERE))
+BASE_CFG = osp.join(REPO, 'configs', 'distill',
+                    'kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images.py')
 CACHED_CFG = BASE_CFG.replace('.py', '_cached.py')
 #: where the cached config looks for its cache (relative to the cwd)
 CACHE_REL = 'work_dirs/teacher_cache/kiv_adapter-vit-t14-reg4_tiny-coco'
@@ -99,8 +97,9 @@ class EntryPointProbeHook(Hook):
             json.dump(self.record, f)
 
 
-def _env() -> dict:
-    return dict(tool_env(), PYTHONPATH=os.pathsep.join([REPO, HERE]))
+def _env(pythonpath: str = REPO) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([pythonpath, HERE]),
+                PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
 
 
 def _run(cmd: list[str], cwd: str) -> str:
@@ -227,7 +226,7 @@ def test_runner_from_cfg_reads_the_cache_and_guards_the_loss(
     from mmengine.runner import Runner
 
     import kiv  # noqa: F401
-    from kiv.engine.nonfinite import NonFiniteLossError, NonFiniteLossHook
+    from kiv.engine.hooks import NonFiniteLossError, NonFiniteLossHook
     from kiv.models.teachers import CachedTeacher
     from kiv.models.teachers import teacher as teacher_module
 
@@ -289,8 +288,8 @@ def test_the_guard_is_in_the_config_and_reads_its_key():
     ``nonfinite_loss`` itself (other entry points); kiv's tools/train.py
     folds the key into that entry instead of adding a second guard."""
     import kiv  # noqa: F401
-    from kiv.engine.launch import add_nonfinite_loss_hook
-    from kiv.engine.nonfinite import NonFiniteLossHook
+    from kiv.apis.launch import add_nonfinite_loss_hook
+    from kiv.engine.hooks import NonFiniteLossHook
 
     def guards(cfg):
         return [h for h in cfg.custom_hooks if 'NonFinite' in h['type']]

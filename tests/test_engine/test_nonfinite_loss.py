@@ -11,6 +11,7 @@ import os.path as osp
 import pytest
 import torch
 import torch.nn as nn
+from engine_test_utils import REPO, run_python, toy_config
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
@@ -18,12 +19,11 @@ from mmengine.runner import Runner
 
 import kiv  # noqa: F401
 from kiv.utils.checkpoint import safe_torch_load
-from kiv.engine.launch import add_nonfinite_loss_hook
-from kiv.engine.nonfinite import (NonFiniteLossError, NonFiniteLossHook,
-                                  NonFiniteWeightsError, _describe,
-                                  nonfinite_terms)
-from kiv.testing.paths import REPO
-from kiv.testing.tools import run_python, toy_config
+from kiv.apis.launch import add_nonfinite_loss_hook
+from kiv.engine.hooks.nonfinite_loss_hook import (NonFiniteLossError,
+                                                  NonFiniteLossHook,
+                                                  NonFiniteWeightsError,
+                                                  _describe, nonfinite_terms)
 
 
 class TwoTermModel(BaseModel):

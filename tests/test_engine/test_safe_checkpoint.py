@@ -20,8 +20,8 @@ from mmengine.runner import Runner
 
 import kiv  # noqa: F401
 from kiv.utils.checkpoint import UnsafeCheckpointError, safe_torch_load
-from kiv.engine.checkpoint_hook import (restore_history_buffers,
-                                        to_weights_only_data)
+from kiv.engine.hooks.safe_checkpoint_hook import (restore_history_buffers,
+                                                   to_weights_only_data)
 
 
 class ToyModel(BaseModel):

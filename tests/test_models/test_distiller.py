@@ -12,7 +12,7 @@ import kiv  # noqa: F401
 from kiv.utils.checkpoint import safe_torch_load
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
-from kiv.testing.paths import TINY_DISTILL_CFG as TINY_CFG
+from conftest import TINY_DISTILL_CFG as TINY_CFG
 
 
 def _cfg(work_dir: str, **model_overrides) -> Config:
@@ -66,7 +66,7 @@ def test_checkpoint_has_no_teachers_and_keeps_latent_statistics(trained):
 
 
 def test_export_round_trip_gives_identical_features(trained, distill_workdir):
-    from kiv.engine.export import export_student
+    from kiv.apis.export import export_student
     out = osp.join(distill_workdir, 'student.pth')
     meta = export_student(osp.join(trained.work_dir, 'iter_20.pth'), out,
                           keep_heads=True)

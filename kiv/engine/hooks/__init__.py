@@ -1,10 +1,24 @@
-"""kiv training hooks."""
+"""kiv's runtime hooks: every ``mmengine.hooks.Hook`` of kiv is here.
+
+- :class:`SafeCheckpointHook`: checkpoints loadable with
+  ``weights_only=True``, global random states restored on resume;
+- :class:`NonFiniteLossHook`: a NaN/Inf loss never reaches the weights;
+- :class:`BadImageReportHook`: unreadable images reported by cause;
+- :class:`StatisticsWarmupHook`: exact standardiser statistics before
+  distillation;
+- :class:`TeacherCacheStatisticsHook`: the statistics of a teacher cache.
+"""
 from .bad_image_report_hook import (BadImageReportHook, skipped_files_in_batch,
                                     skipped_in_batch)
+from .nonfinite_loss_hook import (NonFiniteLossError, NonFiniteLossHook,
+                                  NonFiniteWeightsError, nonfinite_terms)
+from .safe_checkpoint_hook import SafeCheckpointHook
+from .statistics_warmup_hook import StatisticsWarmupHook
+from .teacher_cache_statistics_hook import TeacherCacheStatisticsHook
 
-__all__ = ['BadImageReportHook', 'skipped_files_in_batch', 'skipped_in_batch']
-from .statistics_warmup_hook import StatisticsWarmupHook  # noqa: E402
-from .teacher_cache_statistics_hook import \
-    TeacherCacheStatisticsHook  # noqa: E402
-
-__all__ += ['StatisticsWarmupHook', 'TeacherCacheStatisticsHook']
+__all__ = [
+    'BadImageReportHook', 'skipped_files_in_batch', 'skipped_in_batch',
+    'NonFiniteLossHook', 'NonFiniteLossError', 'NonFiniteWeightsError',
+    'nonfinite_terms', 'SafeCheckpointHook', 'StatisticsWarmupHook',
+    'TeacherCacheStatisticsHook'
+]

@@ -548,7 +548,7 @@ class AdapterViT(BaseModule):
         mmseg segmentors and mmdet detectors have no ``get_layer_depth`` of
         their own; for them use
         ``constructor='kiv.BackboneLayerDecayOptimWrapperConstructor'``
-        (:mod:`kiv.engine.layer_decay_constructor`).
+        (:mod:`kiv.engine.optimizers.layer_decay_constructor`).
 
         Args:
             param_name (str): parameter name, e.g.

@@ -134,7 +134,7 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
 
 
 def add_safe_checkpoint_hook(cfg: Config) -> None:
-    """Add :class:`~kiv.engine.checkpoint_hook.SafeCheckpointHook` to a run.
+    """Add :class:`~kiv.engine.hooks.SafeCheckpointHook` to a run.
 
     Checkpoints of the run then load with ``weights_only=True`` (see
     :mod:`kiv.utils.checkpoint`), so ``--resume`` works without unpickling

@@ -11,7 +11,7 @@ param groups, weight-decay rules and logging are mmpretrain's.
 Example (mmseg / mmdet config)::
 
     custom_imports = dict(
-        imports=['kiv', 'kiv.engine.layer_decay_constructor'],
+        imports=['kiv', 'kiv.engine.optimizers.layer_decay_constructor'],
         allow_failed_imports=False)
     optim_wrapper = dict(
         optimizer=dict(type='AdamW', lr=6e-5, weight_decay=0.01),

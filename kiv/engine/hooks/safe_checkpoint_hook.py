@@ -23,7 +23,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 
 from kiv.registry import HOOKS
-from .random_state import ResumeRandomState
+from ..random_state import ResumeRandomState
 
 #: Marker key of a serialised HistoryBuffer.
 _BUFFER_TAG = '__kiv_history_buffer__'

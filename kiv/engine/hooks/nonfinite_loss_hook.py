@@ -26,13 +26,40 @@ wrapper's ``update_params``. For the run it guards, the hook
    (``before_save_checkpoint`` raises :class:`NonFiniteWeightsError`), so the
    last checkpoint on disk is always a finite one.
 
-Both wrappers are undone in ``after_train``. kiv's configs hold the hook in
-``custom_hooks`` (``configs/_base_/default_runtime.py``), so it guards their
-runs under any entry point (kiv's, mmpretrain's or mmdet's
-``tools/train.py``, ``Runner.from_cfg``); the config key
-``nonfinite_loss`` configures it there too. kiv's ``tools/train.py`` adds
-it to configs without it (CLI ``--nonfinite-loss``); other configs add
-``dict(type='kiv.NonFiniteLossHook')`` to ``custom_hooks``.
+Both wrappers are undone in ``after_train``.
+
+Why instance patches, and one private attribute (mmengine 0.10's
+``OptimWrapper`` was read for a public way; there is none):
+
+- *where*: the loss reaches the optimizer inside ``model.train_step``
+  (``optim_wrapper.update_params(loss)``); no hook point lies between the
+  loss and the step (``Hook.after_train_iter`` runs after it) and
+  ``OptimWrapper`` has no callback. A registered ``OptimWrapper`` subclass
+  would guard one wrapper type only, while the guard must work with any
+  (``AmpOptimWrapper``, DeepSpeed / FSDP / Apex wrappers, a user's own);
+  so the hook shadows ``update_params`` on the run's wrapper *instances*
+  (and ``parse_losses`` on the model instance, the only place the per-term
+  loss dict passes before the step), never on a class, and undoes it after
+  training;
+- *gradient accumulation*: a skipped batch must count like a backward
+  (mmengine's ``backward`` increments ``_inner_count``, which
+  ``should_update`` and ``scale_loss`` read), or every later accumulation
+  window would shift. The public ``inner_count`` is read-only, and
+  ``initialize_count_status`` would also reset ``_max_counts`` (a private
+  value to pass back) and may log its warnings (an indivisible count,
+  BatchNorm under accumulation) on every skip; running
+  ``backward`` on a dummy loss would run wrapper-specific machinery (loss
+  scaler, a DeepSpeed engine) on a tensor that is not the model's loss. So
+  the guard increments ``_inner_count`` itself, only when the wrapper has
+  it.
+
+kiv's configs hold the hook in ``custom_hooks``
+(``configs/_base_/default_runtime.py``), so it guards their runs under any
+entry point (kiv's, mmpretrain's or mmdet's ``tools/train.py``,
+``Runner.from_cfg``); the config key ``nonfinite_loss`` configures it there
+too. kiv's ``tools/train.py`` adds it to configs without it (CLI
+``--nonfinite-loss``); other configs add ``dict(type='kiv.NonFiniteLossHook')``
+to ``custom_hooks``.
 """
 from __future__ import annotations
 
@@ -153,8 +180,9 @@ def _describe(terms: Mapping[str, float]) -> str:
 class NonFiniteLossHook(Hook):
     """Skip or stop on a NaN/Inf loss before the optimizer step.
 
-    See :mod:`kiv.engine.nonfinite` for how. Counters survive ``--resume``
-    (stored in ``checkpoint['meta']['kiv_nonfinite_loss']``).
+    See :mod:`kiv.engine.hooks.nonfinite_loss_hook` for how (and why it
+    patches the wrapper instances). Counters survive ``--resume`` (stored in
+    ``checkpoint['meta']['kiv_nonfinite_loss']``).
 
     Args:
         action (str): ``'skip'`` the batch (no backward, no step, gradients
@@ -367,6 +395,7 @@ class NonFiniteLossHook(Hook):
         if get_world_size() > 1:
             terms = self._gather_terms(terms)
         # what a skipped backward would have done for gradient accumulation
+        # (no public setter: see the module doc)
         if hasattr(optim_wrapper, '_inner_count'):
             optim_wrapper._inner_count += 1
         zero_kwargs = kwargs.get('zero_kwargs') or {}
