@@ -1,15 +1,11 @@
-"""Shared fixtures: tiny real-layout datasets and a tool runner."""
+"""Shared fixtures: tiny real-layout datasets, a tiny distillation run and
+its data, safe I/O for one test. Plain helpers (the checkout's paths, the
+tool runner) are in :mod:`kiv.testing`."""
 from __future__ import annotations
 
-import os
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
-
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-CONFIGS = osp.join(REPO, 'tests', 'data', 'configs')
 
 
 @pytest.fixture(scope='session')
@@ -28,32 +24,6 @@ def data_dir(tmp_path_factory) -> str:
     return root
 
 
-def run_tool(args: list[str], cwd: str, timeout: int = 600,
-             launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``python tools/<args>`` (or a launcher command) in ``cwd``.
-
-    Args:
-        args: tool script (relative to ``tools/``) and its arguments.
-        cwd: working directory.
-        timeout: seconds.
-        launcher: a command prefix replacing ``[python]`` (e.g. torchrun).
-
-    Returns:
-        CompletedProcess with text stdout/stderr.
-    """
-    env = dict(os.environ, PYTHONPATH=REPO, PYTHONWARNINGS='ignore',
-               OMP_NUM_THREADS='1')
-    script = osp.join(REPO, 'tools', args[0])
-    cmd = (launcher or [sys.executable]) + [script] + args[1:]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-TINY_DISTILL_CFG = osp.join(
-    REPO, 'configs', 'distill',
-    'kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images.py')
-
-
 @pytest.fixture(scope='session')
 def exported_student(tmp_path_factory) -> dict:
     """A student exported from a real (2-iteration) tiny distillation run.
@@ -69,6 +39,7 @@ def exported_student(tmp_path_factory) -> dict:
 
     from kiv.apis.export import export_student
     from kiv.testing import make_tiny_coco
+    from kiv.testing.paths import TINY_DISTILL_CFG, in_dir
     from kiv.testing.tiny_teachers import create_tiny_teachers
     root = str(tmp_path_factory.mktemp('student'))
     make_tiny_coco(osp.join(root, 'data', 'coco'))
@@ -78,12 +49,8 @@ def exported_student(tmp_path_factory) -> dict:
     cfg.train_cfg.max_iters = 2
     cfg.train_cfg.val_interval = 100
     cfg.default_hooks.checkpoint.interval = 2
-    old = os.getcwd()
-    os.chdir(root)
-    try:
+    with in_dir(root):
         Runner.from_cfg(cfg).train()
-    finally:
-        os.chdir(old)
     path = osp.join(root, 'student.pth')
     export_student(osp.join(root, 'distill', 'iter_2.pth'), path)
     backbone = cfg.model.student.to_dict()
@@ -112,11 +79,10 @@ def distill_workdir(tmp_path_factory):
     """Tiny COCO images and tiny teacher checkpoints (the tiny distillation
     config's data), and the cwd for that config while the module runs."""
     from kiv.testing import make_tiny_coco
+    from kiv.testing.paths import in_dir
     from kiv.testing.tiny_teachers import create_tiny_teachers
     root = str(tmp_path_factory.mktemp('distill'))
     make_tiny_coco(osp.join(root, 'data', 'coco'), num_train=8, num_val=4)
     create_tiny_teachers(osp.join(root, 'data', 'tiny_teachers'))
-    old = os.getcwd()
-    os.chdir(root)
-    yield root
-    os.chdir(old)
+    with in_dir(root):
+        yield root

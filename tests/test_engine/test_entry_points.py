@@ -25,10 +25,12 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
+from kiv.testing.paths import REPO
+from kiv.testing.paths import TINY_DISTILL_CFG as BASE_CFG
+from kiv.testing.tools import tool_env
+
+#: this folder, on the subprocesses' PYTHONPATH (they import this module)
 HERE = osp.dirname(osp.abspath(__file__))
-REPO = osp.dirname(osp.dirname(HERE))
-BASE_CFG = osp.join(REPO, 'configs', 'distill',
-                    'kiv_adapter-vit-t14-reg4_1xb4-20it_tiny-coco-images.py')
 CACHED_CFG = BASE_CFG.replace('.py', '_cached.py')
 #: where the cached config looks for its cache (relative to the cwd)
 CACHE_REL = 'work_dirs/teacher_cache/kiv_adapter-vit-t14-reg4_tiny-coco'
@@ -97,9 +99,8 @@ class EntryPointProbeHook(Hook):
             json.dump(self.record, f)
 
 
-def _env(pythonpath: str = REPO) -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([pythonpath, HERE]),
-                PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
+def _env() -> dict:
+    return dict(tool_env(), PYTHONPATH=os.pathsep.join([REPO, HERE]))
 
 
 def _run(cmd: list[str], cwd: str) -> str:

@@ -11,7 +11,6 @@ import os.path as osp
 import pytest
 import torch
 import torch.nn as nn
-from engine_test_utils import REPO, run_python, toy_config
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
@@ -24,6 +23,8 @@ from kiv.engine.hooks.nonfinite_loss_hook import (NonFiniteLossError,
                                                   NonFiniteLossHook,
                                                   NonFiniteWeightsError,
                                                   _describe, nonfinite_terms)
+from kiv.testing.paths import REPO
+from kiv.testing.tools import run_python, toy_config
 
 
 class TwoTermModel(BaseModel):

@@ -1,5 +1,4 @@
-"""Weight decay reaches exactly the parameters the schedules say (issue 16,
-item 4).
+"""Weight decay reaches exactly the parameters the schedules say.
 
 The optimiser of each shipped recipe is built with mmengine's
 ``build_optim_wrapper(model, cfg.optim_wrapper)`` on the model the recipe
@@ -40,11 +39,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 import kiv  # noqa: F401  registers kiv.*
-from conftest import REPO, TINY_DISTILL_CFG
+from kiv.testing.paths import REAL_DISTILL_CFG as RECIPE
+from kiv.testing.paths import REPO, TINY_DISTILL_CFG
 
-RECIPE = osp.join(
-    REPO, 'configs', 'distill',
-    'kiv_adapter-vit-b14-reg4_dinov2-clip-sam-maskrcnn_8xb64-100k_in1k.py')
 DEMO = osp.join(REPO, 'configs', 'demo')
 NORMS = (nn.LayerNorm, nn.GroupNorm, _BatchNorm, _InstanceNorm)
 #: kinds of trainable parameters that must not be decayed

@@ -12,7 +12,7 @@ import kiv  # noqa: F401
 from kiv.utils.checkpoint import safe_torch_load
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
-from conftest import TINY_DISTILL_CFG as TINY_CFG
+from kiv.testing.paths import TINY_DISTILL_CFG as TINY_CFG
 
 
 def _cfg(work_dir: str, **model_overrides) -> Config:

@@ -13,11 +13,11 @@ from mmengine.registry import init_default_scope
 import kiv  # noqa: F401  registers kiv.*
 from kiv.apis.data_root import check_dataset, set_data_root
 from kiv.apis.summary import format_summary_table
+from kiv.testing.paths import REPO
+from kiv.testing.paths import TEST_DET_CFG as DET_CFG
+from kiv.testing.paths import TEST_SEG_CFG as SEG_CFG
+from kiv.testing.tools import run_tool
 
-from conftest import CONFIGS, REPO, run_tool
-
-DET_CFG = osp.join(CONFIGS, 'mask-rcnn_r18_fpn_1xb1-2it_tiny-coco.py')
-SEG_CFG = osp.join(CONFIGS, 'fpn_r18_1xb1-2it_tiny-ade20k-64x64.py')
 CLS_CFG = osp.join(
     REPO, 'configs', 'mmpretrain',
     'kiv-adapter-vit-t14_linear-probe_1xb4-coslr-2e_tiny-in1k.py')
