@@ -17,7 +17,8 @@ from kiv.fileio.teacher_cache_format import (CACHE_ID, CACHED_TARGETS,
 from .config import use_teacher_cache
 from .dataset import TeacherCacheDataset
 from .views import ReplayView, ViewParams, split_pipeline, view_rng
-from .writer import TeacherCacheWriter, format_bytes
+from .plan import format_bytes
+from .writer import TeacherCacheWriter
 
 __all__ = [
     'TeacherCacheWriter', 'TeacherCacheDataset', 'ReplayView', 'ViewParams',

@@ -30,6 +30,10 @@ DEFAULT_LOSSES = dict(
 
 _LOSS_KEYS = ('summary', 'features', 'logits')
 
+#: default data preprocessor: images stacked as float RGB in [0, 255]
+#: (teachers and student normalise themselves)
+DEFAULT_DATA_PREPROCESSOR = dict(type='ImgDataPreprocessor', bgr_to_rgb=True)
+
 
 _TEACHER_PREFIX = 'teachers.'
 
@@ -148,8 +152,7 @@ class KnowledgeInheritance(BaseModel):
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None) -> None:
         if data_preprocessor is None:
-            data_preprocessor = dict(type='ImgDataPreprocessor',
-                                     bgr_to_rgb=True)
+            data_preprocessor = copy.deepcopy(DEFAULT_DATA_PREPROCESSOR)
         super().__init__(data_preprocessor=data_preprocessor,
                          init_cfg=init_cfg)
         if not teachers:
