@@ -17,7 +17,7 @@ demo: env
 	$(PY) tools/demo.py $(DEMO_ARGS)
 
 lint: env
-	$(PY) -m flake8 kiv tools tests
+	$(PY) -m flake8 kiv tools tests projects
 
 clean-env:
 	rm -rf $(VENV)

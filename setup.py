@@ -50,7 +50,9 @@ setup(
     long_description=readme(),
     long_description_content_type='text/markdown',
     keywords='knowledge distillation, vision foundation model, openmmlab',
-    packages=find_packages(exclude=('configs', 'tools', 'tests')),
+    # projects/ (the demo) sits beside the library and is not installed
+    packages=find_packages(
+        exclude=('configs', 'tools', 'tests', 'projects', 'projects.*')),
     include_package_data=True,
     python_requires='>=3.9',
     license='Apache License 2.0',

@@ -1,11 +1,29 @@
 """Shared fixtures: tiny real-layout datasets, a tiny distillation run and
-its data, safe I/O for one test. Plain helpers (the checkout's paths, the
-tool runner) are in :mod:`kiv.testing`."""
+its data, safe I/O for one test, the demo's package. Plain helpers (the
+checkout's paths, the tool runner) are in :mod:`kiv.testing`."""
 from __future__ import annotations
 
 import os.path as osp
+import sys
 
 import pytest
+
+
+@pytest.fixture(scope='session')
+def kiv_demo():
+    """The demo's package ``kiv_demo``, imported as ``tools/demo.py``
+    imports it: its project folder (``projects/kiv_demo``, beside kiv, not
+    installed with it) goes on ``sys.path``.
+
+    Returns:
+        module: ``kiv_demo`` (its modules registered in scope
+        ``kiv_demo``).
+    """
+    from kiv.testing.paths import DEMO_PROJECT
+    if DEMO_PROJECT not in sys.path:
+        sys.path.insert(0, DEMO_PROJECT)
+    import kiv_demo
+    return kiv_demo
 
 
 @pytest.fixture(scope='session')

@@ -1,4 +1,5 @@
-"""Every shipped config parses and names only registered modules; the
+"""Every shipped config parses and names only registered modules (the
+demo's, ``projects/kiv_demo/configs``, each in its own scope); the
 real-scale recipe's weight files are documented in the README; every config
 building the student takes its architecture from ``configs/_base_/models``."""
 import glob
@@ -13,9 +14,11 @@ from mmengine.registry import DefaultScope
 import kiv  # noqa: F401
 from kiv.registry import (DATASETS, HOOKS, METRICS, MODELS, TEACHER_SOURCES,
                           TRANSFORMS)
-from kiv.testing.paths import REPO
+from kiv.testing.paths import DEMO_PROJECT, REPO
 
 CONFIGS = sorted(glob.glob(osp.join(REPO, 'configs', 'distill', '*.py')))
+#: the demo's configs (beside the library: ``projects/kiv_demo/configs``)
+DEMO_CONFIGS = sorted(glob.glob(osp.join(DEMO_PROJECT, 'configs', '*.py')))
 REGISTRIES = (MODELS, DATASETS, TRANSFORMS, HOOKS, METRICS, TEACHER_SOURCES)
 
 
@@ -52,6 +55,31 @@ def test_config_types_resolve(path):
                          if isinstance(getattr(mmreg, n), mmreg.Registry)
                          and getattr(mmreg, n).get(type_) is not None), None)
             assert found is not None, f'{path}: {where} type={type_!r}'
+
+
+@pytest.mark.parametrize('path', DEMO_CONFIGS, ids=osp.basename)
+def test_demo_config_types_resolve_in_their_own_scope(path, kiv_demo):
+    """A demo config parses (its ``custom_imports`` import kiv and
+    kiv_demo), every ``kiv.<Name>`` it names is kiv's and every
+    ``kiv_demo.<Name>`` the demo's: nothing demo-only is spelt ``kiv.``."""
+    from kiv_demo import registry as demo_registry
+    cfg = Config.fromfile(path)
+    demo_registries = [getattr(demo_registry, n)
+                       for n in demo_registry.__all__]
+    scopes = set()
+    for where, type_ in _types(cfg.to_dict()):
+        scope = type_.split('.', 1)[0] if '.' in type_ else None
+        if scope == 'kiv':
+            registries = REGISTRIES
+        elif scope == 'kiv_demo':
+            registries = demo_registries
+        else:  # the toolboxes' own types (the toy demo builds them)
+            continue
+        scopes.add(scope)
+        assert any(r.get(type_) is not None for r in registries), \
+            f'{path}: {where} type={type_!r}'
+    assert 'kiv_demo' in scopes, path
+    assert 'kiv_demo' in cfg.custom_imports.imports, path
 
 
 def test_real_recipe_weight_files_are_documented():

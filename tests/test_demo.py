@@ -1,4 +1,5 @@
-"""``tools/demo.py`` end to end at toy size, plus its building blocks."""
+"""``tools/demo.py`` end to end at toy size, plus its building blocks
+(the package ``kiv_demo`` in ``projects/kiv_demo``, beside kiv)."""
 from __future__ import annotations
 
 import io
@@ -15,9 +16,15 @@ import torch
 from kiv.testing.paths import REPO
 
 
+@pytest.fixture(autouse=True)
+def _demo_importable(kiv_demo):
+    """``kiv_demo`` importable in every test here, as ``tools/demo.py``
+    makes it."""
+
+
 # ------------------------------------------------------------ the world ---
 def test_world_scenes_have_consistent_annotations():
-    from kiv.demo.world import CLASSES, WorldConfig, _Backgrounds, draw_scene
+    from kiv_demo.world import CLASSES, WorldConfig, _Backgrounds, draw_scene
     rng = np.random.default_rng(0)
     cfg = WorldConfig(size=48)
     backgrounds = _Backgrounds()
@@ -47,7 +54,7 @@ def test_world_layouts_are_read_by_the_toolboxes(tmp_path):
     from mmpretrain.datasets import ImageNet
     from mmseg.datasets import BaseSegDataset
 
-    from kiv.demo.world import CLASSES, WorldConfig, write_world
+    from kiv_demo.world import CLASSES, WorldConfig, write_world
     write_world(str(tmp_path), WorldConfig(num_train=6, num_val=3), seed=1)
     meta = dict(classes=CLASSES)
     coco = CocoDataset(data_root=str(tmp_path / 'coco'), metainfo=meta,
@@ -71,18 +78,17 @@ def test_world_labels_follow_the_view(tmp_path):
     image label are those of the same crop + flip of the label map."""
     import cv2
 
-    import kiv.demo  # noqa: F401
     from kiv.datasets.teacher_cache import ReplayView, ViewParams
-    from kiv.demo.transforms import SEG_IGNORE
-    from kiv.demo.world import WorldConfig, label_map_path, write_world
     from kiv.registry import TRANSFORMS
+    from kiv_demo.transforms import SEG_IGNORE
+    from kiv_demo.world import WorldConfig, label_map_path, write_world
     write_world(str(tmp_path), WorldConfig(num_train=4, num_val=1), seed=3)
     img_path = str(tmp_path / 'coco' / 'train2017' / '000000000002.jpg')
     view = TRANSFORMS.build(dict(type='kiv.ReplayView', scale=64,
                                  crop_ratio_range=(0.4, 1.0), flip_prob=1))
-    labels_tf = TRANSFORMS.build(dict(type='kiv.WorldViewLabels',
+    labels_tf = TRANSFORMS.build(dict(type='kiv_demo.WorldViewLabels',
                                       min_area=1))
-    pack = TRANSFORMS.build(dict(type='kiv.PackWorldInputs'))
+    pack = TRANSFORMS.build(dict(type='kiv_demo.PackWorldInputs'))
     params = ViewParams((8, 4, 40, 48), True, (64, 64))
     img = cv2.imread(img_path)
     results = view(dict(img=img, img_path=img_path,
@@ -114,19 +120,18 @@ def test_world_labels_follow_the_view(tmp_path):
 
 # -------------------------------------------------------- the plain ViT ---
 def test_plain_vit_student_pyramid_and_toolbox_outputs():
-    import kiv.demo  # noqa: F401
     from kiv.registry import MODELS
     base = dict(type='timm', model_name='vit_small_patch14_reg4_dinov2',
                 model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32,
                                   depth=2, num_heads=2))
-    student = MODELS.build(dict(type='kiv.PlainViTStudent', base=base))
+    student = MODELS.build(dict(type='kiv_demo.PlainViTStudent', base=base))
     out = student.forward_features(torch.randn(2, 3, 64, 48))
     assert out.summary.shape == (2, 32)
     assert [tuple(f.shape[-2:]) for f in out.features] == [
         (16, 12), (8, 6), (4, 3), (2, 2)]
     out.summary.sum().backward()
     assert student.base.model.cls_token.grad is not None
-    frozen = MODELS.build(dict(type='kiv.PlainViTStudent', base=base,
+    frozen = MODELS.build(dict(type='kiv_demo.PlainViTStudent', base=base,
                                frozen=True, out_type='global'))
     frozen.train()
     assert not frozen.training
@@ -158,15 +163,14 @@ def test_multitask_model_trains_every_head_from_the_probe_configs():
     """The baseline model: one backbone, the demo's cls / Mask R-CNN /
     Semantic FPN heads (built from the probe configs), finite losses and
     gradients into the backbone; unlabelled samples feed no head."""
-    import kiv.demo  # noqa: F401
-    from kiv.demo.recipes import _task_models, load_cfg
     from kiv.registry import MODELS
+    from kiv_demo.recipes import _task_models, load_cfg
     cfg = load_cfg('baseline')
     backbone = cfg.model.backbone.to_dict()
     backbone['base']['model_kwargs'].update(depth=4)
     backbone['interaction_indexes'] = [[0, 0], [1, 1], [2, 2], [3, 3]]
-    model = MODELS.build(dict(type='kiv.MultiTaskModel', backbone=backbone,
-                              tasks=_task_models(cfg)))
+    model = MODELS.build(dict(type='kiv_demo.MultiTaskModel',
+                              backbone=backbone, tasks=_task_models(cfg)))
     model.init_weights()
     from mmdet.structures import DetDataSample
     samples = [_det_sample(), _det_sample(),
@@ -194,12 +198,11 @@ def test_adapter_gates_get_the_same_fast_lr_on_both_sides():
     skip paths; the base decay on every other weight. At the base lr the
     gates ended the demo's inheritance run at ~0.02, so the adapter added
     ~2 % to the frozen knowledge base's maps."""
-    import kiv.demo  # noqa: F401
     from mmengine.optim import build_optim_wrapper
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from kiv.demo.recipes import load_cfg
     from kiv.registry import MODELS
+    from kiv_demo.recipes import load_cfg
     inherit, baseline = load_cfg('inherit'), load_cfg('baseline')
     assert inherit.optim_wrapper.paramwise_cfg == \
         baseline.optim_wrapper.paramwise_cfg
@@ -255,7 +258,7 @@ def test_adapter_gates_get_the_same_fast_lr_on_both_sides():
 
 # ------------------------------------------------------------ probes ---
 def test_logistic_and_knn_probes_choose_on_train_only():
-    from kiv.demo.probes import cls_probe
+    from kiv_demo.probes import cls_probe
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 16, generator=g) * 3
     y = torch.arange(300) % 3
@@ -281,7 +284,7 @@ def test_bootstrap_ci_is_the_percentile_bootstrap():
     """``bootstrap_ci`` on a known vector = the 2.5 / 97.5 % quantiles of
     the exact bootstrap distribution of the mean (all ``n ** n``
     resamples enumerated), up to Monte-Carlo error."""
-    from kiv.demo.probes import bootstrap_ci
+    from kiv_demo.probes import bootstrap_ci
     scores = [0.0, 10.0, 40.0, 100.0, 100.0]
     exact = _exact_bootstrap_means(scores)  # 3125 resamples
     v, lo, hi = bootstrap_ci(scores, num=40000, seed=5)
@@ -305,7 +308,7 @@ def test_bootstrap_ci_of_a_rate_is_the_binomial_interval(n):
     mean is 100 x Binomial(n, p) / n: the interval's ends are its
     quantiles, and widths shrink as 1 / sqrt(n)."""
     from scipy.stats import binom
-    from kiv.demo.probes import bootstrap_ci
+    from kiv_demo.probes import bootstrap_ci
     p = 0.3
     k = int(round(p * n))
     scores = [100.0] * k + [0.0] * (n - k)
@@ -323,7 +326,7 @@ def test_trivial_agreements_are_the_majority_shares():
     teacher's most frequent class (top-5: its five most frequent) agrees on
     exactly that class's share; the head on the mean summary on the share
     of its own arg-max class."""
-    from kiv.demo.agreement import trivial_cls_agreement
+    from kiv_demo.agreement import trivial_cls_agreement
     counts = {3: 6, 1: 5, 0: 4, 7: 3, 2: 2, 5: 1}  # 21 images, 10 classes
     labels = [c for c, k in counts.items() for _ in range(k)]
     ref = torch.nn.functional.one_hot(torch.tensor(labels), 10).float()
@@ -350,7 +353,7 @@ def test_coco_bootstrap_point_equals_pycocotools(tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from kiv.demo.probes import coco_bootstrap
+    from kiv_demo.probes import coco_bootstrap
     rng = np.random.default_rng(0)
     images, anns, dets = [], [], []
     for i in range(1, 21):
@@ -386,7 +389,7 @@ def test_coco_bootstrap_point_equals_pycocotools(tmp_path):
 
 
 def test_miou_bootstrap_matches_the_total_areas(tmp_path):
-    from kiv.demo.probes import miou_bootstrap
+    from kiv_demo.probes import miou_bootstrap
     rng = np.random.default_rng(0)
     inter = rng.integers(0, 50, (40, 4)).astype(float)
     union = inter + rng.integers(0, 50, (40, 4))
@@ -411,7 +414,7 @@ def test_miou_bootstrap_matches_the_total_areas(tmp_path):
 
 # ---------------------------------------------------------------- stages ---
 def test_stage_cache_reuses_and_invalidates_dependents(tmp_path):
-    from kiv.demo.stages import (Stage, expected_seconds, read_timings,
+    from kiv_demo.stages import (Stage, expected_seconds, read_timings,
                                  run_stages)
     calls = []
 
@@ -500,8 +503,8 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
     import cv2
     from safetensors.torch import load_file
 
-    from kiv.demo.report import AGREEMENT_COLUMNS, PROBE_COLUMNS
-    from kiv.demo.world import CLASSES
+    from kiv_demo.report import AGREEMENT_COLUMNS, PROBE_COLUMNS
+    from kiv_demo.world import CLASSES
     work_dir = str(tmp_path / 'demo')
     first = _demo(work_dir)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

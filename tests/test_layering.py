@@ -4,10 +4,12 @@ ones, and parts of the method stay apart.
 From the bottom: ``kiv.utils`` -> ``kiv.fileio`` (the teacher-cache file
 format) -> ``kiv.models`` and ``kiv.datasets`` (side by side: the models do
 not import the datasets) -> ``kiv.evaluation`` -> ``kiv.engine`` (runtime
-hooks, optimizers, wrappers) -> ``kiv.apis`` (the tools' side) and
-``kiv.demo``. Inside ``kiv.models``: ``layers`` are the building blocks of
-the others, and the student (``backbones``) does not import the teachers.
-Imports inside functions count too."""
+hooks, optimizers, wrappers) -> ``kiv.apis`` (the tools' side). Inside
+``kiv.models``: ``layers`` are the building blocks of the others, and the
+student (``backbones``) does not import the teachers. The demo
+(``projects/kiv_demo``) sits beside the library and uses it as any user
+does: nothing in ``kiv`` imports ``kiv_demo``. Imports inside functions
+count too."""
 import ast
 import os
 import os.path as osp
@@ -19,18 +21,17 @@ from kiv.testing.paths import REPO
 #: package under kiv/ -> packages it must not import
 FORBIDDEN = {
     'utils': ('kiv.fileio', 'kiv.models', 'kiv.datasets', 'kiv.engine',
-              'kiv.evaluation', 'kiv.apis', 'kiv.demo'),
+              'kiv.evaluation', 'kiv.apis'),
     'fileio': ('kiv.models', 'kiv.datasets', 'kiv.engine', 'kiv.evaluation',
-               'kiv.apis', 'kiv.demo'),
-    'models': ('kiv.datasets', 'kiv.engine', 'kiv.evaluation', 'kiv.apis',
-               'kiv.demo'),
+               'kiv.apis'),
+    'models': ('kiv.datasets', 'kiv.engine', 'kiv.evaluation', 'kiv.apis'),
     'models/layers': ('kiv.models.backbones', 'kiv.models.connectors',
                       'kiv.models.distillers', 'kiv.models.losses',
                       'kiv.models.necks', 'kiv.models.teachers'),
     'models/backbones': ('kiv.models.teachers', 'kiv.models.distillers'),
-    'datasets': ('kiv.engine', 'kiv.apis', 'kiv.demo'),
-    'evaluation': ('kiv.engine', 'kiv.apis', 'kiv.demo'),
-    'engine': ('kiv.apis', 'kiv.demo'),
+    'datasets': ('kiv.engine', 'kiv.apis'),
+    'evaluation': ('kiv.engine', 'kiv.apis'),
+    'engine': ('kiv.apis', ),
 }
 
 
@@ -64,3 +65,19 @@ def test_lower_layers_do_not_import_upper_ones(layer):
             bad += [(osp.relpath(path, REPO), mod) for mod in _imports(path)
                     if mod.startswith(FORBIDDEN[layer])]
     assert not bad, bad
+
+
+def test_the_library_does_not_import_the_demo():
+    """``projects/kiv_demo`` imports kiv as a user would; no module of
+    ``kiv`` imports ``kiv_demo``, and the installed package holds no
+    demo."""
+    bad = []
+    for root, _, files in os.walk(osp.join(REPO, 'kiv')):
+        for name in files:
+            if name.endswith('.py'):
+                path = osp.join(root, name)
+                bad += [(osp.relpath(path, REPO), mod)
+                        for mod in _imports(path)
+                        if mod.split('.')[0] == 'kiv_demo']
+    assert not bad, bad
+    assert not osp.exists(osp.join(REPO, 'kiv', 'demo'))

@@ -43,3 +43,49 @@ def test_unscoped_name_resolves_to_toolbox_own_class():
     with DefaultScope.overwrite_default_scope('mmdet'):
         cls = DET.get('ResNet')
     assert cls.__module__.startswith('mmdet.')
+
+
+#: the demo's modules (projects/kiv_demo), by registry
+DEMO_NAMES = {
+    'MODELS': ('EfficientNetLite0', 'FeaturePassthrough',
+               'FeatureDataPreprocessor', 'TaskHead', 'MultiTaskModel',
+               'PlainViTStudent'),
+    'TRANSFORMS': ('WorldViewLabels', 'PackWorldInputs', 'AttachFeatures'),
+    'METRICS': ('IoUMetricWithSamples', ),
+}
+
+
+def test_kiv_scope_holds_no_demo_module(kiv_demo):
+    """The demo registers in its own scope: kiv's registries hold none of
+    its names, even once the demo is imported."""
+    from kiv import registry as kiv_registry
+    names = {n for group in DEMO_NAMES.values() for n in group}
+    for reg_name in kiv_registry.__all__:
+        reg = getattr(kiv_registry, reg_name)
+        assert not names & set(reg.module_dict), reg_name
+    for reg_name, group in DEMO_NAMES.items():
+        reg = getattr(kiv_registry, reg_name)
+        for name in group:
+            assert reg.get(f'kiv.{name}') is None, name
+
+
+@pytest.mark.parametrize('scope', ['kiv', 'mmpretrain', 'mmdet', 'mmseg'])
+def test_demo_modules_resolve_as_kiv_demo_names(kiv_demo, scope):
+    """``type='kiv_demo.<Name>'`` reaches every demo module from kiv's and
+    every toolbox's registries (scope ``kiv_demo`` is a child of mmengine's
+    root registries, as ``kiv`` is)."""
+    import importlib
+
+    from mmengine import registry as mm_registry
+    from kiv_demo import registry as demo_registry
+    toolbox = importlib.import_module(f'{scope}.registry')
+    for reg_name, group in DEMO_NAMES.items():
+        demo = getattr(demo_registry, reg_name)
+        assert demo.scope == 'kiv_demo'
+        assert demo.parent is getattr(mm_registry, reg_name)
+        assert getattr(mm_registry, reg_name).children['kiv_demo'] is demo
+        assert set(group) <= set(demo.module_dict)
+        for name in group:
+            cls = getattr(toolbox, reg_name).get(f'kiv_demo.{name}')
+            assert cls is demo.module_dict[name], (scope, name)
+            assert cls.__module__.startswith('kiv_demo.')

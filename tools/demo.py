@@ -13,7 +13,8 @@ mmdet, mmseg) against a multi-task baseline trained from scratch on every
 label, with 95 % bootstrap intervals, and measures its inherited heads
 against their teachers. Stages are cached in the work dir: a re-run reuses
 finished stages (``--fresh`` runs everything again); a changed preset, seed
-or config re-runs what depends on it. See docs/demo.md.
+or config re-runs what depends on it. The demo's package and configs are
+in projects/kiv_demo (beside kiv, not installed with it). See docs/demo.md.
 """
 import argparse
 import os
@@ -25,6 +26,25 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 warnings.filterwarnings('ignore', category=UserWarning)
 warnings.filterwarnings('ignore', category=FutureWarning)
 warnings.filterwarnings('ignore', category=DeprecationWarning)
+
+
+#: the demo's project folder (``projects/kiv_demo``): its package
+#: ``kiv_demo`` and its configs live beside the library, not in it
+DEMO_PROJECT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'projects',
+    'kiv_demo')
+
+
+def use_demo_project() -> None:
+    """Make ``kiv_demo`` importable here and in any process started from
+    here: its project folder goes first on ``sys.path`` and ``PYTHONPATH``.
+    """
+    if DEMO_PROJECT not in sys.path:
+        sys.path.insert(0, DEMO_PROJECT)
+    paths = os.environ.get('PYTHONPATH', '').split(os.pathsep)
+    if DEMO_PROJECT not in paths:
+        os.environ['PYTHONPATH'] = os.pathsep.join(
+            [DEMO_PROJECT] + [p for p in paths if p])
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,9 +106,10 @@ def main() -> None:
 
     import kiv  # noqa: F401  registers kiv.*
     kiv.enable_safe_io()  # weights-only loads, atomic checkpoint writes
-    import kiv.demo  # noqa: F401  registers kiv.PlainViTStudent
-    from kiv.demo.pipeline import build_tuning_stages, run_demo
-    from kiv.demo.stages import run_stages
+    use_demo_project()
+    import kiv_demo  # noqa: F401  registers kiv_demo.*
+    from kiv_demo.pipeline import build_tuning_stages, run_demo
+    from kiv_demo.stages import run_stages
 
     work_dir = os.path.abspath(args.work_dir)
     if args.tune:

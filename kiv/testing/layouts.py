@@ -2,11 +2,11 @@
 
 One writer per layout, shared by the tiny test datasets
 (:mod:`kiv.testing.tiny_datasets`) and the demo world
-(:mod:`kiv.demo.world`). A *scene* is any object with ``image`` (``(H, W,
-3)`` uint8 BGR), ``labels`` (class per object, 0-based), ``masks`` (``(H,
-W)`` uint8 per object), ``boxes`` (COCO ``[x, y, w, h]`` per object),
-``semantic`` (``(H, W)`` uint8, 0 = background, ``k + 1`` = class ``k``) and
-``label`` (the image's class).
+(:mod:`kiv_demo.world`, in ``projects/kiv_demo``). A *scene* is any
+object with ``image`` (``(H, W, 3)`` uint8 BGR), ``labels`` (class per
+object, 0-based), ``masks`` (``(H, W)`` uint8 per object), ``boxes``
+(COCO ``[x, y, w, h]`` per object), ``semantic`` (``(H, W)`` uint8, 0 =
+background, ``k + 1`` = class ``k``) and ``label`` (the image's class).
 
 Layouts (``root`` is the dataset folder)::
 

@@ -72,6 +72,10 @@ TINY_DISTILL_CFG = osp.join(
 REAL_DISTILL_CFG = osp.join(
     REPO, 'configs', 'distill',
     'kiv_adapter-vit-b14-reg4_dinov2-clip-sam-maskrcnn_8xb64-100k_in1k.py')
+#: the demo's project folder (its package ``kiv_demo`` and ``configs/``),
+#: beside kiv and not part of it: the ``kiv_demo`` fixture of
+#: ``tests/conftest.py`` puts it on ``sys.path`` as ``tools/demo.py`` does
+DEMO_PROJECT = osp.join(REPO, 'projects', 'kiv_demo')
 
 
 @contextlib.contextmanager

@@ -317,15 +317,20 @@ def test_the_guard_is_in_the_config_and_reads_its_key():
             dict(nonfinite_loss=dict(max_skips=3)))
 
 
-def test_every_trainable_kiv_config_holds_one_guard():
-    """Distillation, demo and downstream configs (not the import example,
-    a user's own config) carry exactly one NaN guard, so mmpretrain's,
-    mmdet's and mmseg's own tools/train.py run with it too."""
+def test_every_trainable_kiv_config_holds_one_guard(kiv_demo):
+    """Distillation, demo (``projects/kiv_demo/configs``) and downstream
+    configs (not the import example, a user's own config) carry exactly
+    one NaN guard, so mmpretrain's, mmdet's and mmseg's own tools/train.py
+    run with it too."""
     import glob
-    configs = [p for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
-                                    recursive=True)
+
+    from kiv_demo.recipes import CONFIG_DIR as DEMO_CONFIGS
+    configs = [p for pattern in (('configs', '**', '*.py'),
+                                 ('projects', '*', 'configs', '**', '*.py'))
+               for p in glob.glob(osp.join(REPO, *pattern), recursive=True)
                if '_base_' not in p and 'import_example' not in p]
     assert len(configs) > 15
+    assert any(p.startswith(DEMO_CONFIGS) for p in configs)
     for path in configs:
         cfg = Config.fromfile(path)
         if 'train_cfg' not in cfg:

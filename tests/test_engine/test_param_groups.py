@@ -42,7 +42,6 @@ import kiv  # noqa: F401  registers kiv.*
 from kiv.testing.paths import REAL_DISTILL_CFG as RECIPE
 from kiv.testing.paths import REPO, TINY_DISTILL_CFG
 
-DEMO = osp.join(REPO, 'configs', 'demo')
 NORMS = (nn.LayerNorm, nn.GroupNorm, _BatchNorm, _InstanceNorm)
 #: kinds of trainable parameters that must not be decayed
 NO_DECAY = ('gate', 'layerscale', 'level_embed', 'latent_query', 'skip',
@@ -226,16 +225,11 @@ def test_tiny_distillation_decays_only_ordinary_weights(distill_workdir):
 
 
 # ------------------------------------------------------------- the demo ---
-def _demo_cfg(name: str) -> Config:
-    from kiv.demo.recipes import CONFIGS
-    return Config.fromfile(osp.join(DEMO, CONFIGS[name]))
-
-
-def test_demo_knowledge_base_layerscale_is_not_decayed():
+def test_demo_knowledge_base_layerscale_is_not_decayed(kiv_demo):
     """The demo's DINOv2-like knowledge base trains every weight, its
     LayerScale too."""
-    import kiv.demo  # noqa: F401
-    cfg = _demo_cfg('knowledge_base')
+    from kiv_demo.recipes import load_cfg
+    cfg = load_cfg('knowledge_base')
     student = cfg.model.student.to_dict()
     student['base']['model_kwargs'].update(depth=2)
     model = nn.ModuleDict(dict(student=ROOT_MODELS.build(student)))

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from mmpretrain.models.backbones import VisionTransformer as MMPViT
 
 import kiv  # noqa: F401  registers kiv.*
-from kiv.demo import PlainViTStudent
 from kiv.models.backbones import AdapterViT, MMPretrainBaseViT, TimmBaseViT
 from kiv.structures import FeatureOutput
 from kiv.utils.weights import TeacherCheckpointError
@@ -358,18 +357,20 @@ def _norm_inputs(model, x: torch.Tensor) -> list[torch.Tensor]:
     return seen
 
 
-#: a tiny patch-8 base for kiv.PlainViTStudent (powers of two only)
+#: a tiny patch-8 base for kiv_demo.PlainViTStudent (powers of two only)
 PLAIN_BASE = dict(type='timm', model_name='vit_small_patch14_reg4_dinov2',
                   checkpoint=None,
                   model_kwargs=dict(img_size=64, patch_size=8, embed_dim=32,
                                     depth=2, num_heads=2))
 
 
-def test_plain_vit_student_any_input_size():
-    """kiv.PlainViTStudent: ResNet sizes, and its maps are those of the
-    explicitly padded input, cropped before the output norms."""
+def test_plain_vit_student_any_input_size(kiv_demo):
+    """kiv_demo.PlainViTStudent (the demo's, same interface): ResNet
+    sizes, and its maps are those of the explicitly padded input, cropped
+    before the output norms."""
     torch.manual_seed(9)
-    student = PlainViTStudent(base=PLAIN_BASE, out_type='both').eval()
+    student = kiv_demo.PlainViTStudent(base=PLAIN_BASE,
+                                       out_type='both').eval()
     for h, w in ODD_SIZES + [(64, 64), (56, 56)]:
         x = torch.randn(2, 3, h, w)
         padded = F.pad(x, (0, -w % 8, 0, -h % 8))
@@ -650,7 +651,8 @@ def _assert_same_weights(model: torch.nn.Module,
         assert torch.equal(state[key], value), key
 
 
-def test_pretrained_string_is_init_cfg_with_the_toolbox_warning(tmp_path):
+def test_pretrained_string_is_init_cfg_with_the_toolbox_warning(
+        tmp_path, kiv_demo):
     path, trained = _save_student(tmp_path, 13)
     with pytest.warns(UserWarning, match='DeprecationWarning: pretrained is '
                       'deprecated, please use "init_cfg" instead'):
@@ -659,7 +661,7 @@ def test_pretrained_string_is_init_cfg_with_the_toolbox_warning(tmp_path):
     loaded.init_weights()
     _assert_same_weights(loaded, trained.state_dict())
     with pytest.warns(UserWarning, match='pretrained is deprecated'):
-        plain = PlainViTStudent(base=PLAIN_BASE, pretrained=path)
+        plain = kiv_demo.PlainViTStudent(base=PLAIN_BASE, pretrained=path)
     assert plain.init_cfg == dict(type='Pretrained', checkpoint=path)
 
 
@@ -685,7 +687,7 @@ def test_mmseg_model_pretrained_reaches_the_backbone(tmp_path):
     _assert_same_weights(segmentor.backbone, trained.state_dict())
 
 
-def test_pretrained_errors(tmp_path):
+def test_pretrained_errors(tmp_path, kiv_demo):
     path = str(tmp_path / 'student.pth')
     with pytest.raises(ValueError, match=r'pretrained=.*init_cfg=.*both '
                        r'set.*model\.pretrained=None'):
@@ -698,8 +700,9 @@ def test_pretrained_errors(tmp_path):
                        r"_v1c' names model-zoo weights"):
         build('timm', None, pretrained='open-mmlab://resnet50_v1c')
     with pytest.raises(ValueError, match='PlainViTStudent: pretrained='):
-        PlainViTStudent(base=PLAIN_BASE, pretrained=path,
-                        init_cfg=dict(type='Pretrained', checkpoint=path))
+        kiv_demo.PlainViTStudent(
+            base=PLAIN_BASE, pretrained=path,
+            init_cfg=dict(type='Pretrained', checkpoint=path))
 
 
 class _Foreign:

@@ -1,13 +1,13 @@
 # Segmentation teacher of the demo, built the way real ones are: Semantic
 # FPN with an ImageNet-pretrained backbone (the real EfficientNet-Lite0
-# weights, ``kiv.EfficientNetLite0``), fine-tuned on the demo world (ADE20K
-# layout). Its whole model (per-pixel class logits at stride 4) is a
+# weights, ``kiv_demo.EfficientNetLite0``), fine-tuned on the demo world
+# (ADE20K layout). Its whole model (per-pixel class logits at stride 4) is a
 # purpose-specific teacher.
 _base_ = ['./_base_/world_fpn-seg.py']
-custom_imports = dict(imports=['kiv', 'kiv.demo'], allow_failed_imports=False)
+custom_imports = dict(imports=['kiv', 'kiv_demo'], allow_failed_imports=False)
 model = dict(
     data_preprocessor=dict(mean=[127.5, 127.5, 127.5],
                            std=[127.5, 127.5, 127.5]),
-    backbone=dict(_delete_=True, type='kiv.EfficientNetLite0',
+    backbone=dict(_delete_=True, type='kiv_demo.EfficientNetLite0',
                   checkpoint='world/teachers/efficientnet_lite0.pth'),
     neck=dict(in_channels=[24, 40, 112, 320]))

@@ -4,7 +4,7 @@ Iterations are optimizer steps; batch sizes are per step. ``cost`` holds
 rough seconds per image (per step x batch for training) of each kind of
 work on an idle 2-core CPU; they only give the ETA of a stage that has not
 run on this machine before (afterwards its measured time is used, see
-:mod:`kiv.demo.stages`).
+:mod:`kiv_demo.stages`).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@
 # backbone is then exported and probed like the inherited student.
 _base_ = ['./_base_/adapter-vit-s8-reg4_world_schedule.py']
 model = dict(
-    type='kiv.MultiTaskModel',
+    type='kiv_demo.MultiTaskModel',
     backbone=dict(
         type='kiv.AdapterViT',
         base=dict(

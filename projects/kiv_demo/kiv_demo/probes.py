@@ -9,9 +9,9 @@ them:
   their regularisation / ``k`` chosen by a split of the *training* images;
 * detection / instance and semantic segmentation: mmdet's Mask R-CNN and
   mmseg's Semantic FPN trained by the mmengine Runner on the cached pyramid
-  (``kiv.demo.AttachFeatures`` puts the features of the right image and flip
+  (``kiv_demo.AttachFeatures`` puts the features of the right image and flip
   where the image would be; the model's backbone is
-  ``kiv.FeaturePassthrough``), evaluated by mmdet's ``CocoMetric`` and
+  ``kiv_demo.FeaturePassthrough``), evaluated by mmdet's ``CocoMetric`` and
   mmseg's ``IoUMetric`` (:class:`IoUMetricWithSamples` also keeps the
   per-image areas).
 
@@ -37,8 +37,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from kiv.registry import METRICS, TRANSFORMS
 from kiv.utils.atomic import atomic_path
+
+from .registry import METRICS, TRANSFORMS
 
 __all__ = [
     'world_images', 'extract_features', 'save_features', 'AttachFeatures',

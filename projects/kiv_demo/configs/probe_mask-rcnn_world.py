@@ -1,19 +1,20 @@
 # Detection / instance-segmentation probe of a frozen backbone: mmdet's
 # Mask R-CNN (FPN + RPN + RoI heads) trained on the world (COCO layout) on
-# the backbone's pyramid, computed once per backbone (``kiv.AttachFeatures``
-# puts the cached maps of the image, flipped with it, where the image would
-# be; ``kiv.FeaturePassthrough`` hands them to the neck) and evaluated by
-# mmdet's CocoMetric (box and mask AP). The demo sets the features file of
-# each row and ``test_evaluator.outfile_prefix`` (results kept for the
-# bootstrap intervals). The same model (minus backbone) is the detection
+# the backbone's pyramid, computed once per backbone
+# (``kiv_demo.AttachFeatures`` puts the cached maps of the image, flipped
+# with it, where the image would be; ``kiv_demo.FeaturePassthrough`` hands
+# them to the neck) and evaluated by mmdet's CocoMetric (box and mask AP).
+# The demo sets the features file of each row and
+# ``test_evaluator.outfile_prefix`` (results kept for the bootstrap
+# intervals). The same model (minus backbone) is the detection
 # head of the inherited student's and the baseline's multi-task training.
 _base_ = ['./_base_/world_mask-rcnn.py']
-custom_imports = dict(imports=['kiv', 'kiv.demo'], allow_failed_imports=False)
+custom_imports = dict(imports=['kiv', 'kiv_demo'], allow_failed_imports=False)
 features = 'features/features.safetensors'
 model = dict(
     data_preprocessor=dict(_delete_=True,
-                           type='kiv.FeatureDataPreprocessor'),
-    backbone=dict(_delete_=True, type='kiv.FeaturePassthrough'),
+                           type='kiv_demo.FeatureDataPreprocessor'),
+    backbone=dict(_delete_=True, type='kiv_demo.FeaturePassthrough'),
     neck=dict(in_channels=[128, 128, 128, 128]))
 train_pipeline = [
     dict(type='LoadImageFromFile'),
@@ -21,7 +22,7 @@ train_pipeline = [
     dict(type='Resize', scale=(64, 64), keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs'),
-    dict(type='kiv.AttachFeatures', file=features, split='train'),
+    dict(type='kiv_demo.AttachFeatures', file=features, split='train'),
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
@@ -30,7 +31,7 @@ test_pipeline = [
     dict(type='PackDetInputs',
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
                     'scale_factor')),
-    dict(type='kiv.AttachFeatures', file=features, split='val'),
+    dict(type='kiv_demo.AttachFeatures', file=features, split='val'),
 ]
 train_dataloader = dict(batch_size=16, dataset=dict(pipeline=train_pipeline))
 val_dataloader = dict(batch_size=32, dataset=dict(pipeline=test_pipeline))

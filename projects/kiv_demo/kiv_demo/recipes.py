@@ -2,8 +2,8 @@
 the teacher-feature cache, ablation variants, probe inputs) and the
 mmengine ``Runner`` call every training stage goes through.
 
-The stages themselves are in :mod:`kiv.demo.train_stages` and
-:mod:`kiv.demo.eval_stages`; :mod:`kiv.demo.pipeline` assembles them.
+The stages themselves are in :mod:`kiv_demo.train_stages` and
+:mod:`kiv_demo.eval_stages`; :mod:`kiv_demo.pipeline` assembles them.
 """
 from __future__ import annotations
 
@@ -22,14 +22,19 @@ from kiv.utils.atomic import atomic_torch_save
 
 from .stages import ProgressHook, StageContext
 
-__all__ = ['REPO', 'CONFIG_DIR', 'CONFIGS', 'CACHE', 'CACHED_TEACHERS',
-           'ROWS', 'VARIANTS', 'CLASSES', 'load_cfg', 'run_runner',
-           'use_cache', 'knowledge_base_cfg', 'cache_cfg', 'inherit_cfg',
-           'baseline_cfg', 'probe_backbone_cfg', 'probe_cfg',
+__all__ = ['PROJECT', 'REPO', 'CONFIG_DIR', 'CONFIGS', 'CACHE',
+           'CACHED_TEACHERS', 'ROWS', 'VARIANTS', 'CLASSES', 'load_cfg',
+           'run_runner', 'use_cache', 'knowledge_base_cfg', 'cache_cfg',
+           'inherit_cfg', 'baseline_cfg', 'probe_backbone_cfg', 'probe_cfg',
            'keep_test_outputs', 'interval_table', 'effnet_teacher']
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-CONFIG_DIR = osp.join(REPO, 'configs', 'demo')
+#: the demo's project folder (``projects/kiv_demo`` of the kiv checkout:
+#: the demo runs from the checkout, whatever kiv install it imports)
+PROJECT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+#: the kiv checkout (its ``configs/_base_`` holds the runtime the demo's
+#: configs inherit)
+REPO = osp.dirname(osp.dirname(PROJECT))
+CONFIG_DIR = osp.join(PROJECT, 'configs')
 CONFIGS = dict(
     teacher_det='teacher_mask-rcnn_effnet-lite0_fpn_world.py',
     teacher_seg='teacher_fpn_effnet-lite0_world-seg.py',
@@ -195,7 +200,7 @@ def _task_models(cfg: Config) -> dict[str, dict]:
         else:
             model = copy.deepcopy(spec.to_dict() if isinstance(
                 spec, ConfigDict) else dict(spec))
-        heads[task] = dict(type='kiv.TaskHead', task=task, model=model)
+        heads[task] = dict(type='kiv_demo.TaskHead', task=task, model=model)
     return heads
 
 
@@ -219,7 +224,7 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
         labels (bool): attach the world's labels (multi-task heads).
     """
     from kiv.datasets.teacher_cache import TeacherCacheError, read_index
-    from kiv.fileio.teacher_cache_identity import teacher_fingerprint
+    from kiv.fileio import teacher_fingerprint
     index = read_index(cache_dir)
     for name in cached:
         tcfg = cfg.model.teachers[name]
@@ -231,8 +236,8 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
                                         cache_dir=cache_dir, name=name)
     pipeline = [index['loader'], index['view']]
     if labels:
-        pipeline += [dict(type='kiv.WorldViewLabels'),
-                     dict(type='kiv.PackWorldInputs')]
+        pipeline += [dict(type='kiv_demo.WorldViewLabels'),
+                     dict(type='kiv_demo.PackWorldInputs')]
     else:
         pipeline.append(index['pack'])
     cfg.train_dataloader.dataset = dict(
@@ -357,7 +362,7 @@ def probe_cfg(task: str, row: str, preset: dict) -> Config:
     features = f'features_{row}/features.safetensors'
     for loader in (cfg.train_dataloader, cfg.test_dataloader):
         for t in loader.dataset.pipeline:
-            if t['type'] == 'kiv.AttachFeatures':
+            if t['type'] == 'kiv_demo.AttachFeatures':
                 t['file'] = features
     cfg.val_dataloader = cfg.test_dataloader
     return cfg
@@ -367,12 +372,12 @@ def keep_test_outputs(cfg: Config, task: str, out_dir: str) -> None:
     """Make the test evaluator of a ``'det'`` / ``'seg'`` config keep what
     the intervals are computed from, in place: mmdet's ``CocoMetric``
     results files (``<out_dir>/results.{bbox,segm}.json``) or the per-image
-    areas of ``kiv.IoUMetricWithSamples`` (``<out_dir>/samples.npz``)."""
+    areas of ``kiv_demo.IoUMetricWithSamples`` (``<out_dir>/samples.npz``)."""
     if task == 'det':
         cfg.test_evaluator.outfile_prefix = osp.join(out_dir, 'results')
     else:
         cfg.test_evaluator = dict(
-            type='kiv.IoUMetricWithSamples', iou_metrics=['mIoU'],
+            type='kiv_demo.IoUMetricWithSamples', iou_metrics=['mIoU'],
             samples_file=osp.join(out_dir, 'samples.npz'))
 
 

@@ -2,9 +2,9 @@
 the teacher-feature cache, the knowledge base, knowledge inheritance (and
 its ablations), the data-centric baseline and the untrained-adapter row.
 
-Each ``stage_*`` returns the ``run(ctx)`` of a :class:`~kiv.demo.stages.Stage`
+Each ``stage_*`` returns the ``run(ctx)`` of a :class:`~kiv_demo.stages.Stage`
 (it runs in the stage's directory under the work dir's root, see
-:func:`~kiv.demo.stages.run_stages`).
+:func:`~kiv_demo.stages.run_stages`).
 """
 from __future__ import annotations
 

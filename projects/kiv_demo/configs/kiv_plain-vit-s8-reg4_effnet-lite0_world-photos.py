@@ -1,26 +1,27 @@
 # Making the demo's general-purpose knowledge base (a stand-in for DINOv2,
 # which cannot be downloaded here): a small DINOv2-like timm ViT (patch 8,
-# 4 registers, LayerScale), every weight trainable (``kiv.PlainViTStudent``),
-# distilled from the real pretrained EfficientNet-Lite0 (its pooled 1280-d
-# summary and four dense levels; MSE on PHI-S-standardised targets, the
-# default losses) on views of real photo crops and world scenes. The demo
-# trains it from the teacher-feature cache (``teacher_cache/``: EfficientNet
-# is never run during training) with statistics fixed before step 0. The ViT
-# weights are then saved as a timm checkpoint (``knowledge_base/kb_vit.pth``)
-# and frozen as the knowledge base.
+# 4 registers, LayerScale), every weight trainable
+# (``kiv_demo.PlainViTStudent``), distilled from the real pretrained
+# EfficientNet-Lite0 (its pooled 1280-d summary and four dense levels; MSE
+# on PHI-S-standardised targets, the default losses) on views of real photo
+# crops and world scenes. The demo trains it from the teacher-feature cache
+# (``teacher_cache/``: EfficientNet is never run during training) with
+# statistics fixed before step 0. The ViT weights are then saved as a timm
+# checkpoint (``knowledge_base/kb_vit.pth``) and frozen as the knowledge
+# base.
 _base_ = [
-    '../_base_/default_runtime.py',
+    '../../../configs/_base_/default_runtime.py',
     './_base_/world_photos_images.py',
     './_base_/effnet_lite0_teacher.py',
 ]
-custom_imports = dict(imports=['kiv', 'kiv.demo'], allow_failed_imports=False)
+custom_imports = dict(imports=['kiv', 'kiv_demo'], allow_failed_imports=False)
 kb_vit = dict(
     model_name='vit_small_patch14_reg4_dinov2',
     model_kwargs=dict(img_size=64, patch_size=8, embed_dim=128, depth=6,
                       num_heads=4, init_values=0.1))
 model = dict(
     type='kiv.KnowledgeInheritance',
-    student=dict(type='kiv.PlainViTStudent',
+    student=dict(type='kiv_demo.PlainViTStudent',
                  base=dict(type='timm', checkpoint=None, **kb_vit)),
     teachers=dict(effnet={{_base_.effnet_teacher}}),
     latent=dict(type='kiv.SharedLatentSpace', standardize='phis',

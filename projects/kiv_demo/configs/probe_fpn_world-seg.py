@@ -1,36 +1,36 @@
 # Semantic-segmentation probe of a frozen backbone: mmseg's Semantic FPN
 # (FPN neck + FPNHead) trained on the world (ADE20K layout, background
 # ignored as ADE20K's ``reduce_zero_label``) on the backbone's pyramid,
-# computed once per backbone (``kiv.AttachFeatures``,
-# ``kiv.FeaturePassthrough``) and evaluated by mmseg's IoUMetric (mIoU;
-# ``kiv.IoUMetricWithSamples`` also keeps the per-image areas for the
+# computed once per backbone (``kiv_demo.AttachFeatures``,
+# ``kiv_demo.FeaturePassthrough``) and evaluated by mmseg's IoUMetric (mIoU;
+# ``kiv_demo.IoUMetricWithSamples`` also keeps the per-image areas for the
 # bootstrap intervals). The same model (minus backbone) is the segmentation
 # head of the inherited student's and the baseline's multi-task training.
 _base_ = ['./_base_/world_fpn-seg.py']
-custom_imports = dict(imports=['kiv', 'kiv.demo'], allow_failed_imports=False)
+custom_imports = dict(imports=['kiv', 'kiv_demo'], allow_failed_imports=False)
 features = 'features/features.safetensors'
 model = dict(
     data_preprocessor=dict(_delete_=True,
-                           type='kiv.FeatureDataPreprocessor'),
-    backbone=dict(_delete_=True, type='kiv.FeaturePassthrough'),
+                           type='kiv_demo.FeatureDataPreprocessor'),
+    backbone=dict(_delete_=True, type='kiv_demo.FeaturePassthrough'),
     neck=dict(in_channels=[128, 128, 128, 128]))
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackSegInputs'),
-    dict(type='kiv.AttachFeatures', file=features, split='train'),
+    dict(type='kiv_demo.AttachFeatures', file=features, split='train'),
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='PackSegInputs'),
-    dict(type='kiv.AttachFeatures', file=features, split='val'),
+    dict(type='kiv_demo.AttachFeatures', file=features, split='val'),
 ]
 train_dataloader = dict(batch_size=16, dataset=dict(pipeline=train_pipeline))
 val_dataloader = dict(batch_size=32, dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader
-test_evaluator = dict(type='kiv.IoUMetricWithSamples',
+test_evaluator = dict(type='kiv_demo.IoUMetricWithSamples',
                       samples_file='probe_seg/samples.npz',
                       iou_metrics=['mIoU'])
 optim_wrapper = dict(optimizer=dict(lr=2e-3))

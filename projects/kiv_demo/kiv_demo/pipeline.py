@@ -1,6 +1,6 @@
 """The ``make demo`` pipeline: inherit a small foundation model on CPU.
 
-Stages (all cached, see :mod:`kiv.demo.stages`):
+Stages (all cached, see :mod:`kiv_demo.stages`):
 
 1. ``world``: the procedural multi-task world in the COCO / ADE20K /
    ImageNet layouts (+ per-scene label maps), real-photo crops (train / held
@@ -13,7 +13,7 @@ Stages (all cached, see :mod:`kiv.demo.stages`):
    (``kiv.datasets.teacher_cache.TeacherCacheWriter``): no fixed teacher
    runs during training.
 4. ``knowledge_base``: a DINOv2-like ViT distilled from EfficientNet-Lite0
-   from the cache (``kiv.PlainViTStudent``, every weight trainable): the
+   from the cache (``kiv_demo.PlainViTStudent``, every weight trainable): the
    general-purpose knowledge base standing in for DINOv2.
 5. ``inherit``: knowledge inheritance with ``kiv.KnowledgeInheritance``
    (frozen knowledge base + zero-initialised ``kiv.AdapterViT``, shared
@@ -313,7 +313,7 @@ def run_demo(preset_name: str, work_dir: str, seed: int = 0,
             steps and report whether the ranking of the rows changes.
 
     Returns:
-        dict: every stage's result (see :func:`~kiv.demo.stages.run_stages`).
+        dict: every stage's result (see :func:`~kiv_demo.stages.run_stages`).
     """
     stages = build_stages(preset_name, probe_check)
     if salt:

@@ -10,7 +10,7 @@
 # classification, Mask R-CNN and Semantic FPN heads the data-centric
 # baseline trains, on the labelled world views of each batch
 # (``task_models``: the demo builds ``model.task_heads`` from them with
-# ``kiv.TaskHead``). The demo trains from the teacher-feature cache
+# ``kiv_demo.TaskHead``). The demo trains from the teacher-feature cache
 # (EfficientNet-Lite0, detector and segmenter are read from
 # ``teacher_cache/``; the knowledge base runs online, it is the student's
 # own frozen base) with statistics fixed by one pass before step 0.

@@ -1,4 +1,4 @@
-"""``kiv.PlainViTStudent``: a fully trainable plain ViT student.
+"""``kiv_demo.PlainViTStudent``: a fully trainable plain ViT student.
 
 The demo uses it twice: to *make* the general-purpose knowledge base (a
 small DINOv2-like timm ViT distilled from a real pretrained classifier,
@@ -19,14 +19,13 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch import Tensor
 
-from kiv.models.backbones.base_vit import BaseViT, build_base_vit
-from kiv.models.layers.backbone_io import (STRIDES, check_images,
-                                           check_outputs, crop_to,
-                                           pad_to_patch_multiple,
-                                           pretrained_to_init_cfg,
-                                           pyramid_sizes)
-from kiv.registry import MODELS
+from kiv.models.backbones import BaseViT, build_base_vit
+from kiv.models.layers import (STRIDES, check_images, check_outputs, crop_to,
+                               pad_to_patch_multiple, pretrained_to_init_cfg,
+                               pyramid_sizes)
 from kiv.structures import FeatureOutput
+
+from .registry import MODELS
 
 __all__ = ['PlainViTStudent']
 

@@ -4,12 +4,12 @@
 # views (random resized crop + flip, the world's labels following each
 # view), the multi-task heads (``task_models``: a linear classifier on the
 # summary, and the model of the demo's Mask R-CNN and Semantic FPN probe
-# configs on the pyramid; the demo builds them with ``kiv.TaskHead``) and
+# configs on the pyramid; the demo builds them with ``kiv_demo.TaskHead``) and
 # the optimisation (AdamW, warm-up + cosine, clipping, the same
 # parameter-wise rule). The demo sets the iterations, batch size and
-# learning rate of each side (``kiv.demo.presets``).
-_base_ = ['../../_base_/default_runtime.py']
-custom_imports = dict(imports=['kiv', 'kiv.demo'], allow_failed_imports=False)
+# learning rate of each side (``kiv_demo.presets``).
+_base_ = ['../../../../configs/_base_/default_runtime.py']
+custom_imports = dict(imports=['kiv', 'kiv_demo'], allow_failed_imports=False)
 task_models = dict(
     cls=dict(type='mmpretrain.ImageClassifier', neck=None,
              head=dict(type='LinearClsHead', num_classes=6, in_channels=128,
@@ -21,8 +21,8 @@ labelled_view_pipeline = [
     dict(type='kiv.LoadImageFromFileSafe'),
     dict(type='kiv.ReplayView', scale=64, crop_ratio_range=(0.4, 1.0),
          flip_prob=0.5),
-    dict(type='kiv.WorldViewLabels'),
-    dict(type='kiv.PackWorldInputs'),
+    dict(type='kiv_demo.WorldViewLabels'),
+    dict(type='kiv_demo.PackWorldInputs'),
 ]
 optim_wrapper = dict(
     type='OptimWrapper',

@@ -4,7 +4,7 @@ The distillation and multi-task pipelines of the demo render *views*
 (random resized crop + flip, :class:`kiv.ReplayView`), sampled online or
 replayed from the teacher-feature cache. :class:`WorldViewLabels` applies
 the same view to the scene's label map (``world/labels/...``, see
-:func:`kiv.demo.world.write_label_maps`), so the instances, the semantic
+:func:`kiv_demo.world.write_label_maps`), so the instances, the semantic
 map and the image label describe exactly the pixels the model sees.
 :class:`PackWorldInputs` packs the image and those labels into one mmdet
 ``DetDataSample`` that the mmpretrain, mmdet and mmseg heads all read
@@ -24,8 +24,9 @@ from mmdet.structures import DetDataSample
 from mmdet.structures.mask import BitmapMasks
 from mmengine.structures import InstanceData, PixelData
 
-from kiv.datasets.transforms.formatting import PackImageInputs
-from kiv.registry import TRANSFORMS
+from kiv.datasets import PackImageInputs
+
+from .registry import TRANSFORMS
 
 __all__ = ['WorldViewLabels', 'PackWorldInputs', 'SEG_IGNORE']
 

@@ -4,7 +4,7 @@ The demo trains and probes the *same* downstream structures everywhere:
 mmpretrain's ``ImageClassifier`` (linear head on the summary), mmdet's
 Mask R-CNN (FPN + RPN + RoI heads on the pyramid) and mmseg's Semantic FPN
 (FPN + ``FPNHead`` on the pyramid), each built from its toolbox config with
-``backbone=dict(type='kiv.FeaturePassthrough')``: the model's
+``backbone=dict(type='kiv_demo.FeaturePassthrough')``: the model's
 ``extract_feat`` then starts from features computed elsewhere, and the
 toolbox's own ``loss`` / ``predict`` code runs unchanged.
 
@@ -14,7 +14,7 @@ toolbox's own ``loss`` / ``predict`` code runs unchanged.
 * :class:`MultiTaskModel` is the data-centric baseline: one backbone, the
   three heads, trained jointly on every label of the world.
 * :class:`FeatureDataPreprocessor` feeds cached frozen-backbone features to
-  such a model in the probes (``kiv.demo.AttachFeatures``).
+  such a model in the probes (``kiv_demo.AttachFeatures``).
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ from mmengine.model import ModuleDict
 from mmengine.registry import MODELS as ROOT_MODELS
 from torch import Tensor
 
-from kiv.registry import MODELS
 from kiv.utils import in_own_scope
+
+from .registry import MODELS
 
 __all__ = ['FeaturePassthrough', 'FeatureDataPreprocessor', 'TaskHead',
            'MultiTaskModel', 'TASK_FIELDS']
@@ -71,7 +72,7 @@ class FeaturePassthrough(nn.Module):
 class FeatureDataPreprocessor(BaseDataPreprocessor):
     """Collate per-sample feature tuples into a batch.
 
-    ``inputs`` are tuples of tensors per sample (``kiv.demo.AttachFeatures``
+    ``inputs`` are tuples of tensors per sample (``kiv_demo.AttachFeatures``
     puts them there); each position is stacked over the batch and cast to
     float32. ``batch_input_shape`` and ``pad_shape`` (what mmdet's and
     mmseg's data preprocessors set) are the images' ``img_shape``, so the
@@ -144,7 +145,7 @@ class TaskHead(BaseModule):
         self.inputs, self.gt_field = TASK_FIELDS[task]
         model = copy.deepcopy(dict(model))
         model['backbone'] = dict(
-            type='kiv.FeaturePassthrough',
+            type='kiv_demo.FeaturePassthrough',
             num_levels=None if self.inputs == 'summary' else num_levels)
         model['data_preprocessor'] = None
         model.pop('pretrained', None)
@@ -191,7 +192,7 @@ class MultiTaskModel(BaseModel):
     Args:
         backbone (dict): e.g. ``kiv.AdapterViT``; ``forward_features`` gives
             the summary and the pyramid.
-        tasks (dict[str, dict]): name -> ``kiv.TaskHead`` config, plus an
+        tasks (dict[str, dict]): name -> ``kiv_demo.TaskHead`` config, plus an
             optional ``weight`` (default 1).
         data_preprocessor (dict, optional): defaults to ImageNet
             normalisation of BGR-loaded images.
@@ -215,7 +216,7 @@ class MultiTaskModel(BaseModel):
         for name, cfg in tasks.items():
             cfg = dict(cfg)
             self.weights[name] = float(cfg.pop('weight', 1.0))
-            cfg.setdefault('type', 'kiv.TaskHead')
+            cfg.setdefault('type', 'kiv_demo.TaskHead')
             self.tasks[name] = MODELS.build(cfg)
 
     def loss(self, inputs: Tensor, data_samples: list) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""``kiv.EfficientNetLite0``: the real ImageNet EfficientNet-Lite0 as an
+"""``kiv_demo.EfficientNetLite0``: the real ImageNet EfficientNet-Lite0 as an
 OpenMMLab backbone.
 
 The demo's purpose-specific teachers are built the way real ones are: a
@@ -16,7 +16,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kiv.registry import MODELS
+from .registry import MODELS
 
 __all__ = ['EfficientNetLite0']
 

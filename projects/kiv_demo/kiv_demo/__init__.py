@@ -2,12 +2,17 @@
 foundation model on CPU from a real pretrained classifier and teachers the
 demo trains itself, on a procedural multi-task world and real photos.
 
-Importing ``kiv.demo`` registers ``kiv.PlainViTStudent``,
-``kiv.EfficientNetLite0`` (the teachers' pretrained backbone) and the demo's
-multi-task / probe modules (``kiv.TaskHead``, ``kiv.MultiTaskModel``,
-``kiv.FeaturePassthrough``, ``kiv.FeatureDataPreprocessor``,
-``kiv.WorldViewLabels``, ``kiv.PackWorldInputs``, ``kiv.AttachFeatures``,
-``kiv.IoUMetricWithSamples``). ``kiv`` does not import this package.
+A project beside kiv (``projects/kiv_demo``, not installed with kiv): it
+imports kiv as any user would and registers its own modules in its own
+scope (:mod:`kiv_demo.registry`): ``kiv_demo.PlainViTStudent``,
+``kiv_demo.EfficientNetLite0`` (the teachers' pretrained backbone) and the
+multi-task / probe modules (``kiv_demo.TaskHead``,
+``kiv_demo.MultiTaskModel``, ``kiv_demo.FeaturePassthrough``,
+``kiv_demo.FeatureDataPreprocessor``, ``kiv_demo.WorldViewLabels``,
+``kiv_demo.PackWorldInputs``, ``kiv_demo.AttachFeatures``,
+``kiv_demo.IoUMetricWithSamples``). ``tools/demo.py`` puts
+``projects/kiv_demo`` on the import path; ``kiv`` never imports this
+package.
 """
 from .effnet_backbone import EfficientNetLite0
 from .multitask import (FeatureDataPreprocessor, FeaturePassthrough,

@@ -2,7 +2,7 @@
 teacher's own outputs, the inherited heads against their teachers, the
 image-blind baselines and the report.
 
-Each ``stage_*`` returns the ``run(ctx)`` of a :class:`~kiv.demo.stages.Stage`.
+Each ``stage_*`` returns the ``run(ctx)`` of a :class:`~kiv_demo.stages.Stage`.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ written once into three real dataset layouts::
                the image; channel 1 = semantic class, 0 = background,
                ``k + 1`` = class ``k``), so a crop / resize / flip of an
                image can be applied to all its labels at once
-               (:class:`~kiv.demo.transforms.WorldViewLabels`)
+               (:class:`~kiv_demo.transforms.WorldViewLabels`)
 
 so mmdet's ``CocoDataset``, mmseg's segmentation datasets and mmpretrain's
 ``ImageNet`` read them as they are. Image ``i`` of a split is the same scene
