@@ -5,13 +5,16 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 export KIV_VENV := $(VENV)
 
-.PHONY: env test demo lint clean-env
+.PHONY: env test test-quick demo lint clean-env
 
 env:
 	@bash tools/setup/bootstrap.sh
 
 test: env
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-quick: env
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 demo: env
 	$(PY) tools/demo.py $(DEMO_ARGS)

@@ -499,6 +499,7 @@ def _check_interval(cell, n: int, p: float) -> None:
         assert bracket[0] <= got <= bracket[1], (cell, q, bracket)
 
 
+@pytest.mark.slow
 def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
     import cv2
     from safetensors.torch import load_file

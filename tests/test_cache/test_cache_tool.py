@@ -39,6 +39,7 @@ def _tensors(path: str) -> dict:
     return load_file(path)
 
 
+@pytest.mark.slow
 def test_kill_resume_equals_two_rank_run(tiny_root, tmp_path):
     ref_out, out = str(tmp_path / 'ref'), str(tmp_path / 'resumed')
     # uninterrupted reference: 2 ranks (gloo on CPU) through torchrun
@@ -98,6 +99,7 @@ def test_kill_resume_equals_two_rank_run(tiny_root, tmp_path):
     assert index['shards'] == ref_index['shards']
 
 
+@pytest.mark.slow
 def test_dry_run_reports_disk_use_and_writes_nothing(tiny_root, tmp_path):
     out = str(tmp_path / 'dry')
     proc = subprocess.run([sys.executable, TOOL, TINY_DISTILL_CFG, '--out',
@@ -118,6 +120,7 @@ CACHED_CFG = TINY_DISTILL_CFG.replace('.py', '_cached.py')
     (CACHED_CFG, '--cfg-options'),  # moves the cached config's cache
     (TINY_DISTILL_CFG, '--teacher-cache'),  # turns an online config cached
 ])
+@pytest.mark.slow
 def test_train_py_trains_from_the_cache_it_is_told(cache, private_root,
                                                    config, switch):
     """kiv's tools/train.py: ``--cfg-options teacher_cache=DIR`` on the
@@ -154,6 +157,7 @@ def test_train_py_trains_from_the_cache_it_is_told(cache, private_root,
     assert dumped.val_dataloader is None
 
 
+@pytest.mark.slow
 def test_train_py_refuses_a_config_naming_two_caches(cache, private_root):
     """model.teacher_cache changed alone (not through teacher_cache): one
     error line naming both places, nothing trained."""

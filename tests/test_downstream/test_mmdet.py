@@ -272,6 +272,7 @@ def test_import_example_changes_only_the_backbone():
 # ----------------------------------------------------------------------
 # tiny configs through the tools
 @pytest.mark.parametrize('name', list(TINY_CFGS))
+@pytest.mark.slow
 def test_tiny_train_and_test_from_exported_student(name, exported_student,
                                                    data_dir):
     cfg, ckpt = TINY_CFGS[name], exported_student['path']
@@ -378,6 +379,7 @@ def test_coco_metric_wiring_both_ways(data_dir, monkeypatch, mmdet_scope):
 
 # ----------------------------------------------------------------------
 # importing kiv into an existing mmdet project
+@pytest.mark.slow
 def test_import_into_upstream_config(exported_student, data_dir):
     """mmdet's own Mask R-CNN config with the kiv backbone (5-line file):
     train one epoch (2 iterations), then test through the tools."""
@@ -395,6 +397,7 @@ def test_import_into_upstream_config(exported_student, data_dir):
     _assert_coco_ap(_summary(out))
 
 
+@pytest.mark.slow
 def test_import_into_upstream_config_with_cfg_options_only(
         exported_student, data_dir):
     """The same without any config file of ours: mmdet's installed config

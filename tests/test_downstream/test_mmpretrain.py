@@ -205,6 +205,7 @@ def _test_accuracy(config: str, ckpt: str, work: str, data_dir: str) -> None:
     assert _summary_value(out, 'accuracy/top2') == 100.0  # 2 classes
 
 
+@pytest.mark.slow
 def test_linear_probe_keeps_the_student(data_dir, exported_student,
                                         tmp_path):
     work = str(tmp_path / 'lp')
@@ -220,6 +221,7 @@ def test_linear_probe_keeps_the_student(data_dir, exported_student,
     _test_accuracy(TINY_LP, ckpt, work, data_dir)
 
 
+@pytest.mark.slow
 def test_finetune_trains_the_student(data_dir, exported_student, tmp_path):
     work = str(tmp_path / 'ft')
     ckpt = _train(TINY_FT, work, data_dir, exported_student['path'])

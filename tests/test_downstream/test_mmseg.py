@@ -85,6 +85,7 @@ def test_real_and_tiny_configs(tiny_cfg, exported_student):
     assert kwargs == student['base']['model_kwargs']
 
 
+@pytest.mark.slow
 def test_train_and_test_tiny_upernet(data_dir, exported_student, tmp_path):
     work = str(tmp_path / 'work')
     ckpt = exported_student['path']

@@ -394,6 +394,7 @@ def _summary_value(out: str, scope: str) -> float:
 # ----------------------------------------------------------------------
 # tests
 @pytest.mark.parametrize('name', list(FAMILIES))
+@pytest.mark.slow
 def test_upstream_config_trains_and_tests(name, runs, exported_student):
     """Train a few iterations and test through the tools; only the
     backbone, its readers' channels and the data differ from upstream."""
@@ -417,6 +418,7 @@ def test_upstream_config_trains_and_tests(name, runs, exported_student):
     assert 'do not match exactly' not in run.out
 
 
+@pytest.mark.slow
 def test_prefix_takes_the_backbone_out_of_a_saved_detector(runs):
     """The RetinaNet checkpoint saved by tools/train.py (state_dict with
     backbone, neck and head, meta, message hub, optimizer) gives, with

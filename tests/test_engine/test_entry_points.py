@@ -162,6 +162,7 @@ _SHORT = ['train_cfg.max_iters=2', 'default_hooks.logger.interval=1',
           'default_hooks.checkpoint.interval=1']
 
 
+@pytest.mark.slow
 def test_mmpretrain_train_tool_trains_from_the_cache(private_root):
     """(a) mmpretrain's own tools/train.py on the cached config loads no
     teacher weights: every teacher file is deleted after caching (the
@@ -196,6 +197,7 @@ def test_mmpretrain_train_tool_trains_from_the_cache(private_root):
         assert it['max_abs_diff_to_cache'] == 0.0
 
 
+@pytest.mark.slow
 def test_mmpretrain_train_tool_skips_a_nan_loss(private_root):
     """(c) mmpretrain's own tools/train.py on the cached config: a NaN
     loss (CLIP's losses weighted by NaN through a cfg-option) is skipped
@@ -218,6 +220,7 @@ def test_mmpretrain_train_tool_skips_a_nan_loss(private_root):
             assert torch.equal(value, states[1][key]), key
 
 
+@pytest.mark.slow
 def test_runner_from_cfg_reads_the_cache_and_guards_the_loss(
         private_root, monkeypatch):
     """A user's script: ``Runner.from_cfg`` on the cached config builds

@@ -168,6 +168,7 @@ def recipe_model(tmp_path_factory):
     return cfg, model
 
 
+@pytest.mark.slow
 def test_real_recipe_decays_only_ordinary_weights(recipe_model):
     cfg, model = recipe_model
     base_lr = cfg.optim_wrapper.optimizer.lr

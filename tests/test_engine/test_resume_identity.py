@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from kiv.testing.paths import REPO, TINY_DISTILL_CFG
@@ -201,6 +202,7 @@ def _straight_and_resumed(cfg: str, root: str, cwd: str, iters: int,
     return first, second
 
 
+@pytest.mark.slow
 def test_online_distillation_resumes_identically(distill_workdir, tmp_path):
     """The tiny distillation config, teachers online: the fresh run runs
     the statistics warm-up (random flips, a loader of its own), the resumed
@@ -212,6 +214,7 @@ def test_online_distillation_resumes_identically(distill_workdir, tmp_path):
     assert 'StatisticsWarmupHook: fixed the statistics' not in second
 
 
+@pytest.mark.slow
 def test_cached_distillation_resumes_identically(distill_workdir, tmp_path):
     """The tiny cached distillation config: the cache is written once by
     tools/cache_teachers.py, both runs read it through tools/train.py (its
@@ -227,6 +230,7 @@ def test_cached_distillation_resumes_identically(distill_workdir, tmp_path):
     assert 'StatisticsWarmupHook: fixed the statistics' not in first + second
 
 
+@pytest.mark.slow
 def test_downstream_mmseg_resumes_identically(data_dir, exported_student,
                                               tmp_path):
     """UperNet on the exported student (tiny ADE20K): random resize, crop,

@@ -35,6 +35,7 @@ def trained(distill_workdir):
     return runner
 
 
+@pytest.mark.slow
 def test_twenty_iterations_lower_every_teacher_loss(trained):
     """Purpose-specific teachers' losses fall; the base teacher's starts at
     0 (the student is the knowledge base) and stays small."""
@@ -52,6 +53,7 @@ def test_twenty_iterations_lower_every_teacher_loss(trained):
     assert abs(sum(shares) - 1) < 1e-4
 
 
+@pytest.mark.slow
 def test_checkpoint_has_no_teachers_and_keeps_latent_statistics(trained):
     ckpt = safe_torch_load(osp.join(trained.work_dir, 'iter_20.pth'))
     keys = ckpt['state_dict'].keys()
@@ -65,6 +67,7 @@ def test_checkpoint_has_no_teachers_and_keeps_latent_statistics(trained):
     model.load_state_dict(ckpt['state_dict'], strict=True)
 
 
+@pytest.mark.slow
 def test_export_round_trip_gives_identical_features(trained, distill_workdir):
     from kiv.apis.export import export_student
     out = osp.join(distill_workdir, 'student.pth')
@@ -108,6 +111,7 @@ def _grad_shares(distill_workdir, name, standardize, scale):
             for t in ('dinov2', 'clip', 'detector')}
 
 
+@pytest.mark.slow
 def test_imbalanced_transfer_and_its_fix(distill_workdir):
     """With the shipped default losses: without standardisation a teacher
     whose features are 100x larger takes almost all the adapter's gradient

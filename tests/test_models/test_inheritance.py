@@ -228,6 +228,7 @@ def test_agreement_cosines_are_in_standardised_space(distill_workdir):
     assert all(o['detector']['summary_cos'] is None for o in out)
 
 
+@pytest.mark.slow
 def test_tiny_distillation_inherits_a_working_classifier(distill_workdir):
     """A short distillation (default losses: MSE on PHI-S targets) next to
     the knowledge base gives an inherited head that agrees with the

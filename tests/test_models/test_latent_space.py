@@ -268,6 +268,7 @@ def _dist_worker(rank: int, world_size: int, init_file: str, out_dir: str):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_statistics_all_reduced_across_ranks(tmp_path):
     """2 gloo processes: every rank ends with the statistics of all data."""
     mp.spawn(_dist_worker,

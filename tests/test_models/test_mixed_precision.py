@@ -341,7 +341,9 @@ def _online_model(head_ckpt: str, base_dtype: str = 'fp32',
 
 
 # ----------------------------------------------------------------- tests
-@pytest.mark.parametrize('dtype', [BF16, FP16], ids=['bf16', 'fp16'])
+@pytest.mark.parametrize(
+    'dtype', [BF16, pytest.param(FP16, marks=pytest.mark.slow)],
+    ids=['bf16', 'fp16'])
 def test_amp_train_step_with_logits_cache_and_task_heads(
         caches, head_ckpt, dtype):
     """The real ``model.train_step`` under AMP (bf16 and fp16): a cached

@@ -47,6 +47,7 @@ def tiny_teachers(tmp_path_factory) -> str:
     return root
 
 
+@pytest.mark.slow
 def test_benchmark_tiny_config_all_cases(tiny_teachers, tmp_path):
     """Every case and ratio of the tiny config: table, JSON, finite
     numbers."""
@@ -106,6 +107,7 @@ def test_benchmark_tiny_config_all_cases(tiny_teachers, tmp_path):
                         r'\| \d+\.\d{3} \| ', line), line
 
 
+@pytest.mark.slow
 def test_benchmark_random_weights_and_memory(tiny_teachers, tmp_path):
     """A cached config is benchmarked as its online config;
     --random-weights stands in for missing weights files (one file per

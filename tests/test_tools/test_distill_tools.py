@@ -3,12 +3,14 @@ distillation config trains on CPU and logs per-teacher losses and gradient
 shares; the exported student loads with weights_only=True."""
 import os.path as osp
 
+import pytest
 import torch
 
 from kiv.testing.paths import TINY_DISTILL_CFG
 from kiv.testing.tools import run_tool
 
 
+@pytest.mark.slow
 def test_train_tiny_distillation_then_export(tmp_path):
     from kiv.testing import make_tiny_coco
     from kiv.testing.tiny_teachers import create_tiny_teachers

@@ -45,6 +45,7 @@ def _fails_in_one_line(proc, path: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_data_root_moves_the_test_run(data_dir, seg_checkpoint, tmp_path):
     """Data moved elsewhere: the config's relative path fails with one
     line; --data-root points the run at the new place."""

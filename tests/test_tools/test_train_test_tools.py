@@ -26,6 +26,7 @@ def det_run(data_dir):
     return work, out
 
 
+@pytest.mark.slow
 def test_train_mmdet_and_resume(det_run, data_dir):
     work, out = det_run
     assert osp.isfile(osp.join(work, 'iter_2.pth'))
@@ -38,6 +39,7 @@ def test_train_mmdet_and_resume(det_run, data_dir):
     assert osp.isfile(osp.join(work, 'iter_3.pth'))
 
 
+@pytest.mark.slow
 def test_test_mmdet_out_and_summary(det_run, data_dir):
     work, _ = det_run
     preds = osp.join(work, 'preds.pkl')
@@ -50,6 +52,7 @@ def test_test_mmdet_out_and_summary(det_run, data_dir):
     assert len(results) == 2 and 'pred_instances' in results[0]
 
 
+@pytest.mark.slow
 def test_train_test_mmseg_with_show_dir(data_dir):
     work = osp.join(data_dir, 'work_seg')
     _ok(run_tool(['train.py', SEG_CFG, '--work-dir', work], data_dir))
@@ -61,6 +64,7 @@ def test_train_test_mmseg_with_show_dir(data_dir):
     assert len(pngs) == 2
 
 
+@pytest.mark.slow
 def test_missing_config_and_checkpoint_fail_in_one_line(data_dir):
     proc = run_tool(['train.py', 'configs/nope.py'], data_dir)
     assert proc.returncode != 0
@@ -75,6 +79,7 @@ def test_missing_config_and_checkpoint_fail_in_one_line(data_dir):
         'error: resume checkpoint not found: gone.pth'
 
 
+@pytest.mark.slow
 def test_dist_train_two_cpu_processes(data_dir):
     """tools/dist_train.sh (torchrun) with 2 processes over gloo."""
     work = osp.join(data_dir, 'work_dist')
