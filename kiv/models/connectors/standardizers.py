@@ -182,17 +182,8 @@ class IdentityStandardizer(BaseStandardizer):
         return x.to(_out_dtype(x))
 
     def inverse(self, y: Tensor) -> Tensor:
-        """Return ``y`` unchanged (as float32 if it is half precision
-        under autocast).
-
-        Args:
-            y (Tensor): ``(N, C)`` or ``(B, C, H, W)``.
-
-        Returns:
-            Tensor: ``y`` itself, or its float32 copy under autocast.
-        """
-        _check_channels(y, self.dim, type(self).__name__)
-        return y.to(_out_dtype(y))
+        """The identity's inverse: the same as :meth:`forward`."""
+        return self.forward(y)
 
     def affine(self) -> tuple[Tensor, Tensor]:
         """Identity ``W = I``, ``b = 0``."""
