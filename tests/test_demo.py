@@ -159,6 +159,7 @@ def _det_sample(h=32, w=32):
     return s
 
 
+@pytest.mark.slow
 def test_multitask_model_trains_every_head_from_the_probe_configs():
     """The baseline model: one backbone, the demo's cls / Mask R-CNN /
     Semantic FPN heads (built from the probe configs), finite losses and

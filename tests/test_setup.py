@@ -69,6 +69,7 @@ def test_hue_adjustment_works_with_numpy2():
 
 @pytest.mark.skipif(not osp.isfile(osp.join(REPO, '.venv', '.kiv-setup-ok')),
                     reason='needs the environment made by `make env`')
+@pytest.mark.slow
 def test_second_setup_is_fast():
     """A set-up that is done only checks its stamp and the imports: it
     says so and installs nothing (no wall-clock limit: shared machines)."""

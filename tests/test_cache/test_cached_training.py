@@ -51,6 +51,7 @@ def _train(cfg) -> tuple[LossRecorder, Runner]:
     return recorder, runner
 
 
+@pytest.mark.slow
 def test_cached_run_matches_online_run_without_teachers(
         cache, private_root, monkeypatch, tmp_path):
     """(2) Same views, same initial weights, same fixed statistics: the

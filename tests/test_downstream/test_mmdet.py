@@ -289,6 +289,7 @@ def test_tiny_train_and_test_from_exported_student(name, exported_student,
 
 
 @pytest.mark.parametrize('name', list(TINY_CFGS))
+@pytest.mark.slow
 def test_tiny_model_inherits_exported_weights(name, exported_student,
                                               mmdet_scope):
     """Direct build: after init_weights the backbone holds the exported

@@ -119,6 +119,7 @@ def test_get_layer_depth_mmpretrain_base_and_prefix():
 
 # ----------------------------------------------------------------------
 # configs and layer-decay param groups
+@pytest.mark.slow
 def test_real_and_tiny_configs(exported_student):
     for path in (REAL_LP, TINY_LP, REAL_FT, TINY_FT):
         cfg = Config.fromfile(path)

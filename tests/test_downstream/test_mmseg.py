@@ -48,6 +48,7 @@ def tiny_cfg() -> Config:
     return Config.fromfile(TINY_CFG)
 
 
+@pytest.mark.slow
 def test_real_and_tiny_configs(tiny_cfg, exported_student):
     real = Config.fromfile(REAL_CFG)
     for cfg, crop in ((real, 512), (tiny_cfg, 48)):

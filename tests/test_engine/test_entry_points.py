@@ -257,6 +257,7 @@ def test_runner_from_cfg_reads_the_cache_and_guards_the_loss(
         runner.train()
 
 
+@pytest.mark.slow
 def test_a_cache_of_other_teachers_or_data_is_refused_at_build(
         cached_root, monkeypatch):
     """The checks of tools/train.py happen where the cache is read, so
@@ -320,6 +321,7 @@ def test_the_guard_is_in_the_config_and_reads_its_key():
             dict(nonfinite_loss=dict(max_skips=3)))
 
 
+@pytest.mark.slow
 def test_every_trainable_kiv_config_holds_one_guard(kiv_demo):
     """Distillation, demo (``projects/kiv_demo/configs``) and downstream
     configs (not the import example, a user's own config) carry exactly

@@ -328,6 +328,7 @@ def test_train_tool_adds_the_guard_by_default_and_reads_the_config(capsys):
 
 
 # ---------------------------------------------------- tools/train.py --
+@pytest.mark.slow
 def test_train_tool_skips_a_nan_loss_by_default(tmp_path):
     cfg = toy_config(tmp_path / 'cfg.py', model=dict(type='ToyNet',
                                                      nan_iters=[2]))
@@ -341,6 +342,7 @@ def test_train_tool_skips_a_nan_loss_by_default(tmp_path):
     assert _checkpoints_are_finite(str(work)) == ['iter_2.pth', 'iter_4.pth']
 
 
+@pytest.mark.slow
 def test_train_tool_stop_mode_exits_naming_the_term(tmp_path):
     cfg = toy_config(tmp_path / 'cfg.py',
                      model=dict(type='ToyNet', nan_iters=[2]),

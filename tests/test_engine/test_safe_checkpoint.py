@@ -148,6 +148,7 @@ def test_malicious_checkpoint_is_refused(tmp_path, safe_io):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_env_override_does_not_disable_weights_only(tmp_path):
     """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD must not reopen arbitrary pickle."""
     marker = tmp_path / 'pwned'

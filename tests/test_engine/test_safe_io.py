@@ -85,6 +85,7 @@ print(json.dumps(dict(before=before, after=after,
 '''
 
 
+@pytest.mark.slow
 def test_import_kiv_changes_nothing_global(tmp_path):
     proc = run_python(['-c', IMPORT_PROBE], cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -224,6 +225,7 @@ print(json.dumps(report))
 '''
 
 
+@pytest.mark.slow
 def test_upstream_script_with_custom_imports(tmp_path):
     """An upstream-style script: Runner.from_cfg on a config importing kiv.
 
@@ -254,6 +256,7 @@ def test_upstream_script_with_custom_imports(tmp_path):
     assert (proc.stdout + proc.stderr).count('kiv safe I/O enabled') == 1
 
 
+@pytest.mark.slow
 def test_train_tool_enables_safe_io(tmp_path):
     evil, marker = evil_checkpoint(tmp_path)
     cfg = toy_config(tmp_path / 'cfg.py', load_from=evil)
@@ -267,6 +270,7 @@ def test_train_tool_enables_safe_io(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_test_tool_enables_safe_io(tmp_path):
     evil, marker = evil_checkpoint(tmp_path)
     cfg = toy_config(tmp_path / 'cfg.py')

@@ -69,6 +69,7 @@ def test_data_root_moves_the_test_run(data_dir, seg_checkpoint, tmp_path):
     assert match and 0.0 <= float(match.group(1)) <= 100.0
 
 
+@pytest.mark.slow
 def test_missing_coco_annotation_file_fails_in_one_line(data_dir, tmp_path):
     coco = tmp_path / 'coco'
     shutil.copytree(osp.join(data_dir, 'data', 'coco'), coco)
