@@ -9,7 +9,7 @@ mmengine (and every toolbox on top of it) reads and writes files.
   through :func:`kiv.utils.checkpoint.safe_torch_load`, and of every URL
   checkpoint (``http(s)://``, ``torchvision://``, ``open-mmlab://`` ...)
   through :func:`kiv.utils.checkpoint.load_url` (mmengine 0.10 otherwise
-  downloads them with ``weights_only=False``);
+  unpickles downloads without the weights-only restriction);
 - **atomic local writes** for everything mmengine saves through its file
   backend (checkpoints, ``last_checkpoint``, dumped results):
   :class:`AtomicLocalBackend`. mmengine's ``LocalBackend.put`` /

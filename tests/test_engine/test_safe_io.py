@@ -167,7 +167,8 @@ def test_safe_globals_are_allowed_only_during_a_kiv_load(tmp_path):
 def test_url_checkpoints_are_loaded_weights_only(tmp_path, monkeypatch,
                                                  safe_io_off):
     """mmengine 0.10 downloads http(s)/torchvision/open-mmlab checkpoints
-    with torch's load_url, which defaults to weights_only=False."""
+    with torch's load_url, which unpickles without the weights-only
+    restriction."""
     evil, marker = evil_checkpoint(tmp_path)
     good = str(tmp_path / 'good.pth')
     torch.save({'state_dict': {'w': torch.ones(2)}}, good)
