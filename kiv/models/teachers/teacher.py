@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from kiv.registry import MODELS, TEACHER_SOURCES
 from kiv.structures import FeatureOutput
 from .recorder import ModuleOutputsRecorder, flatten_tensors, to_feature_map
+from .value_path import ValuePathRecorder
 
 #: ``dtype`` option -> autocast dtype of the model forward (``None``: fp32).
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
@@ -21,7 +22,7 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     'fp16': torch.float16,
 }
 
-_FEATURE_KEYS = ('from_output', 'layers', 'indices', 'nhwc')
+_FEATURE_KEYS = ('from_output', 'layers', 'indices', 'nhwc', 'text_space')
 _SUMMARY_KEYS = {
     'cls': ('index', 'token'),
     'avg': ('index', ),
@@ -166,6 +167,13 @@ class Teacher(BaseModule):
     patch grid of the padded input. ``(B, H, W, C)`` maps are permuted when
     ``features['nhwc']`` is set.
 
+    ``features=dict(..., text_space=dict(block='blocks.11', norm='norm',
+    proj='head'))`` adds one last level for a CLIP image tower: MaskCLIP's
+    per-patch embeddings in CLIP's text space (the last block's value path
+    through the final norm and the image projection, see
+    :mod:`~kiv.models.teachers.value_path`), distilled like any dense level
+    and read by ``kiv.TextSegHead``.
+
     Summary options (``summary=dict(type=...)``):
 
     * ``'cls'``: token ``token`` (default 0, the CLS token) of recorded
@@ -209,7 +217,8 @@ class Teacher(BaseModule):
             normalisation) to a multiple of this, e.g. the patch size.
             Defaults to 1.
         features (dict, optional): ``from_output`` (bool), ``layers``
-            (list), ``indices`` (list[int]) and ``nhwc`` (bool), see above.
+            (list), ``indices`` (list[int]), ``nhwc`` (bool) and
+            ``text_space`` (dict), see above.
             Defaults to ``dict(from_output=True)``.
         summary (dict, optional): see above. Defaults to
             ``dict(type='avg')``.
@@ -301,6 +310,8 @@ class Teacher(BaseModule):
                           or self._pair('probe_size', probe_size))
         except Exception:
             self.recorder.remove()  # leave a user-given module hook-free
+            if self.text_space is not None:
+                self.text_space.remove()
             raise
 
     def _init_features(self, features: dict | None) -> None:
@@ -315,6 +326,7 @@ class Teacher(BaseModule):
         indices = features.get('indices')
         self.feature_indices = None if indices is None else list(indices)
         self.nhwc = bool(features.get('nhwc', False))
+        self.text_space_cfg = features.get('text_space')
 
     def _init_summary(self, summary: dict | None) -> None:
         """Parse ``summary`` and hook every recorded layer once."""
@@ -341,6 +353,8 @@ class Teacher(BaseModule):
         if self.summary_type == 'layer':
             hooked.append(summary['name'])
         self.recorder = ModuleOutputsRecorder(self.model, hooked)
+        self.text_space = None if self.text_space_cfg is None else \
+            ValuePathRecorder(self.model, self.text_space_cfg)
 
     def _init_head(self, head: dict | None) -> None:
         """Parse ``head`` (the inherited task head)."""
@@ -521,10 +535,17 @@ class Teacher(BaseModule):
                 recorded = self._recorded(run(x, **self.forward_kwargs))
                 features = self._dense_features(recorded, x.shape[-2:])
                 summary = self._summary(recorded, features)
+                if self.text_space is not None:
+                    # after the summary: its modules' hooks fire again
+                    features += (to_feature_map(
+                        self.text_space.tokens(), 'text_space',
+                        x.shape[-2:], self.num_prefix_tokens).float(), )
                 if summary is not None:
                     summary = summary.float()
             finally:
                 self.recorder.clear()
+                if self.text_space is not None:
+                    self.text_space.clear()
         return FeatureOutput(summary, features)
 
     @property
