@@ -12,7 +12,8 @@
 # read at its own grid), pyramid 56/28/14/7 (strides 4/8/16/32).
 #   CLIP ViT-B/16 at 224 -> 14x14 (stride-16 level); summary = CLIP's own
 #     image->text projection (512-d, the file's head.*): the student's summary
-#     lives in CLIP's text-aligned space, as in RADIO.
+#     lives in CLIP's text-aligned space, as in RADIO. Dense: the ln_post
+#     tokens and MaskCLIP's text-space tokens (both 14x14 on stride 16).
 #   SAM ViT-B at 448 -> 28x28 (stride-8 level), dense only. At 1024 SAM costs
 #     about 0.75 TFLOP per image (twice the student's whole step); at 448
 #     about 0.14 TFLOP. timm does not resample its absolute position
@@ -78,7 +79,12 @@ model = dict(
                 model_kwargs=dict(num_classes=512)),
             input_size=224, pad_to_multiple=16,
             forward_method='forward',
-            features=dict(from_output=False, layers=['norm']),
+            # ln_post tokens, then MaskCLIP's text-space tokens (last
+            # block's value path -> ln_post -> projection), the dense
+            # target kiv.TextSegHead reads (open-vocabulary segmentation)
+            features=dict(from_output=False, layers=['norm'],
+                          text_space=dict(block='blocks', norm='norm',
+                                          proj='head')),
             summary=dict(type='layer', name='head'),
             dtype='bf16',
             **clip_norm),
@@ -116,7 +122,7 @@ model = dict(
         hidden_dim=1280,
         teachers=dict(
             # dinov2 (base_teacher): its own patch grid, preserved heads
-            clip=dict(student_levels=[2]),
+            clip=dict(student_levels=[2, 2]),  # ln_post, text space
             sam=dict(student_levels=[1]),
             detector=dict(student_levels=[0, 1, 2, 3, 3]))),
     teacher_weights=dict(dinov2=1.0, clip=1.0, sam=1.0, detector=0.5),

@@ -82,10 +82,11 @@ class ValuePathRecorder:
 
     Args:
         model (nn.Module): the CLIP image tower.
-        cfg (dict): ``block`` (the last ViT block, e.g. ``'blocks.11'``),
-            ``norm`` (the final norm, e.g. ``'norm'``) and ``proj`` (the
-            image projection, e.g. ``'head'``): names from
-            ``model.named_modules()``.
+        cfg (dict): ``block`` (the last ViT block, e.g. ``'blocks.11'``,
+            or the sequence of blocks, e.g. ``'blocks'``: its last one,
+            whatever the depth), ``norm`` (the final norm, e.g.
+            ``'norm'``) and ``proj`` (the image projection, e.g.
+            ``'head'``): names from ``model.named_modules()``.
 
     Raises:
         ValueError: unknown keys or names, or an unsupported block.
@@ -104,6 +105,9 @@ class ValuePathRecorder:
                              f'{missing[0]!r}')
         self.name = cfg['block']
         self.block, self.norm, self.proj = (modules[cfg[k]] for k in keys)
+        if isinstance(self.block, (nn.ModuleList, nn.Sequential)):
+            self.name = f'{self.name}.{len(self.block) - 1}'
+            self.block = self.block[-1]
         _block_parts(self.block, self.name)
         self.input: Tensor | None = None
         self._handle = self.block.register_forward_pre_hook(
