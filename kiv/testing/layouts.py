@@ -98,10 +98,11 @@ def write_ade20k_split(root: str, split: str, scenes: Sequence) -> None:
 
     Args:
         root (str): the ``data/ade`` folder.
-        split (str): ``'train'`` or ``'val'``.
+        split (str): ``'train'`` or ``'val'`` (ADE20K's ``training`` /
+            ``validation``); another name is used as it is.
         scenes (Sequence): the images, in order.
     """
-    ade_split = ADE_SPLITS[split]
+    ade_split = ADE_SPLITS.get(split, split)
     base = osp.join(root, 'ADEChallengeData2016')
     img_dir = osp.join(base, 'images', ade_split)
     ann_dir = osp.join(base, 'annotations', ade_split)

@@ -10,10 +10,11 @@
 # classification, Mask R-CNN and Semantic FPN heads the data-centric
 # baseline trains, on the labelled world views of each batch
 # (``task_models``: the demo builds ``model.task_heads`` from them with
-# ``kiv_demo.TaskHead``). The demo trains from the teacher-feature cache
-# (EfficientNet-Lite0, detector and segmenter are read from
-# ``teacher_cache/``; the knowledge base runs online, it is the student's
-# own frozen base) with statistics fixed by one pass before step 0.
+# ``kiv_demo.TaskHead``) on the labelled views of each batch (the user's
+# small labelled split; ``kiv_demo.LabelledShareSampler`` fixes their number
+# per batch). The demo trains from the teacher-feature cache (every teacher,
+# the knowledge base included, is read from ``teacher_cache/``) with
+# statistics fixed before step 0.
 # Same structure as configs/distill/*8xb64*.py, at 64 px on 2 CPU cores.
 _base_ = [
     './_base_/adapter-vit-s8-reg4_world_schedule.py',
@@ -49,7 +50,15 @@ model = dict(
                 forward_method='forward_features',
                 summary=dict(type='cls'),
                 **imagenet_norm),
-        effnet={{_base_.effnet_teacher}},
+        # the classification teacher: EfficientNet-Lite0's ImageNet
+        # weights with a classifier of the world's classes fitted on the
+        # teachers' split (``teacher_cls/``); its classifier is kept as the
+        # inherited head
+        effnet=dict(
+            _base_.effnet_teacher,
+            source=dict(_base_.effnet_teacher.source,
+                        kwargs=dict(num_classes=6),
+                        checkpoint='teacher_cls/effnet_world.pth')),
         det=dict(type='kiv.Teacher',
                  source=dict(type='mm',
                              config='teacher_det/teacher_det.py',

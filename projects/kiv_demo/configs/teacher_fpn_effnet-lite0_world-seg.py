@@ -11,3 +11,8 @@ model = dict(
     backbone=dict(_delete_=True, type='kiv_demo.EfficientNetLite0',
                   checkpoint='world/teachers/efficientnet_lite0.pth'),
     neck=dict(in_channels=[24, 40, 112, 320]))
+# trained on the teachers' own labelled split (several times the user's
+# labelled data, never given to the user or to any compared row)
+train_dataloader = dict(dataset=dict(
+    data_prefix=dict(img_path='images/teachers',
+                     seg_map_path='annotations/teachers')))

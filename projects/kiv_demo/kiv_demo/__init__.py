@@ -10,7 +10,7 @@ multi-task / probe modules (``kiv_demo.TaskHead``,
 ``kiv_demo.MultiTaskModel``, ``kiv_demo.FeaturePassthrough``,
 ``kiv_demo.FeatureDataPreprocessor``, ``kiv_demo.WorldViewLabels``,
 ``kiv_demo.PackWorldInputs``, ``kiv_demo.AttachFeatures``,
-``kiv_demo.IoUMetricWithSamples``). ``tools/demo.py`` puts
+``kiv_demo.IoUMetricWithSamples``, ``kiv_demo.LabelledShareSampler``). ``tools/demo.py`` puts
 ``projects/kiv_demo`` on the import path; ``kiv`` never imports this
 package.
 """
@@ -20,9 +20,10 @@ from .multitask import (FeatureDataPreprocessor, FeaturePassthrough,
 from .plain_vit import PlainViTStudent
 from .presets import PRESETS, get_preset
 from .probes import AttachFeatures, IoUMetricWithSamples
+from .samplers import LabelledShareSampler
 from .transforms import PackWorldInputs, WorldViewLabels
 
 __all__ = ['PlainViTStudent', 'EfficientNetLite0', 'PRESETS', 'get_preset',
            'TaskHead', 'MultiTaskModel', 'FeaturePassthrough',
            'FeatureDataPreprocessor', 'WorldViewLabels', 'PackWorldInputs',
-           'AttachFeatures', 'IoUMetricWithSamples']
+           'AttachFeatures', 'IoUMetricWithSamples', 'LabelledShareSampler']

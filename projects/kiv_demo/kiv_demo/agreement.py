@@ -5,7 +5,11 @@ features in a teacher's own space; the teacher's own head then does the
 teacher's task (:meth:`kiv.Teacher.forward_head`). Measured here per
 distilled model:
 
-* classification (EfficientNet-Lite0's ImageNet classifier ``_fc``): top-1
+Each inherited head is also scored against the ground truth of the
+validation scenes (top-1, box / mask AP, mIoU), next to its teacher.
+
+* classification (the classification teacher's world classifier ``_fc``
+  on EfficientNet-Lite0): top-1
   and top-5 agreement with the teacher on in-distribution held-out images
   (new views of the distillation images, the world's validation scenes)
   and, separately, on crops of real photos never used in training; next to
@@ -40,7 +44,7 @@ from .probes import bootstrap_ci, coco_bootstrap
 
 __all__ = ['load_distiller', 'teacher_sizes', 'inherited_outputs',
            'cls_agreement', 'trivial_cls_agreement', 'seg_agreement',
-           'det_agreement']
+           'seg_vs_ground_truth', 'det_agreement']
 
 
 def load_distiller(cfg: Config, checkpoint: str) -> torch.nn.Module:
@@ -180,6 +184,43 @@ def seg_agreement(ref_logits: Tensor, logits: Tensor, out_file: str,
                 pixel_agreement=float((ref == pred).double().mean() * 100))
 
 
+def seg_vs_ground_truth(logits: Tensor, gt_maps: Sequence[str],
+                       out_file: str, seed: int = 0) -> dict:
+    """mIoU (%) of segmentation logits against the annotations, as mmseg
+    scores a segmenter: logits resized (bilinear) to the label map, arg-max,
+    background (label 0, ``reduce_zero_label``) ignored.
+
+    Args:
+        logits (Tensor): ``(N, K, h, w)`` class logits (teacher or
+            inherited).
+        gt_maps (Sequence[str]): the ``N`` ADE20K-layout label maps (0 =
+            background, ``k + 1`` = class ``k``).
+        out_file (str): ``.npz`` for the per-image areas.
+        seed (int): bootstrap seed.
+
+    Returns:
+        dict: ``miou`` ``(value, low, high)``.
+    """
+    import cv2
+
+    from .probes import miou_bootstrap
+    num_classes = logits.shape[1]
+    areas = {k: np.zeros((len(gt_maps), num_classes))
+             for k in ('intersect', 'union', 'pred', 'label')}
+    for i, path in enumerate(gt_maps):
+        gt = torch.from_numpy(
+            cv2.imread(path, cv2.IMREAD_UNCHANGED).astype(np.int64) - 1)
+        pred = F.interpolate(logits[i:i + 1].float(), size=gt.shape,
+                             mode='bilinear', align_corners=False
+                             ).argmax(1)[0]
+        valid = gt >= 0
+        one = _areas(pred[valid][None], gt[valid][None], num_classes)
+        for k in areas:
+            areas[k][i] = one[k][0]
+    np.savez(out_file, **areas)
+    return dict(miou=miou_bootstrap(out_file, seed=seed))
+
+
 def _det_results(model, feats: tuple, metas: list[dict]) -> list:
     """RPN + RoI predictions of an mmdet two-stage detector on FPN maps
     (given up to P5; P6 is max-pooled as mmdet's FPN does)."""
@@ -193,12 +234,19 @@ def _det_results(model, feats: tuple, metas: list[dict]) -> list:
 
 
 def _to_coco(results: list, ids: Sequence[int], score_thr: float = 0.0,
-             gt: bool = False) -> list[dict]:
+             gt: bool = False, masks: bool = False) -> list[dict]:
+    """mmdet predictions as COCO annotations (``gt``) or results (with
+    RLE masks if ``masks``)."""
+    from pycocotools import mask as mask_utils
     out = []
     for img_id, res in zip(ids, results):
         boxes = res.bboxes.cpu().numpy()
-        for box, label, score in zip(boxes, res.labels.tolist(),
-                                     res.scores.tolist()):
+        rles = [None] * len(boxes)
+        if masks:
+            rles = [mask_utils.encode(np.asfortranarray(
+                m.cpu().numpy().astype(np.uint8))) for m in res.masks]
+        for box, label, score, rle in zip(boxes, res.labels.tolist(),
+                                          res.scores.tolist(), rles):
             if score < score_thr:
                 continue
             x1, y1, x2, y2 = (float(v) for v in box)
@@ -209,6 +257,9 @@ def _to_coco(results: list, ids: Sequence[int], score_thr: float = 0.0,
                             area=(x2 - x1) * (y2 - y1))
             else:
                 item['score'] = float(score)
+            if rle is not None:
+                item['segmentation'] = dict(
+                    size=rle['size'], counts=rle['counts'].decode('ascii'))
             out.append(item)
     return out
 
@@ -218,10 +269,11 @@ def det_agreement(model: torch.nn.Module, detector: torch.nn.Module,
                   images: Tensor, out_dir: str, classes: Sequence[str],
                   score_thr: float = 0.5, batch_size: int = 32,
                   seed: int = 0,
-                  progress: Optional[Callable[[int, int], None]] = None
-                  ) -> dict:
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  gt_file: Optional[str] = None) -> dict:
     """Box AP of the teacher's heads on inherited FPN maps, scored against
-    the teacher's own detections (score >= ``score_thr``) as ground truth.
+    the teacher's own detections (score >= ``score_thr``) as ground truth
+    and, with ``gt_file``, box and mask AP against the real annotations.
 
     Args:
         model (nn.Module): a ``kiv.KnowledgeInheritance`` with teacher
@@ -234,9 +286,14 @@ def det_agreement(model: torch.nn.Module, detector: torch.nn.Module,
         batch_size (int): images per forward.
         seed (int): bootstrap seed.
         progress (callable, optional): ``progress(done, total)``.
+        gt_file (str, optional): COCO annotations of ``images`` (image ids
+            ``1..N`` in order).
 
     Returns:
-        dict: ``box_ap`` ``(value, low, high)`` and ``teacher_boxes``.
+        dict: ``box_ap`` ``(value, low, high)`` against the teacher,
+        ``teacher_boxes``, and with ``gt_file`` ``gt`` =
+        ``{'box_ap', 'mask_ap'}`` of the inherited detector against the
+        annotations.
     """
     teacher = model.teachers['det']
     h, w = images.shape[-2:]
@@ -257,12 +314,26 @@ def det_agreement(model: torch.nn.Module, detector: torch.nn.Module,
               annotations=_to_coco(ref_all, ids, score_thr, gt=True),
               categories=[dict(id=k + 1, name=c)
                           for k, c in enumerate(classes)])
-    gt_file = osp.join(out_dir, 'det_teacher_as_gt.json')
+    teacher_file = osp.join(out_dir, 'det_teacher_as_gt.json')
     res_file = osp.join(out_dir, 'det_inherited.bbox.json')
-    with open(gt_file, 'w', encoding='utf-8') as f:
+    with open(teacher_file, 'w', encoding='utf-8') as f:
         json.dump(gt, f)
     with open(res_file, 'w', encoding='utf-8') as f:
         json.dump(_to_coco(inh_all, ids), f)
     with contextlib.redirect_stdout(io.StringIO()):
-        box = coco_bootstrap(gt_file, res_file, 'bbox', seed=seed)
-    return dict(box_ap=box, teacher_boxes=len(gt['annotations']))
+        box = coco_bootstrap(teacher_file, res_file, 'bbox', seed=seed)
+    out = dict(box_ap=box, teacher_boxes=len(gt['annotations']))
+    if gt_file is not None:
+        res = _to_coco(inh_all, ids, masks=True)
+        scores = {}
+        for kind, iou in (('box', 'bbox'), ('mask', 'segm')):
+            path = osp.join(out_dir, f'det_inherited_vs_gt.{iou}.json')
+            with open(path, 'w', encoding='utf-8') as f:
+                json.dump(res if iou == 'segm' else
+                          [{k: v for k, v in r.items()
+                            if k != 'segmentation'} for r in res], f)
+            with contextlib.redirect_stdout(io.StringIO()):
+                scores[f'{kind}_ap'] = coco_bootstrap(gt_file, path, iou,
+                                                      seed=seed)
+        out['gt'] = scores
+    return out

@@ -19,7 +19,7 @@ from mmengine.config import Config
 from .recipes import (CACHE, CLASSES, _last_checkpoint, effnet_teacher,
                       inherit_cfg, interval_table, keep_test_outputs,
                       knowledge_base_cfg, probe_backbone_cfg, probe_cfg,
-                      run_runner)
+                      run_runner, world_labels)
 from .stages import StageContext
 
 __all__ = ['stage_features', 'stage_probe_cls', 'stage_probe',
@@ -57,11 +57,6 @@ def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
     return run
 
 
-def _world_labels(split: str) -> list[int]:
-    with open(f'world/imagenet/meta/{split}.txt', encoding='utf-8') as f:
-        return [int(line.split()[1]) for line in f if line.strip()]
-
-
 def _cls_table(probe: dict, labels: list[int], seed: int) -> dict:
     from .probes import bootstrap_ci
     out = {}
@@ -73,20 +68,16 @@ def _cls_table(probe: dict, labels: list[int], seed: int) -> dict:
 
 
 def stage_probe_cls(row: str) -> Callable[[StageContext], dict]:
-    """Logistic regression + k-NN on a row's summaries (``row='effnet'``:
-    EfficientNet-Lite0's own pooled features, the teacher ceiling)."""
+    """Logistic regression + k-NN on a row's summaries, fitted on the
+    user's labelled split."""
 
     def run(ctx: StageContext) -> dict:
         from .probes import cls_probe, load_tensor
-        if row == 'effnet':
-            path, keys = 'effnet_eval/outputs.safetensors', (
-                'train.summary', 'val.summary')
-        else:
-            path, keys = f'features_{row}/features.safetensors', (
-                'train.summary', 'val.summary')
-        train_x, val_x = (load_tensor(path, k) for k in keys)
-        train_y = torch.tensor(_world_labels('train'))
-        val_y = _world_labels('val')
+        path = f'features_{row}/features.safetensors'
+        train_x, val_x = (load_tensor(path, k)
+                          for k in ('train.summary', 'val.summary'))
+        train_y = torch.tensor(world_labels('train'))
+        val_y = world_labels('val')
         probe = cls_probe(train_x, train_y, val_x, len(CLASSES),
                           seed=ctx.seed)
         return dict(table=_cls_table(probe, val_y, ctx.seed),
@@ -111,10 +102,11 @@ def stage_probe(task: str, row: str,
 
 
 def stage_effnet_eval(preset: dict) -> Callable[[StageContext], dict]:
-    """EfficientNet-Lite0 once on the probe and agreement images: world
-    train / val (pooled summary for the ceiling probe, logits), new views
-    of distillation images and held-out photo crops (logits), and its head
-    on the mean summary of the cached views."""
+    """The classification teacher (EfficientNet-Lite0 + the world
+    classifier) once on the agreement images: the world's validation
+    scenes, new views of the user's images and held-out photo crops
+    (pooled summary, logits), and its head on the mean summary of the
+    cached views."""
 
     def run(ctx: StageContext) -> dict:
         import cv2
@@ -142,8 +134,7 @@ def stage_effnet_eval(preset: dict) -> Callable[[StageContext], dict]:
             path = osp.join(ctx.dir, 'views', f'{k:05d}.png')
             cv2.imwrite(path, view.apply(img, params))
             view_paths.append(path)
-        sets = dict(train=world_images('world', 'train'),
-                    val=world_images('world', 'val'), views=view_paths,
+        sets = dict(val=world_images('world', 'val'), views=view_paths,
                     photos=sorted(glob.glob('world/photos/heldout/*.jpg')))
         total = sum(len(v) for v in sets.values())
         done = 0
@@ -158,7 +149,8 @@ def stage_effnet_eval(preset: dict) -> Callable[[StageContext], dict]:
                     logits.append(teacher.forward_head(s))
                     done += len(x)
                     ctx.progress.update(done / total,
-                                        f'EfficientNet-Lite0 {done}/{total}')
+                                        f'classification teacher '
+                                        f'{done}/{total}')
                 out[f'{name}.summary'] = torch.cat(summaries)
                 out[f'{name}.logits'] = torch.cat(logits)
             index = read_index(CACHE)
@@ -192,9 +184,9 @@ def stage_agreement(row: str,
     def run(ctx: StageContext) -> dict:
         from .agreement import (cls_agreement, det_agreement,
                                 inherited_outputs, load_distiller,
-                                seg_agreement, teacher_sizes,
-                                trivial_cls_agreement)
-        from .probes import load_rgb, load_tensor
+                                seg_agreement, seg_vs_ground_truth,
+                                teacher_sizes, trivial_cls_agreement)
+        from .probes import bootstrap_ci, load_rgb, load_tensor
         cfg, ckpt = _row_cfg(row, preset)
         model = load_distiller(cfg, ckpt)
         outputs = 'effnet_eval/outputs.safetensors'
@@ -202,13 +194,17 @@ def stage_agreement(row: str,
             sets = json.load(f)
         effnet = model.teachers['effnet']
         sizes = {'effnet': teacher_sizes(effnet, (64, 64))}
+        # the classification teacher's world classifier (the knowledge base
+        # was distilled from the same EfficientNet-Lite0 features, with
+        # ImageNet's classifier: its inherited summary gets the world one)
+        world_head = effnet_teacher(preset).forward_head
         mean_logits = load_tensor(outputs, 'mean.logits')[0]
         refs, got = {}, {}
         for i, name in enumerate(('views', 'val', 'photos')):
             x = load_rgb(sets[name], 64)
             refs[name] = load_tensor(outputs, f'{name}.logits')
             got[name] = torch.cat([
-                effnet.forward_head(inherited_outputs(
+                world_head(inherited_outputs(
                     model, x[s:s + 64], ['effnet'], sizes)['effnet'].summary)
                 for s in range(0, len(x), 64)])
             ctx.progress.update((i + 1) / 5, f'classifier agreement {name}')
@@ -219,6 +215,14 @@ def stage_agreement(row: str,
             cls={k: cls_agreement(refs[k], got[k], ctx.seed) for k in refs},
             trivial={k: trivial_cls_agreement(refs[k], mean_logits, ctx.seed)
                      for k in refs})
+        # against the ground truth: the inherited classifier and its teacher
+        labels = world_labels('val')
+        result['gt'] = {
+            f'{who}_top1': bootstrap_ci(
+                [100.0 * (int(p) == y)
+                 for p, y in zip(logits.argmax(1), labels)], seed=ctx.seed)
+            for who, logits in (('inherited', got['val']),
+                                ('teacher', refs['val']))}
         val = load_rgb(sets['val'], 64)
         if 'seg' in model.teachers:
             seg = model.teachers['seg']
@@ -230,6 +234,12 @@ def stage_agreement(row: str,
                 for s in range(0, len(val), 64)])
             result['seg'] = seg_agreement(
                 ref, inh, osp.join(ctx.dir, 'seg_samples.npz'), ctx.seed)
+            maps = sorted(glob.glob('world/ade/ADEChallengeData2016/'
+                                    'annotations/validation/*.png'))
+            for who, logits in (('inherited', inh), ('teacher', ref)):
+                result['gt'][f'{who}_miou'] = seg_vs_ground_truth(
+                    logits, maps, osp.join(ctx.dir, f'seg_gt_{who}.npz'),
+                    ctx.seed)['miou']
         ctx.progress.update(0.7, 'segmenter agreement')
         if 'det' in model.teachers:
             from mmdet.registry import MODELS as DET_MODELS
@@ -245,7 +255,10 @@ def stage_agreement(row: str,
             result['det'] = det_agreement(
                 model, detector, val, ctx.dir, CLASSES, seed=ctx.seed,
                 progress=lambda d, t: ctx.progress.update(
-                    0.7 + 0.3 * d / t, f'detector agreement {d}/{t}'))
+                    0.7 + 0.3 * d / t, f'detector agreement {d}/{t}'),
+                gt_file='world/coco/annotations/instances_val2017.json')
+            for key, value in result['det'].pop('gt').items():
+                result['gt'][f'inherited_{key}'] = value
         return result
 
     return run
@@ -261,9 +274,9 @@ def stage_trivial(preset: dict) -> Callable[[StageContext], dict]:
         from pycocotools import mask as mask_utils
 
         from .probes import bootstrap_ci, coco_bootstrap, miou_bootstrap
-        train = _world_labels('train')
+        train = world_labels('train')
         majority = int(np.bincount(train, minlength=len(CLASSES)).argmax())
-        val = _world_labels('val')
+        val = world_labels('val')
         top1 = bootstrap_ci([100.0 * (y == majority) for y in val],
                             seed=ctx.seed)
         # the most frequent foreground class of the training pixels

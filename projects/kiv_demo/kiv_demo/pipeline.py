@@ -43,12 +43,14 @@ from .eval_stages import (stage_agreement, stage_effnet_eval, stage_features,
                           stage_probe, stage_probe_cls, stage_report,
                           stage_trivial)
 from .presets import get_preset
-from .recipes import (CACHE, CONFIG_DIR, CONFIGS, ROWS, VARIANTS,
-                      _config_files, inherit_cfg, probe_backbone_cfg)
+from .recipes import (CACHE, CONFIG_DIR, CONFIGS, KB_CACHE, RIVAL_SPLITS,
+                      ROWS, VARIANTS, _config_files, inherit_cfg,
+                      probe_backbone_cfg)
 from .stages import Stage, StageContext, run_stages
-from .train_stages import (stage_baseline, stage_inherit, stage_kb_alone,
-                           stage_knowledge_base, stage_teacher,
-                           stage_teacher_cache, stage_world)
+from .train_stages import (stage_inherit, stage_kb_alone,
+                           stage_knowledge_base, stage_rival, stage_teacher,
+                           stage_teacher_cache, stage_teacher_cls,
+                           stage_world)
 
 __all__ = ['build_stages', 'build_tuning_stages', 'run_demo', 'ROWS',
            'VARIANTS', 'CONFIG_DIR', 'inherit_cfg', 'probe_backbone_cfg']
@@ -61,47 +63,66 @@ def _units(preset: dict, key: str) -> int:
 
 def _views(preset: dict) -> int:
     world = preset['world']
-    distill = world['num_train'] + world['photo_crops'] * 16
+    distill = world['num_train'] + world['num_unlabelled'] + \
+        world['photo_crops'] * 16
     return distill * preset['cache']['views']
 
 
 def _core_stages(preset: dict) -> list[Stage]:
-    """World, teachers, cache and knowledge base."""
+    """World, teachers, caches and knowledge base."""
     cost = preset['cost']
     world = preset['world']
-    n_img = world['num_train'] * 2 + world['num_val']
+    n_img = world['num_train'] * 2 + world['num_val'] + \
+        world['num_teachers'] + world['num_unlabelled']
     return [
-        Stage('world', 'procedural world (COCO/ADE20K/ImageNet layouts) + '
-              'real photo crops', stage_world(preset),
-              params=dict(world=world), cost=3 + 0.01 * n_img),
+        Stage('world', 'procedural world (COCO/ADE20K/ImageNet layouts: the '
+              'teachers\' split, the user\'s labelled split, validation) + '
+              'the user\'s unlabelled scenes and photo crops',
+              stage_world(preset), params=dict(world=world),
+              cost=3 + 0.003 * n_img),
         Stage('teacher_det', 'detection teacher: Mask R-CNN, EfficientNet-'
-              'Lite0 + FPN (mmdet)',
+              'Lite0 + FPN, on the teachers\' split (mmdet)',
               stage_teacher('teacher_det', preset), deps=('world', ),
               params=dict(preset['teacher_det']),
               files=_config_files(CONFIGS['teacher_det']),
               cost=10 + _units(preset, 'teacher_det') * cost['det_train']),
         Stage('teacher_seg', 'segmentation teacher: Semantic FPN, '
-              'EfficientNet-Lite0 (mmseg)',
+              'EfficientNet-Lite0, on the teachers\' split (mmseg)',
               stage_teacher('teacher_seg', preset), deps=('world', ),
               params=dict(preset['teacher_seg']),
               files=_config_files(CONFIGS['teacher_seg']),
               cost=5 + _units(preset, 'teacher_seg') * cost['seg_train']),
-        Stage(CACHE, 'teacher-feature cache: EfficientNet-Lite0, detector, '
-              'segmenter on every distillation view',
-              stage_teacher_cache(preset),
-              deps=('world', 'teacher_det', 'teacher_seg'),
-              params=dict(preset['cache'], effnet=preset['effnet_size']),
+        Stage('teacher_cls', 'classification teacher: EfficientNet-Lite0 + '
+              'a world classifier fitted on the teachers\' split',
+              stage_teacher_cls(preset), deps=('world', ),
+              params=dict(effnet=preset['effnet_size']),
               files=_config_files(CONFIGS['knowledge_base'],
                                   CONFIGS['inherit']),
+              cost=3 + (world['num_teachers'] + world['num_val']) *
+              cost['effnet']),
+        Stage(KB_CACHE, 'teacher-feature cache of the knowledge base: '
+              'EfficientNet-Lite0 on every view of the user\'s images',
+              stage_teacher_cache(preset, KB_CACHE), deps=('world', ),
+              params=dict(preset['cache'], effnet=preset['effnet_size']),
+              files=_config_files(CONFIGS['knowledge_base']),
               cost=5 + _views(preset) * cost['effnet']),
         Stage('knowledge_base', 'knowledge base: DINOv2-like ViT distilled '
               'from EfficientNet-Lite0 (cached)',
-              stage_knowledge_base(preset), deps=('world', CACHE),
+              stage_knowledge_base(preset), deps=('world', KB_CACHE),
               params=dict(preset['knowledge_base'],
                           effnet=preset['effnet_size']),
               files=_config_files(CONFIGS['knowledge_base']),
               cost=5 + _views(preset) * cost['load'] +
               _units(preset, 'knowledge_base') * cost['kb_train']),
+        Stage(CACHE, 'teacher-feature cache of the inheritance: knowledge '
+              'base, classifier, detector, segmenter on every view',
+              stage_teacher_cache(preset, CACHE),
+              deps=('world', 'teacher_det', 'teacher_seg', 'teacher_cls',
+                    'knowledge_base'),
+              params=dict(preset['cache'], effnet=preset['effnet_size']),
+              files=_config_files(CONFIGS['knowledge_base'],
+                                  CONFIGS['inherit']),
+              cost=5 + _views(preset) * (cost['effnet'] + cost['load'])),
     ]
 
 
@@ -111,7 +132,7 @@ def _inherit_stage(name: str, variant: str, preset: dict,
     return Stage(
         name, 'knowledge inheritance: ' + title,
         stage_inherit(variant, preset),
-        deps=('world', 'teacher_det', 'teacher_seg', CACHE,
+        deps=('world', 'teacher_det', 'teacher_seg', 'teacher_cls', CACHE,
               'knowledge_base'),
         params=dict(preset['inherit'], effnet=preset['effnet_size'],
                     variant=variant),
@@ -121,15 +142,18 @@ def _inherit_stage(name: str, variant: str, preset: dict,
         _units(preset, 'inherit') * cost['inherit_train'])
 
 
-def _baseline_stage(name: str, preset: dict) -> Stage:
+def _rival_stage(name: str, preset: dict, row: str | None = None) -> Stage:
+    """A data-centric row (``row``, default ``name``)."""
+    row = row or name
+    p = preset['inherit']
     return Stage(
-        name, 'baseline: ' + ROWS['baseline'], stage_baseline(preset),
-        deps=('world', ),
-        params=dict(preset['inherit'], **preset.get('baseline', {})),
+        name, ROWS[row], stage_rival(row, preset), deps=('world', ),
+        params=dict(iters=p['iters'], labelled=p['labelled'],
+                    **preset.get('rival', {})),
         files=_config_files(CONFIGS['baseline'], CONFIGS['probe_det'],
                             CONFIGS['probe_seg']),
-        cost=5 + _units(preset, 'inherit') * preset['cost'][
-            'baseline_train'])
+        cost=5 + p['iters'] * p['labelled'] * preset['cost'][
+            'rival_train'])
 
 
 def _probe_stages(row: str, title: str, preset: dict,
@@ -137,7 +161,8 @@ def _probe_stages(row: str, title: str, preset: dict,
                   features: bool = True, suffix: str = ''
                   ) -> list[Stage]:
     """Features of a row's frozen backbone and its probes (stage names
-    ``probe_<task><suffix>_<row>``)."""
+    ``probe_<task><suffix>_<row>``), trained on the user's labelled split.
+    """
     world = preset['world']
     n_img = world['num_train'] * 2 + world['num_val']
     stages = [Stage(f'features_{row}', f'frozen features of: {title}',
@@ -176,35 +201,32 @@ def build_stages(preset_name: str,
                               else [])
     for v in variants:
         stages.append(_inherit_stage(v, v, preset, ROWS[v]))
-    stages.append(_baseline_stage('baseline', preset))
+    for row in RIVAL_SPLITS:
+        stages.append(_rival_stage(row, preset))
     stages.append(Stage(
         'kb_alone', ROWS['kb_alone'], stage_kb_alone(preset),
-        deps=('knowledge_base', ), files=_config_files(CONFIGS['inherit']),
-        cost=2))
+        deps=('knowledge_base', 'teacher_cls'),
+        files=_config_files(CONFIGS['inherit']), cost=2))
     stages.append(Stage(
-        'effnet_eval', 'EfficientNet-Lite0 on the probe and agreement images',
-        stage_effnet_eval(preset), deps=('world', CACHE),
+        'effnet_eval', 'the classification teacher on the agreement images',
+        stage_effnet_eval(preset), deps=('world', 'teacher_cls', CACHE),
         params=dict(views=preset['agreement_views'],
                     effnet=preset['effnet_size']),
-        files=_config_files(CONFIGS['knowledge_base']),
-        cost=3 + (world['num_train'] + world['num_val'] +
-                  preset['agreement_views'] + world['heldout_crops'] * 3) *
-        cost['effnet']))
-    stages.append(Stage(
-        'probe_cls_effnet', 'classification probes of EfficientNet-Lite0 '
-        '(teacher ceiling)', stage_probe_cls('effnet'),
-        deps=('world', 'effnet_eval'), cost=10))
-    rows = ['inherit', 'baseline'] + (['kb_alone'] if preset['kb_alone_row']
-                                      else []) + variants[1:]
+        files=_config_files(CONFIGS['inherit']),
+        cost=3 + (world['num_val'] + preset['agreement_views'] +
+                  world['heldout_crops'] * 3) * cost['effnet']))
+    rows = ['inherit', *RIVAL_SPLITS] + (
+        ['kb_alone'] if preset['kb_alone_row'] else []) + variants[1:]
     for row in rows:
         stages += _probe_stages(row, ROWS[row], preset)
     distilled = ['knowledge_base'] + variants
     for row in distilled:
         stages.append(Stage(
-            f'agreement_{row}', f'inherited heads vs their teachers: {row}',
+            f'agreement_{row}', f'inherited heads vs their teachers and the '
+            f'ground truth: {row}',
             stage_agreement(row, preset),
-            deps=('world', 'teacher_det', 'teacher_seg', 'effnet_eval',
-                  row),
+            deps=('world', 'teacher_det', 'teacher_seg', 'teacher_cls',
+                  'effnet_eval', row),
             params=dict(effnet=preset['effnet_size']),
             files=_config_files(CONFIGS['inherit'],
                                 CONFIGS['knowledge_base']),
@@ -228,7 +250,8 @@ def build_stages(preset_name: str,
     return stages
 
 
-#: learning rates tried for the inherited student and the baseline
+#: learning rates tried for the inherited student and the data-centric
+#: rival on the user's data
 TUNE_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 
 
@@ -263,7 +286,8 @@ def stage_tune_report(names: dict[str, tuple[str, float]]
 
 def build_tuning_stages(preset_name: str,
                         lrs: tuple[float, ...] = TUNE_LRS) -> list[Stage]:
-    """Learning-rate sweep of the inherited student and the baseline, the
+    """Learning-rate sweep of the inherited student and the data-centric
+    rival on the user's data (``rival_user``), the
     same grid and the same selection rule for both.
 
     Run on a world of its own (``tools/demo.py --tune`` uses another seed:
@@ -277,14 +301,14 @@ def build_tuning_stages(preset_name: str,
     stages = _core_stages(preset)
     names: dict[str, tuple[str, float]] = {}
     for lr in lrs:
-        for kind in ('inherit', 'baseline'):
+        for kind in ('inherit', 'rival'):
             p = copy.deepcopy(preset)
-            p[kind if kind == 'baseline' else 'inherit']['lr'] = lr
+            p.setdefault(kind, {})['lr'] = lr
             name = f'{kind}_lr{lr:g}'
             names[name] = (kind, lr)
             stages.append(_inherit_stage(name, 'inherit', p, f'lr {lr:g}')
                           if kind == 'inherit' else
-                          _baseline_stage(name, p))
+                          _rival_stage(name, p, 'rival_user'))
             stages += _probe_stages(name, f'{kind} lr {lr:g}', p,
                                     tasks=('cls', 'seg'))
     stages.append(Stage('tune_report', 'learning-rate sweep table',

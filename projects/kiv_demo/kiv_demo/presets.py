@@ -13,35 +13,45 @@ import copy
 __all__ = ['PRESETS', 'get_preset']
 
 _DEFAULT = dict(
-    # 64 px scenes; >= 400 validation scenes per task
-    world=dict(size=64, num_train=1000, num_val=400, photo_crops=40,
+    # 64 px scenes. The teachers' labelled split (never the user's); the
+    # user's data: a labelled split of 8 % of the teachers' (the only
+    # labels any compared row or probe trains on), unlabelled scenes and
+    # photo crops (16 photos); >= 400 validation scenes per task
+    world=dict(size=64, num_teachers=2000, num_train=160,
+               num_unlabelled=1000, num_val=400, photo_crops=40,
                heldout_crops=32),
-    # purpose-specific teachers fine-tuned by the demo (mmdet / mmseg)
-    teacher_det=dict(iters=140, batch=8),
-    teacher_seg=dict(iters=160, batch=16),
-    # teacher-feature cache: seeded views per distillation image
+    # purpose-specific teachers trained on the teachers' split (mmdet /
+    # mmseg; the classifier is a logistic regression on EfficientNet-Lite0)
+    teacher_det=dict(iters=400, batch=8),
+    teacher_seg=dict(iters=300, batch=16),
+    # teacher-feature caches: seeded views per image of the user's images
     cache=dict(views=2),
     # the knowledge base ViT distilled from EfficientNet-Lite0 (cached)
-    knowledge_base=dict(iters=400, batch=64),
-    # knowledge inheritance; the baseline gets the same iters x batch
-    # learning rates: the best of the same grid for both sides, chosen on
-    # a world of its own (tools/demo.py --quick --tune, docs/demo.md)
-    inherit=dict(iters=120, batch=32, lr=1e-3),
-    baseline=dict(lr=4e-3),
-    # det / seg heads on the frozen features (same budget for every row)
+    knowledge_base=dict(iters=300, batch=64),
+    # knowledge inheritance: ``batch`` views per step of the user's images,
+    # ``labelled`` of them from the labelled split (multi-task heads); the
+    # data-centric rows get the same steps and the same labelled views per
+    # step. Learning rates: the best of the same grid for the inherited
+    # student and the rival on the user's data, chosen on a world of its
+    # own (tools/demo.py --quick --tune, docs/demo.md)
+    inherit=dict(iters=600, batch=32, labelled=8, lr=1e-3),
+    rival=dict(lr=4e-3),
+    # det / seg heads on the frozen features, trained on the user's
+    # labelled split (same budget for every row)
     probe_det=dict(iters=220, batch=8),
     probe_seg=dict(iters=200, batch=16),
     # EfficientNet-Lite0's input size (the scenes are 64 px)
     effnet_size=128,
-    # new views of distillation images for the agreement (+ world val)
+    # new views of the user's images for the agreement (+ world val)
     agreement_views=400,
-    # table rows with probes (the inherited student and the baseline always)
+    # table rows with probes (the inherited student and the data-centric
+    # rows always)
     kb_alone_row=True,
     ablations=False,
     pca_images=4,
-    cost=dict(det_train=0.045, seg_train=0.008, effnet=0.012, load=0.002,
-              kb_train=0.0055, inherit_train=0.035, baseline_train=0.038,
-              features=0.004, det_probe=0.03, seg_probe=0.003),
+    cost=dict(det_train=0.07, seg_train=0.012, effnet=0.012, load=0.002,
+              kb_train=0.008, inherit_train=0.02, rival_train=0.07,
+              features=0.006, det_probe=0.045, seg_probe=0.005),
 )
 
 PRESETS: dict[str, dict] = {'default': _DEFAULT}
@@ -51,13 +61,13 @@ PRESETS['full']['ablations'] = True
 
 PRESETS['quick'] = copy.deepcopy(_DEFAULT)
 PRESETS['quick'].update(
-    world=dict(size=64, num_train=400, num_val=400, photo_crops=16,
-               heldout_crops=16),
-    teacher_det=dict(iters=40, batch=8),
-    teacher_seg=dict(iters=50, batch=16),
+    world=dict(size=64, num_teachers=800, num_train=64, num_unlabelled=400,
+               num_val=400, photo_crops=16, heldout_crops=16),
+    teacher_det=dict(iters=100, batch=8),
+    teacher_seg=dict(iters=100, batch=16),
     cache=dict(views=1),
     knowledge_base=dict(iters=100, batch=64),
-    inherit=dict(iters=30, batch=32, lr=1e-3),
+    inherit=dict(iters=150, batch=32, labelled=8, lr=1e-3),
     probe_det=dict(iters=40, batch=8),
     probe_seg=dict(iters=80, batch=16),
     agreement_views=100,
@@ -66,13 +76,13 @@ PRESETS['quick'].update(
 
 PRESETS['toy'] = copy.deepcopy(_DEFAULT)
 PRESETS['toy'].update(
-    world=dict(size=64, num_train=12, num_val=6, photo_crops=1,
-               heldout_crops=2),
+    world=dict(size=64, num_teachers=12, num_train=6, num_unlabelled=6,
+               num_val=6, photo_crops=1, heldout_crops=2),
     teacher_det=dict(iters=2, batch=2),
     teacher_seg=dict(iters=2, batch=2),
     cache=dict(views=1),
     knowledge_base=dict(iters=2, batch=4),
-    inherit=dict(iters=2, batch=4),
+    inherit=dict(iters=2, batch=4, labelled=2, lr=1e-3),
     probe_det=dict(iters=2, batch=2),
     probe_seg=dict(iters=2, batch=2),
     effnet_size=64,

