@@ -11,12 +11,17 @@ text tower.
 """
 from __future__ import annotations
 
+import os.path as osp
+
 import torch
 from torch import nn
 
 from kiv.fileio.teacher_cache_format import write_safetensors_atomic
 
-__all__ = ['TINY_CLIP', 'TINY_CLIP_TIMM', 'tiny_open_clip', 'write_tiny_clip']
+__all__ = [
+    'TINY_CLIP', 'TINY_CLIP_TIMM', 'tiny_open_clip', 'write_tiny_clip',
+    'write_tiny_student_with_heads'
+]
 
 #: sizes of the tiny CLIP: joint width 32, image ViT 48 wide (patch 16, 64
 #: px, 2 heads), text transformer 64 wide (1 head = 64 // 64, as OpenAI)
@@ -84,3 +89,55 @@ def write_tiny_clip(path: str, seed: int = 0) -> nn.Module:
              if k != 'attn_mask'}
     write_safetensors_atomic(state, path, dict(format='pt'))
     return model
+
+
+def write_tiny_student_with_heads(path: str, teacher_dims: tuple = (48, 32),
+                                  seed: int = 0) -> dict:
+    """Write an exported tiny student (``configs/_base_/models/
+    kiv_adapter-vit-t14-reg4.py``, random adapter) with ``inherited_heads``
+    for a CLIP teacher like the real recipe's: summary = the image
+    projection (``TINY_CLIP['embed_dim']``), dense levels ln_post tokens
+    and text space (``teacher_dims``), both on the stride-16 level.
+
+    The standardisers hold PHI-S statistics of random targets, so the
+    inverse standardisation is not the identity.
+
+    Args:
+        path (str): the ``.pth`` file (the layout of
+            ``tools/export_student.py --keep-heads``), written atomically.
+        teacher_dims (tuple[int, int]): the CLIP teacher's dense widths.
+        seed (int): random seed.
+
+    Returns:
+        dict: ``backbone`` (the student config), ``latent`` (the
+        ``SharedLatentSpace``).
+    """
+    from mmengine.config import Config
+
+    from kiv.models.backbones import AdapterViT
+    from kiv.models.connectors import SharedLatentSpace
+    from kiv.structures import FeatureOutput
+    from kiv.utils.atomic import atomic_torch_save
+    from .paths import REPO
+    torch.manual_seed(seed)
+    cfg = Config.fromfile(osp.join(REPO, 'configs', '_base_', 'models',
+                                   'kiv_adapter-vit-t14-reg4.py'))
+    backbone = cfg.kiv_student_t14.to_dict()
+    backbone.pop('type')
+    student = AdapterViT(**backbone)
+    student.init_weights()
+    width = backbone['base']['model_kwargs']['embed_dim']
+    latent = SharedLatentSpace(
+        width, [width] * 4, hidden_dim=16,
+        teachers=dict(clip=dict(summary_dim=TINY_CLIP['embed_dim'],
+                                feature_dims=list(teacher_dims),
+                                student_levels=[2, 2])))
+    latent.init_weights()
+    targets = FeatureOutput(
+        torch.randn(64, TINY_CLIP['embed_dim']) * 2 + 1,
+        tuple(torch.randn(4, d, 4, 4) * 3 - 1 for d in teacher_dims))
+    latent.load_statistics(latent.statistic_sums(dict(clip=targets)))
+    atomic_torch_save(dict(state_dict=student.state_dict(),
+                           meta=dict(arch='kiv.AdapterViT'),
+                           inherited_heads=latent.state_dict()), path)
+    return dict(backbone=backbone, latent=latent)
