@@ -4,6 +4,10 @@
 ``layers`` (building blocks), ``distillers`` (knowledge inheritance),
 ``losses`` and ``necks`` (downstream). Importing this package registers them
 all in ``kiv.MODELS``; every public class is importable from here.
+``heads`` (zero-shot heads on the inherited CLIP path, ``kiv.ZeroShotClsHead``
+for mmpretrain and ``kiv.TextSegHead`` for mmseg) import those toolboxes, so
+they are registered by importing ``kiv.models.heads`` (the zero-shot
+configs' ``custom_imports``), not by ``import kiv``.
 """
 from .backbones import (AdapterViT, BaseViT, ConvFFN, DeformInputs,
                         Extractor, GlobalToken, Injector, InteractionBlock,

@@ -239,12 +239,15 @@ def test_clip_teacher_keeps_the_openai_projection(clip):
     model = teacher.model
     assert isinstance(model.blocks[0].mlp.act, timm.layers.QuickGELU)
     assert teacher.summary_dim == 512
-    assert teacher.feature_dims == [768] and teacher.feature_strides == [16]
+    # ln_post tokens and MaskCLIP's text-space tokens (projected: 512)
+    assert teacher.feature_dims == [768, 512]
+    assert teacher.feature_strides == [16, 16]
     own = model.state_dict()
     for key in ('head.weight', 'head.bias', 'blocks.1.attn.qkv.weight',
                 'pos_embed', 'cls_token', 'norm_pre.weight'):
         equal(own[key], written[key], key)
     assert out.features[0].shape == (1, 768, 14, 14)  # 224 / 16
+    assert out.features[1].shape == (1, 512, 14, 14)
     # the summary is the projected CLS token of the final norm (the
     # teacher runs in bf16, the reference in fp32)
     with torch.no_grad():
