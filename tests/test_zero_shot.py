@@ -132,6 +132,28 @@ def test_hugging_face_directory_gives_the_same_embeddings(clip):
     assert 'Hugging Face' in texts.tower
 
 
+def test_openai_torchscript_archive_gives_the_same_embeddings(clip):
+    """OpenAI's ``ViT-B-16.pt`` layout: a traced CLIP (TorchScript
+    archive), read with ``torch.jit.load``, state dict only."""
+    import warnings
+    model = clip['model']
+    model.output_dict = False
+    path = str(clip['root'] / 'ViT-tiny.pt')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tracer warnings
+        traced = torch.jit.trace(
+            model, (torch.rand(1, 3, 64, 64),
+                    torch.zeros(1, TINY_CLIP['context_length'],
+                                dtype=torch.long)), check_trace=False)
+    traced.save(path)
+    out = str(clip['root'] / 'ts.safetensors')
+    write_text_embeddings(path, out, CLASSES, TEMPLATES, width=EMBED)
+    texts = load_text_embeddings(out)
+    assert 'TorchScript' in texts.tower
+    assert torch.equal(texts.embeddings,
+                       load_text_embeddings(clip['emb']).embeddings)
+
+
 def test_text_tool_stops_on_bad_input(clip, tmp_path):
     out = str(tmp_path / 'x.safetensors')
     with pytest.raises(ClipTextTowerError, match='not found.*nothere'):
