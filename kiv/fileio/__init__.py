@@ -5,8 +5,8 @@ by ``kiv.models`` (``kiv.CachedTeacher``, the distiller's statistics): its
 format (:mod:`.teacher_cache_format`: index, shards, image list, statistics
 file) and what ties it to a config (:mod:`.teacher_cache_identity`:
 fingerprints, the teacher check) live here, below both, with the CLIP
-text-embedding file of the zero-shot heads (:mod:`.text_embeddings`). Nothing here
-imports ``kiv.models``, ``kiv.datasets`` or ``kiv.engine``.
+text-embedding file of the zero-shot heads (:mod:`.text_embeddings`).
+Nothing here imports ``kiv.models``, ``kiv.datasets`` or ``kiv.engine``.
 """
 from .teacher_cache_format import (CACHE_ID, CACHED_TARGETS, STORAGE_DTYPES,
                                    ImageList, TeacherCacheError,
