@@ -73,6 +73,84 @@ def test_world_layouts_are_read_by_the_toolboxes(tmp_path):
     assert len(cls) == 6 and ((labels >= 0) & (labels < len(CLASSES))).all()
 
 
+def test_world_teachers_split_and_unlabelled_scenes(tmp_path):
+    """The teachers' split is a third labelled split in every layout, the
+    unlabelled scenes have images only, and every split has its own
+    scenes."""
+    import hashlib
+
+    from mmdet.datasets import CocoDataset
+    from mmseg.datasets import BaseSegDataset
+
+    from kiv_demo.transforms import WorldViewLabels
+    from kiv_demo.world import CLASSES, WorldConfig, write_world
+    summary = write_world(str(tmp_path), WorldConfig(
+        num_train=3, num_val=2, num_teachers=5, num_unlabelled=4), seed=2)
+    assert summary['splits']['teachers']['images'] == 5
+    assert summary['splits']['unlabelled'] == dict(images=4)
+    meta = dict(classes=CLASSES)
+    coco = CocoDataset(data_root=str(tmp_path / 'coco'), metainfo=meta,
+                       ann_file='annotations/instances_teachers2017.json',
+                       data_prefix=dict(img='teachers2017/'), pipeline=[])
+    assert len(coco) == 5
+    seg = BaseSegDataset(
+        data_root=str(tmp_path / 'ade' / 'ADEChallengeData2016'),
+        metainfo=meta, img_suffix='.jpg', seg_map_suffix='.png',
+        data_prefix=dict(img_path='images/teachers',
+                         seg_map_path='annotations/teachers'))
+    assert len(seg) == 5
+    assert len(os.listdir(tmp_path / 'imagenet' / 'teachers')) > 0
+    unlabelled = sorted((tmp_path / 'unlabelled').iterdir())
+    assert len(unlabelled) == 4
+    assert all(WorldViewLabels.label_path(str(p)) is None
+               for p in unlabelled)
+    teachers = sorted((tmp_path / 'coco' / 'teachers2017').iterdir())
+    assert all(osp.isfile(WorldViewLabels.label_path(str(p)))
+               for p in teachers)
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in
+               unlabelled + teachers +
+               sorted((tmp_path / 'coco' / 'train2017').iterdir())]
+    assert len(set(digests)) == len(digests), 'splits share a scene'
+
+
+def test_labelled_share_sampler_fixes_labelled_views_per_batch(tmp_path):
+    """Every batch holds exactly ``labelled_per_batch`` labelled views, the
+    labelled pool is cycled evenly, the stream repeats with its seed and
+    ranks take disjoint batches of it."""
+    from kiv_demo.samplers import LabelledShareSampler
+    from kiv_demo.world import WorldConfig, write_world
+    write_world(str(tmp_path), WorldConfig(num_train=3, num_val=1,
+                                           num_unlabelled=5), seed=0)
+    paths = [str(p) for p in sorted((tmp_path / 'unlabelled').iterdir())]
+    paths += [str(p) for p in
+              sorted((tmp_path / 'coco' / 'train2017').iterdir())]
+
+    class Views:  # two views per image, image-major like the cache
+        def __len__(self):
+            return 2 * len(paths)
+
+        def sample_info(self, idx):
+            return dict(img_path=paths[idx // 2])
+
+    labelled = set(range(10, 16))
+    sampler = LabelledShareSampler(Views(), batch_size=4,
+                                   labelled_per_batch=3, seed=7)
+    assert set(sampler.labelled.tolist()) == labelled
+    it = iter(sampler)
+    stream = [next(it) for _ in range(4 * 12)]
+    batches = [stream[i:i + 4] for i in range(0, len(stream), 4)]
+    assert all(sum(i in labelled for i in b) == 3 for b in batches)
+    lab = [i for i in stream if i in labelled]
+    for k in range(0, len(lab), 6):  # every pass sees each labelled view
+        assert sorted(lab[k:k + 6]) == sorted(labelled)
+    again = iter(LabelledShareSampler(Views(), 4, 3, seed=7))
+    assert [next(again) for _ in range(len(stream))] == stream
+    other = iter(LabelledShareSampler(Views(), 4, 3, seed=8))
+    assert [next(other) for _ in range(len(stream))] != stream
+    with pytest.raises(ValueError, match='labelled_per_batch'):
+        LabelledShareSampler(Views(), 4, 5, seed=0)
+
+
 def test_world_labels_follow_the_view(tmp_path):
     """A crop + flip of a scene: the packed instances, semantic map and
     image label are those of the same crop + flip of the label map."""
@@ -271,6 +349,71 @@ def test_logistic_and_knn_probes_choose_on_train_only():
         acc = (torch.tensor(out[key]) == val_y).float().mean()
         assert acc > 0.95, (key, acc)
     assert out['weight_decay'] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def test_linear_classifier_is_the_standardised_logistic_regression():
+    """The folded ``(weight, bias)`` on raw features give the logits of the
+    logistic regression fitted on standardised features."""
+    from kiv_demo.probes import (_standardise, fit_linear_classifier,
+                                 fit_logistic, logistic_predict)
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(120) % 3
+    x = torch.randn(3, 8, generator=g)[y] * 2 + \
+        torch.randn(120, 8, generator=g) + torch.linspace(-5, 50, 8)
+    out = fit_linear_classifier(x, y, 3, seed=0)
+    assert out['weight'].shape == (3, 8) and out['bias'].shape == (3, )
+    (xs, ) = _standardise(x)
+    ref = logistic_predict(fit_logistic(xs, y, 3, out['weight_decay']), xs)
+    got = x @ out['weight'].T + out['bias']
+    assert torch.allclose(got.double(), ref, atol=1e-3)
+    assert (got.argmax(1) == y).float().mean() > 0.9
+
+
+def test_segmentation_against_ground_truth_maps(tmp_path):
+    """Logits resized to the label map and scored like mmseg: background
+    (raw 0) ignored, a perfect prediction is 100 mIoU, a half-wrong one
+    the exact IoUs."""
+    import cv2
+
+    from kiv_demo.agreement import seg_vs_ground_truth
+    raw = np.zeros((8, 8), np.uint8)
+    raw[:, :4] = 1  # class 0
+    raw[:, 4:6] = 2  # class 1, then background
+    path = str(tmp_path / 'gt.png')
+    cv2.imwrite(path, raw)
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[0, 0, :, :2] = 5  # class 0 on the left half
+    logits[0, 1, :, 2:] = 5  # class 1 on the right half
+    out = seg_vs_ground_truth(logits, [path], str(tmp_path / 'a.npz'))
+    assert out['miou'][0] == pytest.approx(100.0)
+    logits[0, 1, :, 2:] = 0
+    logits[0, 0, :, 2:] = 5  # everything class 0
+    out = seg_vs_ground_truth(logits, [path], str(tmp_path / 'b.npz'))
+    # class 0: 32 / 48 pixels, class 1: 0 / 16
+    assert out['miou'][0] == pytest.approx(100 * (32 / 48 + 0) / 2)
+
+
+def test_detections_to_coco_keep_masks():
+    """Inherited detections become COCO results with RLE masks that decode
+    to the predicted masks."""
+    from mmengine.structures import InstanceData
+    from pycocotools import mask as mask_utils
+
+    from kiv_demo.agreement import _to_coco
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, 2:6, 3:9] = True
+    masks[1, 8:, 8:] = True
+    res = InstanceData(bboxes=torch.tensor([[3., 2., 9., 6.],
+                                            [8., 8., 16., 16.]]),
+                       labels=torch.tensor([0, 4]),
+                       scores=torch.tensor([0.9, 0.2]), masks=masks)
+    out = _to_coco([res], [7], masks=True)
+    assert [o['category_id'] for o in out] == [1, 5]
+    assert out[0]['bbox'] == [3.0, 2.0, 6.0, 4.0]
+    for o, m in zip(out, masks):
+        rle = dict(o['segmentation'], counts=o['segmentation']['counts']
+                   .encode('ascii'))
+        assert (mask_utils.decode(rle) == m.numpy()).all()
 
 
 def _exact_bootstrap_means(scores) -> np.ndarray:
@@ -514,12 +657,12 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
     with open(osp.join(report, 'tables.json')) as f:
         tables = json.load(f)
     probes = {r['row']: r for r in tables['probes']}
-    assert list(probes) == ['trivial', 'effnet', 'teachers', 'inherit',
-                            'baseline', 'kb_alone']
+    rows = ['inherit', 'rival_user', 'rival_teachers', 'kb_alone']
+    assert list(probes) == ['trivial', 'teachers', *rows]
     train, val = _labels(work_dir, 'train'), _labels(work_dir, 'val')
     n_val = len(val)
     assert n_val == 6  # the toy world
-    for row in ('trivial', 'effnet', 'inherit', 'baseline', 'kb_alone'):
+    for row in ('trivial', 'teachers', *rows):
         for key in PROBE_COLUMNS:
             if probes[row][key] is None:
                 continue
@@ -530,13 +673,43 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
                 assert correct == pytest.approx(round(correct)), (row, key)
                 _check_interval(probes[row][key], n_val,
                                 round(correct) / n_val)
-    assert probes['effnet']['box_ap'] is None  # the ceiling is cls only
+    assert probes['teachers']['top1_knn'] is None  # no k-NN for teachers
+    # labels and compute: the rivals train on their own split only, with
+    # the inheritance run's steps and labelled views per step
+    budget = {b['row']: b for b in tables['budget']}
+    assert budget['rival_user']['labels'].startswith('6 scenes (user')
+    assert budget['rival_teachers']['labels'].startswith('12 scenes')
+    assert budget['rival_user']['samples'] == 2 * 2  # toy: 2 steps x 2
+    assert budget['inherit']['samples'] == 2 * 4
+    assert budget['inherit']['seconds_total'] > budget['inherit']['seconds']
+    with open(osp.join(work_dir, 'rival_user', 'done')) as f:
+        assert json.load(f)['result']['split'] == 'train'
+    # the inherited heads on the ground truth, next to the teachers' own
+    # scores (the classifier's: its arg-max on the validation scenes)
+    gt = {r['row']: r for r in tables['inherited_gt']}
+    assert list(gt) == ['teachers', 'knowledge_base', 'inherit']
+    val_logits = load_file(osp.join(work_dir, 'effnet_eval',
+                                    'outputs.safetensors'))['val.logits']
+    _check_interval(gt['teachers']['top1'], n_val,
+                    float((val_logits.argmax(1).numpy() == val).mean()))
+    for key in ('top1', 'box_ap', 'mask_ap', 'miou'):
+        value, low, high = gt['inherit'][key]
+        assert 0 <= low <= value <= high <= 100, key
+    assert gt['knowledge_base']['miou'] is None
+    # standardised MSE per teacher output at the end of the run
+    mse = {(m['run'], m['key']) for m in tables['mse']}
+    assert {('inherit', f'{t}_features')
+            for t in ('kb', 'effnet', 'det', 'seg')} <= mse
     # the majority row: the training set's most frequent class, scored on
     # the validation labels (computed here from the world's files)
     majority = np.bincount(train).argmax()
     rate = float(np.mean(val == majority))
     for key in ('top1_logreg', 'top1_knn'):
         _check_interval(probes['trivial'][key], n_val, rate)
+    # the teachers' classification ceiling: the world classifier's top-1
+    # on the validation scenes
+    _check_interval(probes['teachers']['top1_logreg'], n_val,
+                    float((val_logits.argmax(1).numpy() == val).mean()))
     # its mIoU: every valid pixel labelled the most frequent training class
     # (IoU of that class: its share of the valid pixels; 0 for every other
     # class present, the rest left out)
@@ -586,9 +759,13 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
     md = open(osp.join(report, 'tables.md')).read()
     assert md.strip() in first.stdout
     assert osp.isfile(osp.join(work_dir, 'timings.json'))
-    # training read the fixed teachers from the cache
+    # training read every teacher from the caches, the knowledge base's
+    # targets included (written after it was made)
     log = open(osp.join(work_dir, 'teacher_cache', 'index.json')).read()
-    assert set(json.loads(log)['teachers']) == {'effnet', 'det', 'seg'}
+    assert set(json.loads(log)['teachers']) == {'kb', 'effnet', 'det',
+                                                'seg'}
+    log = open(osp.join(work_dir, 'kb_cache', 'index.json')).read()
+    assert set(json.loads(log)['teachers']) == {'effnet'}
     # the exported student loads weights-only
     ckpt = torch.load(osp.join(work_dir, 'inherit', 'student.pth'),
                       weights_only=True)

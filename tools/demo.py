@@ -72,8 +72,12 @@ def parse_args() -> argparse.Namespace:
                         'work_dirs/demo)')
     parser.add_argument('--seed', type=int, default=0, help='random seed')
     parser.add_argument('--threads', type=int, default=2,
-                        help='torch CPU threads, fixed for reproducible '
+                        help='CPU threads in all, fixed for reproducible '
                         'numbers (default: 2)')
+    parser.add_argument('--jobs', type=int, default=2,
+                        help='stages run at once, each in its own process '
+                        'with threads / jobs torch threads (default: 2: '
+                        'one thread per stage, both cores busy)')
     parser.add_argument('--native-kernels', action='store_true',
                         help="use this CPU's fastest kernels (AVX-512 ...) "
                         'instead of the AVX2 ones pinned by default; the '
@@ -85,9 +89,14 @@ def main() -> None:
     args = parse_args()
     if args.threads < 1:
         sys.exit(f'error: --threads must be >= 1, got {args.threads}')
+    if not 1 <= args.jobs <= args.threads:
+        sys.exit(f'error: --jobs must be in 1..--threads ({args.threads}), '
+                 f'got {args.jobs}')
+    # the torch threads of each stage: part of every stage's fingerprint
+    stage_threads = args.threads // args.jobs
     preset = ('quick' if args.quick else 'full' if args.full else
               'toy' if args.toy else 'default')
-    os.environ.setdefault('OMP_NUM_THREADS', str(args.threads))
+    os.environ.setdefault('OMP_NUM_THREADS', str(stage_threads))
     # busy-waiting OpenMP threads make a shared 2-core machine ~10x slower
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     if not args.native_kernels:
@@ -101,7 +110,7 @@ def main() -> None:
         import cv2
         cv2.setUseOptimized(False)  # plain C paths: the same pixels
     import torch
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(stage_threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     import kiv  # noqa: F401  registers kiv.*
@@ -117,7 +126,8 @@ def main() -> None:
         print(f'kiv demo: learning-rate sweep, preset {preset}, world seed '
               f'{args.seed + 1000}, work dir {tune_dir}', flush=True)
         results = run_stages(build_tuning_stages(preset), tune_dir,
-                             seed=args.seed + 1000, fresh=args.fresh)
+                             seed=args.seed + 1000, fresh=args.fresh,
+                             jobs=args.jobs, threads=stage_threads)
         report = results['tune_report']
         print()
         print(report['markdown'])
@@ -126,13 +136,15 @@ def main() -> None:
         return
     kernels = 'native kernels' if args.native_kernels else \
         'AVX2 kernels'
-    print(f'kiv demo: preset {preset}, seed {args.seed}, {args.threads} '
-          f'threads, {kernels}, work dir {work_dir}', flush=True)
+    print(f'kiv demo: preset {preset}, seed {args.seed}, {args.jobs} '
+          f'stage(s) at once x {stage_threads} thread(s), {kernels}, work '
+          f'dir {work_dir}', flush=True)
     start = time.monotonic()
-    salt = dict(threads=args.threads,
+    salt = dict(threads=stage_threads,
                 kernels='native' if args.native_kernels else 'avx2')
     results = run_demo(preset, work_dir, seed=args.seed, fresh=args.fresh,
-                       salt=salt, probe_check=args.check_probes)
+                       salt=salt, probe_check=args.check_probes,
+                       jobs=args.jobs, threads=stage_threads)
     wall = time.monotonic() - start
     report = os.path.join(work_dir, 'report')
     print()

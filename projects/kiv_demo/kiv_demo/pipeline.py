@@ -43,9 +43,8 @@ from .eval_stages import (stage_agreement, stage_effnet_eval, stage_features,
                           stage_probe, stage_probe_cls, stage_report,
                           stage_trivial)
 from .presets import get_preset
-from .recipes import (CACHE, CONFIG_DIR, CONFIGS, KB_CACHE, RIVAL_SPLITS,
-                      ROWS, VARIANTS, _config_files, inherit_cfg,
-                      probe_backbone_cfg)
+from .recipes import (CACHE, CONFIG_DIR, CONFIGS, KB_CACHE, ROWS, VARIANTS,
+                      _config_files, inherit_cfg, probe_backbone_cfg)
 from .stages import Stage, StageContext, run_stages
 from .train_stages import (stage_inherit, stage_kb_alone,
                            stage_knowledge_base, stage_rival, stage_teacher,
@@ -74,18 +73,34 @@ def _core_stages(preset: dict) -> list[Stage]:
     world = preset['world']
     n_img = world['num_train'] * 2 + world['num_val'] + \
         world['num_teachers'] + world['num_unlabelled']
+    # the knowledge base's chain first: it is the longest path to the
+    # inheritance run (stages start in this order when two run at once)
     return [
         Stage('world', 'procedural world (COCO/ADE20K/ImageNet layouts: the '
               'teachers\' split, the user\'s labelled split, validation) + '
               'the user\'s unlabelled scenes and photo crops',
               stage_world(preset), params=dict(world=world),
               cost=3 + 0.003 * n_img),
+        Stage(KB_CACHE, 'teacher-feature cache of the knowledge base: '
+              'EfficientNet-Lite0 on every view of the user\'s images',
+              stage_teacher_cache(preset, KB_CACHE), deps=('world', ),
+              params=dict(preset['cache'], effnet=preset['effnet_size']),
+              files=_config_files(CONFIGS['knowledge_base']),
+              cost=5 + _views(preset) * cost['effnet']),
         Stage('teacher_det', 'detection teacher: Mask R-CNN, EfficientNet-'
               'Lite0 + FPN, on the teachers\' split (mmdet)',
               stage_teacher('teacher_det', preset), deps=('world', ),
               params=dict(preset['teacher_det']),
               files=_config_files(CONFIGS['teacher_det']),
               cost=10 + _units(preset, 'teacher_det') * cost['det_train']),
+        Stage('knowledge_base', 'knowledge base: DINOv2-like ViT distilled '
+              'from EfficientNet-Lite0 (cached)',
+              stage_knowledge_base(preset), deps=('world', KB_CACHE),
+              params=dict(preset['knowledge_base'],
+                          effnet=preset['effnet_size']),
+              files=_config_files(CONFIGS['knowledge_base']),
+              cost=5 + _views(preset) * cost['load'] +
+              _units(preset, 'knowledge_base') * cost['kb_train']),
         Stage('teacher_seg', 'segmentation teacher: Semantic FPN, '
               'EfficientNet-Lite0, on the teachers\' split (mmseg)',
               stage_teacher('teacher_seg', preset), deps=('world', ),
@@ -100,20 +115,6 @@ def _core_stages(preset: dict) -> list[Stage]:
                                   CONFIGS['inherit']),
               cost=3 + (world['num_teachers'] + world['num_val']) *
               cost['effnet']),
-        Stage(KB_CACHE, 'teacher-feature cache of the knowledge base: '
-              'EfficientNet-Lite0 on every view of the user\'s images',
-              stage_teacher_cache(preset, KB_CACHE), deps=('world', ),
-              params=dict(preset['cache'], effnet=preset['effnet_size']),
-              files=_config_files(CONFIGS['knowledge_base']),
-              cost=5 + _views(preset) * cost['effnet']),
-        Stage('knowledge_base', 'knowledge base: DINOv2-like ViT distilled '
-              'from EfficientNet-Lite0 (cached)',
-              stage_knowledge_base(preset), deps=('world', KB_CACHE),
-              params=dict(preset['knowledge_base'],
-                          effnet=preset['effnet_size']),
-              files=_config_files(CONFIGS['knowledge_base']),
-              cost=5 + _views(preset) * cost['load'] +
-              _units(preset, 'knowledge_base') * cost['kb_train']),
         Stage(CACHE, 'teacher-feature cache of the inheritance: knowledge '
               'base, classifier, detector, segmenter on every view',
               stage_teacher_cache(preset, CACHE),
@@ -201,7 +202,9 @@ def build_stages(preset_name: str,
                               else [])
     for v in variants:
         stages.append(_inherit_stage(v, v, preset, ROWS[v]))
-    for row in RIVAL_SPLITS:
+    rivals = ['rival_user'] + (['rival_teachers']
+                               if preset['rival_teachers_row'] else [])
+    for row in rivals:
         stages.append(_rival_stage(row, preset))
     stages.append(Stage(
         'kb_alone', ROWS['kb_alone'], stage_kb_alone(preset),
@@ -215,7 +218,7 @@ def build_stages(preset_name: str,
         files=_config_files(CONFIGS['inherit']),
         cost=3 + (world['num_val'] + preset['agreement_views'] +
                   world['heldout_crops'] * 3) * cost['effnet']))
-    rows = ['inherit', *RIVAL_SPLITS] + (
+    rows = ['inherit', *rivals] + (
         ['kb_alone'] if preset['kb_alone_row'] else []) + variants[1:]
     for row in rows:
         stages += _probe_stages(row, ROWS[row], preset)
@@ -320,7 +323,8 @@ def build_tuning_stages(preset_name: str,
 def run_demo(preset_name: str, work_dir: str, seed: int = 0,
              fresh: bool = False, stream=None,
              salt: dict | None = None,
-             probe_check: bool = False) -> dict[str, Any]:
+             probe_check: bool = False, jobs: int = 1,
+             threads: int | None = None) -> dict[str, Any]:
     """Run the demo.
 
     Args:
@@ -335,6 +339,9 @@ def run_demo(preset_name: str, work_dir: str, seed: int = 0,
             reuse stages computed with these.
         probe_check (bool): also run every det / seg probe with twice the
             steps and report whether the ranking of the rows changes.
+        jobs (int): stages run at once (forked processes), see
+            :func:`~kiv_demo.stages.run_stages`.
+        threads (int, optional): torch threads of each forked stage.
 
     Returns:
         dict: every stage's result (see :func:`~kiv_demo.stages.run_stages`).
@@ -343,4 +350,5 @@ def run_demo(preset_name: str, work_dir: str, seed: int = 0,
     if salt:
         for stage in stages:
             stage.params = dict(stage.params, _run=dict(salt))
-    return run_stages(stages, work_dir, seed, fresh=fresh, stream=stream)
+    return run_stages(stages, work_dir, seed, fresh=fresh, stream=stream,
+                      jobs=jobs, threads=threads)

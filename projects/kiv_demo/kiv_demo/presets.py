@@ -22,19 +22,19 @@ _DEFAULT = dict(
                heldout_crops=32),
     # purpose-specific teachers trained on the teachers' split (mmdet /
     # mmseg; the classifier is a logistic regression on EfficientNet-Lite0)
-    teacher_det=dict(iters=400, batch=8),
+    teacher_det=dict(iters=250, batch=8),
     teacher_seg=dict(iters=300, batch=16),
     # teacher-feature caches: seeded views per image of the user's images
     cache=dict(views=2),
     # the knowledge base ViT distilled from EfficientNet-Lite0 (cached)
-    knowledge_base=dict(iters=300, batch=64),
+    knowledge_base=dict(iters=200, batch=64),
     # knowledge inheritance: ``batch`` views per step of the user's images,
     # ``labelled`` of them from the labelled split (multi-task heads); the
     # data-centric rows get the same steps and the same labelled views per
     # step. Learning rates: the best of the same grid for the inherited
     # student and the rival on the user's data, chosen on a world of its
     # own (tools/demo.py --quick --tune, docs/demo.md)
-    inherit=dict(iters=600, batch=32, labelled=8, lr=1e-3),
+    inherit=dict(iters=250, batch=32, labelled=4, lr=1e-3),
     rival=dict(lr=4e-3),
     # det / seg heads on the frozen features, trained on the user's
     # labelled split (same budget for every row)
@@ -44,13 +44,15 @@ _DEFAULT = dict(
     effnet_size=128,
     # new views of the user's images for the agreement (+ world val)
     agreement_views=400,
-    # table rows with probes (the inherited student and the data-centric
-    # rows always)
+    # table rows with probes besides the inherited student and the rival on
+    # the user's data
     kb_alone_row=True,
+    rival_teachers_row=True,
     ablations=False,
     pca_images=4,
-    cost=dict(det_train=0.07, seg_train=0.012, effnet=0.012, load=0.002,
-              kb_train=0.008, inherit_train=0.02, rival_train=0.07,
+    # seconds per sample of one stage on one core (first run's ETA only)
+    cost=dict(det_train=0.11, seg_train=0.012, effnet=0.015, load=0.002,
+              kb_train=0.017, inherit_train=0.05, rival_train=0.12,
               features=0.006, det_probe=0.045, seg_probe=0.005),
 )
 
@@ -67,11 +69,12 @@ PRESETS['quick'].update(
     teacher_seg=dict(iters=100, batch=16),
     cache=dict(views=1),
     knowledge_base=dict(iters=100, batch=64),
-    inherit=dict(iters=150, batch=32, labelled=8, lr=1e-3),
+    inherit=dict(iters=100, batch=32, labelled=4, lr=1e-3),
     probe_det=dict(iters=40, batch=8),
     probe_seg=dict(iters=80, batch=16),
     agreement_views=100,
     kb_alone_row=False,
+    rival_teachers_row=False,
 )
 
 PRESETS['toy'] = copy.deepcopy(_DEFAULT)

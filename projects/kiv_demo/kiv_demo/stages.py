@@ -18,6 +18,7 @@ import os.path as osp
 import shutil
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -99,22 +100,25 @@ class ProgressDisplay:
     """Prints ``[i/N] stage | elapsed | ETA`` lines and iteration progress.
 
     The ETA scales the remaining stages' expected costs by how fast the
-    stages run so far went compared with their expected costs.
+    stages run so far went compared with their expected costs, divided by
+    the number of stages that run at once.
 
     Args:
         costs (dict[str, float]): expected seconds of each stage to run.
         stream: where to print. Defaults to ``sys.stdout``.
+        jobs (int): stages running at once. Defaults to 1.
     """
 
-    def __init__(self, costs: dict[str, float], stream=None) -> None:
+    def __init__(self, costs: dict[str, float], stream=None,
+                 jobs: int = 1) -> None:
         self.costs = dict(costs)
         self.stream = stream or sys.stdout
+        self.jobs = max(1, int(jobs))
         self.start = time.monotonic()
         self.done_cost = 0.0  # expected cost of the stages finished
         self.done_time = 0.0  # their measured time
-        self.current: str | None = None
-        self.current_start = 0.0
-        self.fraction = 0.0
+        #: running stages: name -> [start time, fraction done]
+        self.running: dict[str, list[float]] = {}
         self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
         self._last_print = 0.0
 
@@ -125,14 +129,15 @@ class ProgressDisplay:
         """Seconds left: remaining expected cost x measured speed ratio."""
         spent, expected = self.done_time, self.done_cost
         remaining = sum(self.costs.values())
-        if self.current is not None:
-            done = self.costs.get(self.current, 0.0) * min(self.fraction, 1.0)
+        now = time.monotonic()
+        for name, (start, fraction) in self.running.items():
+            done = self.costs.get(name, 0.0) * min(fraction, 1.0)
             remaining -= done
-            spent += time.monotonic() - self.current_start
+            spent += now - start
             expected += done
         # measured / expected speed, damped so one short stage cannot swing it
         ratio = (spent + 60.0) / (expected + 60.0)
-        return max(0.0, remaining * ratio)
+        return max(0.0, remaining * ratio / self.jobs)
 
     def print(self, text: str, end: str = '\n') -> None:
         self.stream.write(text + end)
@@ -145,18 +150,22 @@ class ProgressDisplay:
                    f'({state}) | elapsed {_fmt(self.elapsed())} | '
                    f'ETA {_fmt(self.eta())}')
         if not cached:
-            self.current = stage.name
-            self.current_start = time.monotonic()
-            self.fraction = 0.0
+            self.running[stage.name] = [time.monotonic(), 0.0]
 
-    def update(self, fraction: float, text: str) -> None:
-        """Report progress inside the running stage (0..1)."""
-        self.fraction = fraction
+    def update(self, fraction: float, text: str,
+               name: str | None = None) -> None:
+        """Report progress inside a running stage (0..1); ``name`` is
+        needed only when several stages run."""
+        if name is None and len(self.running) == 1:
+            name = next(iter(self.running))
+        if name in self.running:
+            self.running[name][1] = fraction
         now = time.monotonic()
         if not self.tty and now - self._last_print < 15 and fraction < 1:
             return
         self._last_print = now
-        line = (f'      {text} | elapsed {_fmt(self.elapsed())} | '
+        who = f'{name}: ' if self.jobs > 1 and name else ''
+        line = (f'      {who}{text} | elapsed {_fmt(self.elapsed())} | '
                 f'ETA {_fmt(self.eta())}')
         if self.tty:
             self.stream.write('\r' + line.ljust(100)[:120])
@@ -166,14 +175,26 @@ class ProgressDisplay:
         else:
             self.print(line)
 
-    def end_stage(self) -> None:
-        if self.current is None:
-            return
-        seconds = time.monotonic() - self.current_start
+    def end_stage(self, name: str | None = None) -> float:
+        """Close a running stage (the only one if ``name`` is None).
+
+        Returns:
+            float: its seconds.
+        """
+        if name is None:
+            if len(self.running) != 1:
+                return 0.0
+            name = next(iter(self.running))
+        if name not in self.running:
+            return 0.0
+        seconds = time.monotonic() - self.running.pop(name)[0]
         self.done_time += seconds
-        self.done_cost += self.costs.pop(self.current, 0.0)
-        self.current = None
-        self.print(f'      done in {_fmt(seconds)}')
+        self.done_cost += self.costs.pop(name, 0.0)
+        who = f'{name} ' if self.jobs > 1 else ''
+        if self.tty:
+            self.stream.write('\n')
+        self.print(f'      {who}done in {_fmt(seconds)}')
+        return seconds
 
 
 class ProgressHook(Hook):
@@ -257,9 +278,75 @@ def _read_done(path: str) -> dict | None:
         return None
 
 
+def _execute(stage: Stage, work_dir: str, seed: int, results: dict,
+             progress, fingerprint_: str) -> float:
+    """Run one stage in a clean folder and write its ``done`` marker.
+
+    Returns:
+        float: its seconds.
+    """
+    stage_dir = osp.join(work_dir, stage.name)
+    if osp.isdir(stage_dir):
+        shutil.rmtree(stage_dir)
+    os.makedirs(stage_dir)
+    start = time.monotonic()
+    with working_dir(work_dir):
+        result = stage.run(StageContext(stage, stage.name, seed, results,
+                                        progress))
+    seconds = time.monotonic() - start
+    atomic_write_json(dict(fingerprint=fingerprint_, result=result,
+                           seconds=round(seconds, 1)),
+                      osp.join(stage_dir, DONE), indent=1, sort_keys=True)
+    return seconds
+
+
+class _ChildProgress:
+    """A forked stage's progress, sent to the parent's display."""
+
+    def __init__(self, queue, name: str) -> None:
+        self.queue, self.name, self._last = queue, name, 0.0
+
+    def update(self, fraction: float, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last < 1.0 and fraction < 1:
+            return
+        self._last = now
+        self.queue.put(('progress', self.name, float(fraction), text))
+
+
+def _child(stage: Stage, work_dir: str, seed: int, results: dict, queue,
+           fingerprint_: str, threads: int | None) -> None:
+    """Body of a forked stage process: run, report, exit."""
+    code = 0
+    try:
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
+        seconds = _execute(stage, work_dir, seed, results,
+                           _ChildProgress(queue, stage.name), fingerprint_)
+        queue.put(('done', stage.name, seconds))
+    except BaseException:  # noqa: B902  reported to the parent, then exit
+        queue.put(('error', stage.name, traceback.format_exc()))
+        code = 1
+    finally:
+        # hand the message to the pipe before the process ends (Queue.put
+        # only queues it for a feeder thread)
+        queue.close()
+        queue.join_thread()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def run_stages(stages: Sequence[Stage], work_dir: str, seed: int,
-               fresh: bool = False, stream=None) -> dict[str, dict]:
-    """Run (or reuse) every stage in order.
+               fresh: bool = False, stream=None, jobs: int = 1,
+               threads: int | None = None) -> dict[str, dict]:
+    """Run (or reuse) every stage.
+
+    With ``jobs > 1`` up to ``jobs`` stages whose dependencies are done run
+    at once, each in a forked process with ``threads`` torch threads
+    (first ready stage in list order first). A stage's outputs depend only
+    on its inputs, seed and thread count, never on what runs beside it.
 
     Args:
         stages (Sequence[Stage]): in dependency order.
@@ -267,10 +354,15 @@ def run_stages(stages: Sequence[Stage], work_dir: str, seed: int,
         seed (int): the run's seed (part of every fingerprint).
         fresh (bool): ignore finished stages and run everything.
         stream: progress output. Defaults to ``sys.stdout``.
+        jobs (int): stages run at once. Defaults to 1 (in this process).
+        threads (int, optional): torch threads of each forked stage.
 
     Returns:
         dict[str, dict]: every stage's result, plus under ``'_stages'`` per
         stage ``{'cached': bool, 'seconds': float}``.
+
+    Raises:
+        RuntimeError: a forked stage failed (its traceback in the message).
     """
     os.makedirs(work_dir, exist_ok=True)
     names = [s.name for s in stages]
@@ -290,31 +382,89 @@ def run_stages(stages: Sequence[Stage], work_dir: str, seed: int,
     timings = read_timings(work_dir)
     progress = ProgressDisplay(
         {s.name: expected_seconds(s, timings) for s in stages
-         if s.name not in cached}, stream)
+         if s.name not in cached}, stream, jobs=jobs)
     results: dict[str, Any] = {'_stages': {}}
-    for i, s in enumerate(stages, 1):
-        progress.start_stage(i, len(stages), s, s.name in cached)
-        if s.name in cached:
-            results[s.name] = cached[s.name]['result']
-            results['_stages'][s.name] = dict(
-                cached=True, seconds=cached[s.name].get('seconds', 0.0))
-            continue
-        stage_dir = osp.join(work_dir, s.name)
-        if osp.isdir(stage_dir):
-            shutil.rmtree(stage_dir)
-        os.makedirs(stage_dir)
-        start = time.monotonic()
-        with working_dir(work_dir):
-            result = s.run(StageContext(s, s.name, seed, results, progress))
-        seconds = time.monotonic() - start
-        progress.end_stage()
-        atomic_write_json(dict(fingerprint=prints[s.name], result=result,
-                               seconds=round(seconds, 1)),
-                          osp.join(stage_dir, DONE), indent=1, sort_keys=True)
-        results[s.name] = result
+    index = {s.name: i for i, s in enumerate(stages, 1)}
+
+    def finish(s: Stage, seconds: float) -> None:
+        results[s.name] = _read_done(osp.join(work_dir, s.name,
+                                              DONE))['result']
         results['_stages'][s.name] = dict(cached=False, seconds=seconds)
         timings.setdefault(s.name, {})[size_key(s)] = round(seconds, 1)
         atomic_write_json(timings, osp.join(work_dir, TIMINGS), indent=1,
                           sort_keys=True)
+
+    pending = []
+    for s in stages:
+        if s.name in cached:
+            progress.start_stage(index[s.name], len(stages), s, True)
+            results[s.name] = cached[s.name]['result']
+            results['_stages'][s.name] = dict(
+                cached=True, seconds=cached[s.name].get('seconds', 0.0))
+        else:
+            pending.append(s)
+    if jobs <= 1:
+        for s in pending:
+            progress.start_stage(index[s.name], len(stages), s, False)
+            seconds = _execute(s, work_dir, seed, results, progress,
+                               prints[s.name])
+            progress.end_stage(s.name)
+            finish(s, seconds)
+    else:
+        _run_forked(pending, jobs, threads, work_dir, seed, results,
+                    progress, prints, index, len(stages), finish)
     results['_stages']['total_seconds'] = progress.elapsed()
     return results
+
+
+def _run_forked(pending: list[Stage], jobs: int, threads: int | None,
+                work_dir: str, seed: int, results: dict,
+                progress: ProgressDisplay, prints: dict[str, str],
+                index: dict[str, int], total: int,
+                finish: Callable[[Stage, float], None]) -> None:
+    """The ``jobs > 1`` scheduler of :func:`run_stages`."""
+    import multiprocessing
+    import queue as queue_lib
+    mp = multiprocessing.get_context('fork')
+    queue = mp.Queue()
+    done = set(results) - {'_stages'}
+    running: dict[str, Any] = {}
+    by_name = {s.name: s for s in pending}
+    try:
+        while pending or running:
+            for s in list(pending):
+                if len(running) >= jobs:
+                    break
+                if all(d in done for d in s.deps):
+                    progress.start_stage(index[s.name], total, s, False)
+                    proc = mp.Process(
+                        target=_child, args=(s, work_dir, seed, results,
+                                             queue, prints[s.name],
+                                             threads), daemon=False)
+                    proc.start()
+                    running[s.name] = proc
+                    pending.remove(s)
+            try:
+                msg = queue.get(timeout=2.0)
+            except queue_lib.Empty:
+                for name, proc in running.items():
+                    if proc.exitcode is not None:  # its message came first
+                        raise RuntimeError(f'demo stage {name!r} ended '
+                                           f'(exit code {proc.exitcode}) '
+                                           'without reporting')
+                continue
+            kind, name = msg[0], msg[1]
+            if kind == 'progress':
+                progress.update(msg[2], msg[3], name=name)
+            elif kind == 'error':
+                raise RuntimeError(f'demo stage {name!r} failed:\n{msg[2]}')
+            else:
+                running.pop(name).join()
+                progress.end_stage(name)
+                finish(by_name[name], msg[2])
+                done.add(name)
+    finally:
+        for proc in running.values():
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
