@@ -67,7 +67,10 @@ TRANSFORMS = Registry('transform', parent=MMENGINE_TRANSFORMS, scope='kiv',
                       locations=['kiv.datasets'])
 
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='kiv',
-                  locations=['kiv.models'])
+                  # the zero-shot heads import mmpretrain's and mmseg's
+                  # heads: imported on the first kiv model lookup, not by
+                  # ``import kiv``
+                  locations=['kiv.models', 'kiv.models.heads'])
 MODEL_WRAPPERS = Registry('model_wrapper', parent=MMENGINE_MODEL_WRAPPERS,
                           scope='kiv', locations=['kiv.engine'])
 WEIGHT_INITIALIZERS = Registry('weight initializer',

@@ -20,10 +20,8 @@ _base_ = [
     'mmseg::_base_/default_runtime.py',
     '../_base_/models/kiv_adapter-vit-b14-reg4.py',  # the kiv student
 ]
-# kiv.models.heads imports mmpretrain's and mmseg's heads (import kiv does
-# not)
-custom_imports = dict(imports=['kiv', 'kiv.models.heads'],
-                      allow_failed_imports=False)
+# kiv.MODELS imports the zero-shot heads on its first lookup
+custom_imports = dict(imports=['kiv'], allow_failed_imports=False)
 
 student = 'checkpoints/kiv_vit-b14_student.pth'  # exported --keep-heads
 text_embeddings = 'checkpoints/clip_vit-b16_ade20k_text.safetensors'

@@ -6,8 +6,8 @@
 all in ``kiv.MODELS``; every public class is importable from here.
 ``heads`` (zero-shot heads on the inherited CLIP path, ``kiv.ZeroShotClsHead``
 for mmpretrain and ``kiv.TextSegHead`` for mmseg) import those toolboxes, so
-they are registered by importing ``kiv.models.heads`` (the zero-shot
-configs' ``custom_imports``), not by ``import kiv``.
+``import kiv`` leaves them out: ``kiv.MODELS`` imports them on its first
+lookup.
 """
 from .backbones import (AdapterViT, BaseViT, ConvFFN, DeformInputs,
                         Extractor, GlobalToken, Injector, InteractionBlock,

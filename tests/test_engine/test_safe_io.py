@@ -78,10 +78,16 @@ import kiv
 from kiv.utils.checkpoint import SAFE_GLOBALS
 after = snap()
 allowed = torch.serialization.get_safe_globals()
+import sys
+heads_at_import = 'kiv.models.heads' in sys.modules
+from mmengine.registry import MODELS
+head = MODELS.get('kiv.ZeroShotClsHead')  # a toolbox config's lookup
 print(json.dumps(dict(before=before, after=after,
                       kiv_globals=[str(g) for g in SAFE_GLOBALS
                                    if g in allowed],
-                      enabled=kiv.safe_io_enabled())))
+                      enabled=kiv.safe_io_enabled(),
+                      heads_at_import=heads_at_import,
+                      head=head.__module__ if head else None)))
 '''
 
 
@@ -99,6 +105,10 @@ def test_import_kiv_changes_nothing_global(tmp_path):
         singleton='LocalBackend')
     assert out['kiv_globals'] == []  # torch's allowlist untouched
     assert out['enabled'] is False
+    # the zero-shot heads (they import mmpretrain / mmseg) are left out of
+    # ``import kiv`` and found by a config's ``type='kiv.ZeroShotClsHead'``
+    assert out['heads_at_import'] is False
+    assert out['head'] == 'kiv.models.heads.zero_shot_cls_head'
 
 
 def test_enable_is_idempotent_logged_once_and_reversible(

@@ -2,8 +2,9 @@
 (mmpretrain) and ``kiv.TextSegHead`` (mmseg).
 
 Importing this package imports mmpretrain's and mmseg's heads, so
-``import kiv`` does not: configs that use the heads import it,
-``custom_imports = dict(imports=['kiv', 'kiv.models.heads'])``. The
+``import kiv`` does not: ``kiv.MODELS`` imports it on its first lookup
+(its ``locations``), so ``custom_imports = dict(imports=['kiv'])`` and
+``type='kiv.ZeroShotClsHead'`` work in any toolbox config. The
 toolbox-free parts (:class:`InheritedPath`, the text classifier) are in
 submodules that import no toolbox.
 """

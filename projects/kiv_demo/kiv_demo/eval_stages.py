@@ -6,6 +6,7 @@ Each ``stage_*`` returns the ``run(ctx)`` of a :class:`~kiv_demo.stages.Stage`.
 """
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import os
@@ -32,10 +33,8 @@ def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
     """
 
     def run(ctx: StageContext) -> dict:
-        from kiv.registry import MODELS
         from .probes import extract_features, save_features, world_images
-        backbone = MODELS.build(probe_backbone_cfg(row))
-        backbone.init_weights()
+        backbone = _probe_backbone(row, preset)
         sets = [('train', False), ('train_flip', True), ('val', False)]
         tensors = {}
         for i, (name, flip) in enumerate(sets):
@@ -55,6 +54,51 @@ def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
         return dict(keys=len(tensors))
 
     return run
+
+
+class _TeacherPyramid(torch.nn.Module):
+    """A ``kiv.Teacher``'s dense maps as a probe backbone: takes the
+    ImageNet-normalised images :func:`~kiv_demo.probes.extract_features`
+    gives, returns the teacher's own pyramid (its own resize and
+    normalisation) and its last level's mean as the summary."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward_features(self, x: torch.Tensor):
+        from kiv.structures import FeatureOutput
+        from .probes import IMAGENET_MEAN, IMAGENET_STD
+        rgb = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + \
+            torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        feats = self.teacher(rgb).features
+        return FeatureOutput(summary=feats[-1].mean((2, 3)), features=feats)
+
+
+def _probe_backbone(row: str, preset: dict) -> torch.nn.Module:
+    """The frozen backbone whose features a row's probes train on.
+
+    ``check_strong``: the detection teacher's own backbone + FPN (trained
+    on the teachers' split); ``check_weak``: the rows' architecture with
+    random weights; any other row: its exported ``student.pth``.
+    """
+    from mmengine.runner import set_random_seed
+
+    from kiv.registry import MODELS
+    if row == 'check_strong':
+        cfg = inherit_cfg('inherit', preset)
+        return _TeacherPyramid(MODELS.build(cfg.model.teachers.det)).eval()
+    if row == 'check_weak':
+        student = copy.deepcopy(inherit_cfg('inherit', preset).model.student)
+        student.base.checkpoint = None
+        student.update(out_type='both', freeze_base=True, frozen_stages=5)
+        set_random_seed(0)
+        backbone = MODELS.build(student)
+        backbone.init_weights()
+        return backbone.eval()
+    backbone = MODELS.build(probe_backbone_cfg(row))
+    backbone.init_weights()
+    return backbone
 
 
 def _cls_table(probe: dict, labels: list[int], seed: int) -> dict:

@@ -159,15 +159,20 @@ def _rival_stage(name: str, preset: dict, row: str | None = None) -> Stage:
 
 def _probe_stages(row: str, title: str, preset: dict,
                   tasks: tuple[str, ...] = ('cls', 'det', 'seg'),
-                  features: bool = True, suffix: str = ''
+                  features: bool = True, suffix: str = '',
+                  feature_deps: tuple[str, ...] | None = None
                   ) -> list[Stage]:
     """Features of a row's frozen backbone and its probes (stage names
     ``probe_<task><suffix>_<row>``), trained on the user's labelled split.
+
+    ``feature_deps``: the stages the backbone comes from (default: the
+    stage ``row`` itself).
     """
     world = preset['world']
     n_img = world['num_train'] * 2 + world['num_val']
+    deps = (row, ) if feature_deps is None else tuple(feature_deps)
     stages = [Stage(f'features_{row}', f'frozen features of: {title}',
-                    stage_features(row, preset), deps=('world', row),
+                    stage_features(row, preset), deps=('world', *deps),
                     files=_config_files(CONFIGS['inherit']),
                     cost=2 + n_img * preset['cost']['features'])
               ] if features else []
@@ -192,7 +197,8 @@ def _probe_stages(row: str, title: str, preset: dict,
 def build_stages(preset_name: str,
                  probe_check: bool = False) -> list[Stage]:
     """The demo's stages for a preset (``toy``, ``quick``, ``default``,
-    ``full``); ``probe_check`` adds the probes at twice the steps."""
+    ``full``); ``probe_check`` adds the probes at twice the steps and the
+    probe check (the det / seg probes on a strong and a weak backbone)."""
     preset = get_preset(preset_name)
     preset['probe_check'] = probe_check
     cost = preset['cost']
@@ -243,6 +249,12 @@ def build_stages(preset_name: str,
         for row in rows[:3]:
             stages += _probe_stages(row, ROWS[row], double, ('det', 'seg'),
                                     features=False, suffix='_x2')
+        # can the probes tell a strong backbone from a weak one at all?
+        # (the detection teacher's own pyramid vs random weights)
+        for row, deps in (('check_strong', ('teacher_det', )),
+                          ('check_weak', ())):
+            stages += _probe_stages(row, ROWS[row], preset, ('det', 'seg'),
+                                    feature_deps=deps)
     stages.append(Stage('trivial', 'majority-class baselines of every metric',
                         stage_trivial(preset), deps=('world', ), cost=5))
     stages.append(Stage(

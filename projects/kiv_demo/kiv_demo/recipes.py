@@ -66,6 +66,10 @@ ROWS: dict[str, str] = {
     'inherit_nokb': 'ablation: no knowledge base (random ViT, trained)',
     'inherit_nozero': 'ablation: adapter not zero-initialised',
     'inherit_nomt': 'ablation: no multi-task heads',
+    'check_strong': 'probe check, strong: the detection teacher\'s own '
+                    'backbone + FPN',
+    'check_weak': 'probe check, weak: the same architecture, random '
+                  'weights',
 }
 #: inheritance runs: the method and, with ``--full``, its ablations.
 VARIANTS = ('inherit', 'inherit_nolatent', 'inherit_cosine', 'inherit_nokb',
@@ -411,6 +415,12 @@ def probe_cfg(task: str, row: str, preset: dict) -> Config:
     p = preset[key]
     _set_schedule(cfg, p['iters'], p['batch'], p.get('lr'))
     features = f'features_{row}/features.safetensors'
+    # the probe's neck takes the row's channels (e.g. a teacher's FPN)
+    from safetensors import safe_open
+    with safe_open(features, framework='pt') as f:
+        cfg.model.neck.in_channels = [
+            f.get_slice(f'train.level{lv}').get_shape()[1]
+            for lv in range(len(cfg.model.neck.in_channels))]
     for loader in (cfg.train_dataloader, cfg.test_dataloader):
         for t in loader.dataset.pipeline:
             if t['type'] == 'kiv_demo.AttachFeatures':

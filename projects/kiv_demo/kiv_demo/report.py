@@ -298,10 +298,21 @@ def verdict(probes: list[dict], agreement: list[dict],
 
 
 def probe_check(results: dict, rows: Sequence[str]) -> list[str]:
-    """Whether the det / seg probes at twice the steps order the rows the
-    same way (``probe_<task>_x2_<row>`` stages): the pairs of rows whose
-    order flips, if any."""
+    """Can the det / seg probes be trusted? Whether they separate a strong
+    backbone (the detection teacher's own pyramid) from a weak one (random
+    weights) by more than their intervals, and whether at twice the steps
+    they order the rows the same way (``probe_<task>_x2_<row>`` stages):
+    the pairs of rows whose order flips, if any."""
     lines = []
+    for task, keys in (('det', ('box_ap', 'mask_ap')), ('seg', ('miou', ))):
+        for key in keys:
+            strong = results[f'probe_{task}_check_strong']['table'][key]
+            weak = results[f'probe_{task}_check_weak']['table'][key]
+            state = 'separates them' if strong[1] > weak[2] else \
+                'does NOT separate them'
+            lines.append(f'- probe check, {PROBE_COLUMNS[key]}: strong '
+                         f'backbone {_cell(strong)} vs weak {_cell(weak)}: '
+                         f'the probe {state}')
     for task, keys in (('det', ('box_ap', 'mask_ap')), ('seg', ('miou', ))):
         for key in keys:
             once = {r: results[f'probe_{task}_{r}']['table'][key][0]
