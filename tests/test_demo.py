@@ -599,6 +599,68 @@ def test_stage_cache_reuses_and_invalidates_dependents(tmp_path):
     assert calls[8:] == ['c']
 
 
+def _wait_for(path: str, seconds: float = 30.0) -> None:
+    import time
+    end = time.monotonic() + seconds
+    while not osp.exists(path):
+        if time.monotonic() > end:
+            raise TimeoutError(f'{path} never appeared')
+        time.sleep(0.02)
+
+
+def test_two_stages_at_once_in_forked_processes(tmp_path):
+    """``jobs=2``: independent stages run at the same time (each waits for
+    a file the other writes: run one after the other they would time
+    out), a stage starts only after its dependencies, results and ``done``
+    markers are those of a sequential run, progress reaches the parent's
+    display, and a failing stage stops the run with its traceback."""
+    from kiv_demo.stages import Stage, run_stages
+    flags = str(tmp_path / 'flags')
+    os.makedirs(flags)
+
+    def meet(me, other):
+        def run(ctx):
+            open(osp.join(flags, me), 'w').close()
+            _wait_for(osp.join(flags, other))
+            ctx.progress.update(1.0, f'{me} met {other}')
+            return dict(me=me, deps=sorted(
+                k for k in ctx.results if k != '_stages'))
+        return run
+
+    def after(name):
+        def run(ctx):
+            return dict(me=name, seen=sorted(
+                k for k in ctx.results if k != '_stages'))
+        return run
+
+    stages = [Stage('a', 'a', meet('a', 'c')),
+              Stage('b', 'b', after('b'), deps=('a', )),
+              Stage('c', 'c', meet('c', 'a')),
+              Stage('d', 'd', after('d'), deps=('b', 'c'))]
+    out = io.StringIO()
+    res = run_stages(stages, str(tmp_path / 'w'), seed=0, stream=out,
+                     jobs=2, threads=1)
+    assert res['a'] == dict(me='a', deps=[])
+    assert 'a' in res['b']['seen']
+    assert {'a', 'b', 'c'} <= set(res['d']['seen'])
+    assert 'a: a met c' in out.getvalue()
+    for name in 'abcd':
+        with open(tmp_path / 'w' / name / 'done') as f:
+            assert json.load(f)['result'] == res[name]
+    # reused like a sequential run's stages
+    again = run_stages(stages, str(tmp_path / 'w'), seed=0,
+                       stream=io.StringIO(), jobs=2)
+    assert all(again['_stages'][n]['cached'] for n in 'abcd')
+
+    def boom(ctx):
+        raise ValueError('broken stage')
+
+    with pytest.raises(RuntimeError, match='(?s)x.*broken stage'):
+        run_stages([Stage('x', 'x', boom)], str(tmp_path / 'e'), seed=0,
+                   stream=io.StringIO(), jobs=2)
+    assert not osp.exists(tmp_path / 'e' / 'x' / 'done')
+
+
 # --------------------------------------------------------- end to end ----
 def _demo(work_dir: str) -> subprocess.CompletedProcess:
     return subprocess.run(

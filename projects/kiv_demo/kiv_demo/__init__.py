@@ -10,9 +10,9 @@ multi-task / probe modules (``kiv_demo.TaskHead``,
 ``kiv_demo.MultiTaskModel``, ``kiv_demo.FeaturePassthrough``,
 ``kiv_demo.FeatureDataPreprocessor``, ``kiv_demo.WorldViewLabels``,
 ``kiv_demo.PackWorldInputs``, ``kiv_demo.AttachFeatures``,
-``kiv_demo.IoUMetricWithSamples``, ``kiv_demo.LabelledShareSampler``). ``tools/demo.py`` puts
-``projects/kiv_demo`` on the import path; ``kiv`` never imports this
-package.
+``kiv_demo.IoUMetricWithSamples``, ``kiv_demo.LabelledShareSampler``).
+``tools/demo.py`` puts ``projects/kiv_demo`` on the import path; ``kiv``
+never imports this package.
 """
 from .effnet_backbone import EfficientNetLite0
 from .multitask import (FeatureDataPreprocessor, FeaturePassthrough,

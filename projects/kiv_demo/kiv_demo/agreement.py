@@ -185,7 +185,7 @@ def seg_agreement(ref_logits: Tensor, logits: Tensor, out_file: str,
 
 
 def seg_vs_ground_truth(logits: Tensor, gt_maps: Sequence[str],
-                       out_file: str, seed: int = 0) -> dict:
+                        out_file: str, seed: int = 0) -> dict:
     """mIoU (%) of segmentation logits against the annotations, as mmseg
     scores a segmenter: logits resized (bilinear) to the label map, arg-max,
     background (label 0, ``reduce_zero_label``) ignored.

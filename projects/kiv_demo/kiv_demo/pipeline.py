@@ -1,38 +1,42 @@
 """The ``make demo`` pipeline: inherit a small foundation model on CPU.
 
-Stages (all cached, see :mod:`kiv_demo.stages`):
+Stages (all cached, see :mod:`kiv_demo.stages`; two run at once):
 
 1. ``world``: the procedural multi-task world in the COCO / ADE20K /
-   ImageNet layouts (+ per-scene label maps), real-photo crops (train / held
-   out), the distillation image list and a link to EfficientNet-Lite0's
-   real ImageNet weights.
-2. ``teacher_det`` / ``teacher_seg``: Mask R-CNN (mmdet) and Semantic FPN
-   (mmseg) trained on the world: purpose-specific teachers.
-3. ``teacher_cache``: EfficientNet-Lite0, the detector and the segmenter
-   run once over ``K`` seeded views of every distillation image
-   (``kiv.datasets.teacher_cache.TeacherCacheWriter``): no fixed teacher
-   runs during training.
-4. ``knowledge_base``: a DINOv2-like ViT distilled from EfficientNet-Lite0
-   from the cache (``kiv_demo.PlainViTStudent``, every weight trainable): the
-   general-purpose knowledge base standing in for DINOv2.
+   ImageNet layouts with three labelled splits (``teachers``: the teachers'
+   data; ``train``: the user's small labelled split; ``val``), the user's
+   unlabelled scenes and real-photo crops (train / held out), the list of
+   the user's images and a link to EfficientNet-Lite0's ImageNet weights.
+2. ``kb_cache``, ``knowledge_base``: EfficientNet-Lite0 cached on views of
+   the user's images; a DINOv2-like ViT distilled from it
+   (``kiv_demo.PlainViTStudent``): the knowledge base standing in for
+   DINOv2.
+3. ``teacher_det`` / ``teacher_seg`` / ``teacher_cls``: Mask R-CNN (mmdet),
+   Semantic FPN (mmseg) and a world classifier on EfficientNet-Lite0,
+   trained on the teachers' split: the purpose-specific teachers.
+4. ``teacher_cache``: every teacher of the inheritance run (the knowledge
+   base included) once over ``K`` seeded views of every user image.
 5. ``inherit``: knowledge inheritance with ``kiv.KnowledgeInheritance``
    (frozen knowledge base + zero-initialised ``kiv.AdapterViT``, shared
-   latent space, four teachers, multi-task heads), exported with
-   ``export_student``. ``--full`` adds the ablations (:data:`VARIANTS`).
-6. ``baseline``: the same architecture from scratch, trained multi-task on
-   every label of the world with the same optimizer steps x batch.
+   latent space, four teachers, multi-task heads on the labelled views of
+   each batch), exported with ``export_student``. ``--full`` adds the
+   ablations (:data:`VARIANTS`).
+6. ``rival_user`` / ``rival_teachers``: the same architecture from scratch,
+   multi-task on the user's labelled split / the teachers' split, with the
+   inheritance run's steps and labelled views per step.
 7. ``kb_alone``: the knowledge base with the untrained adapter.
-8. ``effnet_eval``: EfficientNet-Lite0 on the probe and agreement images.
+8. ``effnet_eval``: the classification teacher on the agreement images.
 9. ``features_<row>``: each frozen backbone's features, computed once.
 10. ``probe_{cls,det,seg}_<row>``: logistic regression + k-NN, Mask R-CNN
     (mmdet ``CocoMetric``) and Semantic FPN (mmseg ``IoUMetric``) on the
-    frozen features, the same for every row; ``probe_cls_effnet`` is the
-    teacher ceiling.
-11. ``agreement_<row>``: the inherited heads against their teachers.
+    frozen features, trained on the user's labelled split, the same for
+    every row (``--check-probes``: also on a strong and a weak backbone,
+    and at twice the steps).
+11. ``agreement_<row>``: the inherited heads against the ground truth and
+    against their teachers.
 12. ``trivial``: the majority-class baselines of every metric.
-13. ``report``: tables with 95 % bootstrap intervals, figures.
+13. ``report``: tables with 95 % bootstrap intervals, budgets, figures.
 """
-from __future__ import annotations
 from __future__ import annotations
 
 import copy

@@ -84,6 +84,7 @@ def world_labels(split: str) -> list[int]:
     with open(f'world/imagenet/meta/{split}.txt', encoding='utf-8') as f:
         return [int(line.split()[1]) for line in f if line.strip()]
 
+
 _run_counter = 0
 
 
