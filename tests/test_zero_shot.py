@@ -287,3 +287,21 @@ def test_heads_name_the_file_on_bad_input(clip, exact_student, tmp_path):
     with pytest.raises(ValueError, match='no level 2'):
         TextSegHead(embeddings=clip['emb'], inherited=exact_student['path'],
                     in_channels=EMBED, in_index=1, level=2)
+
+
+@pytest.mark.parametrize('scope', ['kiv', 'mmdet'])
+def test_heads_build_under_any_default_scope(clip, exact_student, scope):
+    """A kiv or mmdet default scope (set by an earlier kiv run or another
+    toolbox) does not hide the heads' own losses."""
+    from mmengine.registry import DefaultScope
+
+    from kiv.models.heads import TextSegHead, ZeroShotClsHead
+    with DefaultScope.overwrite_default_scope(scope):
+        cls_head = ZeroShotClsHead(embeddings=clip['emb'],
+                                   inherited=exact_student['path'],
+                                   num_classes=len(CLASSES))
+        seg_head = TextSegHead(embeddings=clip['emb'],
+                               inherited=exact_student['path'],
+                               in_channels=EMBED, in_index=1, level=-1)
+    assert type(cls_head.loss_module).__module__.startswith('mmpretrain.')
+    assert type(seg_head.loss_decode).__module__.startswith('mmseg.')

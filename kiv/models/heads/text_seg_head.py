@@ -62,6 +62,10 @@ class TextSegHead(BaseDecodeHead):
         name = type(self).__name__
         texts = load_classes(embeddings, num_classes, name)
         kwargs.setdefault('init_cfg', None)
+        # scoped: built the same under any default scope (kiv's included)
+        kwargs.setdefault('loss_decode', dict(
+            type='mmseg.CrossEntropyLoss', use_sigmoid=False,
+            loss_weight=1.0))
         super().__init__(in_channels=in_channels, channels=texts.width,
                          num_classes=len(texts.classes), in_index=in_index,
                          **kwargs)

@@ -57,6 +57,9 @@ class ZeroShotClsHead(ClsHead):
                  norm_cfg: Optional[dict] = None,
                  act_cfg: Optional[dict] = None,
                  **kwargs) -> None:
+        # scoped: built the same under any default scope (kiv's included)
+        kwargs.setdefault('loss', dict(type='mmpretrain.CrossEntropyLoss',
+                                       loss_weight=1.0))
         super().__init__(**kwargs)
         name = type(self).__name__
         texts = load_classes(embeddings, num_classes, name)
