@@ -239,12 +239,12 @@ def _det_sample(h=32, w=32):
 
 @pytest.mark.slow
 def test_multitask_model_trains_every_head_from_the_probe_configs():
-    """The baseline model: one backbone, the demo's cls / Mask R-CNN /
+    """The rivals' model: one backbone, the demo's cls / Mask R-CNN /
     Semantic FPN heads (built from the probe configs), finite losses and
     gradients into the backbone; unlabelled samples feed no head."""
     from kiv.registry import MODELS
     from kiv_demo.recipes import _task_models, load_cfg
-    cfg = load_cfg('baseline')
+    cfg = load_cfg('rival')
     backbone = cfg.model.backbone.to_dict()
     backbone['base']['model_kwargs'].update(depth=4)
     backbone['interaction_indexes'] = [[0, 0], [1, 1], [2, 2], [3, 3]]
@@ -269,7 +269,7 @@ def test_multitask_model_trains_every_head_from_the_probe_configs():
 def test_adapter_gates_get_the_same_fast_lr_on_both_sides():
     """The adapter's zero-initialised gates (injector / global-token /
     summary-token ``gamma`` s, pyramid gates) train at 10x the learning
-    rate without decay, in the inherited student's and the baseline's
+    rate without decay, in the inherited student's and the rivals'
     optimizer alike; every other weight keeps the base lr. No weight decay
     on the gates, the ViT's LayerScale ``gamma`` s, norms, biases, other
     1-d parameters, the level embedding, position embedding and tokens,
@@ -282,22 +282,22 @@ def test_adapter_gates_get_the_same_fast_lr_on_both_sides():
 
     from kiv.registry import MODELS
     from kiv_demo.recipes import load_cfg
-    inherit, baseline = load_cfg('inherit'), load_cfg('baseline')
+    inherit, rival = load_cfg('inherit'), load_cfg('rival')
     assert inherit.optim_wrapper.paramwise_cfg == \
-        baseline.optim_wrapper.paramwise_cfg
-    base_lr = baseline.optim_wrapper.optimizer.lr
-    decay = baseline.optim_wrapper.optimizer.weight_decay
+        rival.optim_wrapper.paramwise_cfg
+    base_lr = rival.optim_wrapper.optimizer.lr
+    decay = rival.optim_wrapper.optimizer.weight_decay
     norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, _BatchNorm)
     seen = set()
-    for cfg in (baseline, inherit):
-        backbone = (cfg.model.backbone if cfg is baseline else
+    for cfg in (rival, inherit):
+        backbone = (cfg.model.backbone if cfg is rival else
                     cfg.model.student).to_dict()
         backbone['base']['model_kwargs'].update(depth=4)
         backbone['base']['checkpoint'] = None
         backbone['interaction_indexes'] = [[0, 0], [1, 1], [2, 2], [3, 3]]
         student = MODELS.build(backbone)
-        # the baseline trains its ViT: unfreeze it as the baseline does
-        if cfg is baseline:
+        # the rivals train their ViT
+        if cfg is rival:
             assert not student.freeze_base
         model = torch.nn.ModuleDict(dict(student=student))
         # a preserved s2t head as the inherited student's latent space has

@@ -1,20 +1,25 @@
 #!/usr/bin/env python
 """``make demo``: inherit a small vision foundation model on this CPU.
 
-    python tools/demo.py [--quick | --full] [--fresh] \
-        [--work-dir work_dirs/demo] [--seed 0] [--threads 2]
+    python tools/demo.py [--quick | --full] [--fresh] [--check-probes] \
+        [--work-dir work_dirs/demo] [--seed 0] [--threads 2] [--jobs 2]
 
-Trains two purpose-specific teachers (mmdet Mask R-CNN, mmseg FPN) on a
-procedural world, caches the fixed teachers' outputs, makes a DINOv2-like
-knowledge-base ViT from the real pretrained EfficientNet-Lite0, inherits a
-student from all of them with ``kiv.KnowledgeInheritance``, exports it, and
-evaluates it with frozen-backbone probes (logistic regression / k-NN,
-mmdet, mmseg) against a multi-task baseline trained from scratch on every
-label, with 95 % bootstrap intervals, and measures its inherited heads
-against their teachers. Stages are cached in the work dir: a re-run reuses
-finished stages (``--fresh`` runs everything again); a changed preset, seed
-or config re-runs what depends on it. The demo's package and configs are
-in projects/kiv_demo (beside kiv, not installed with it). See docs/demo.md.
+In the paper's setting: trains three purpose-specific teachers (mmdet Mask
+R-CNN, mmseg Semantic FPN, a world classifier, all on the real pretrained
+EfficientNet-Lite0) on a labelled split the user never sees, makes a
+DINOv2-like knowledge-base ViT from EfficientNet-Lite0, caches every
+teacher's outputs on the user's images, inherits a student from all of them
+with ``kiv.KnowledgeInheritance`` (multi-task heads on the user's small
+labelled split), exports it, and evaluates it with frozen-backbone probes
+trained on the user's labelled split (logistic regression / k-NN, mmdet,
+mmseg) against the same architecture trained from scratch on the user's
+labels (the rival) and on the teachers' labels, with 95 % bootstrap
+intervals, the labels and compute of each row, and its inherited heads
+against the ground truth. Two stages run at once, one thread each. Stages
+are cached in the work dir: a re-run reuses finished stages (``--fresh``
+runs everything again); a changed preset, seed or config re-runs what
+depends on it. The demo's package and configs are in projects/kiv_demo
+(beside kiv, not installed with it). See docs/demo.md.
 """
 import argparse
 import os
@@ -52,19 +57,22 @@ def parse_args() -> argparse.Namespace:
         description='Knowledge inheritance demo on CPU (cached stages)')
     size = parser.add_mutually_exclusive_group()
     size.add_argument('--quick', action='store_true',
-                      help='smaller run (about 5 minutes on 2 cores)')
+                      help='smoke run of every stage (about 4.5 minutes '
+                      'on 2 cores; too short to compare rows)')
     size.add_argument('--full', action='store_true',
                       help='default run plus the ablation rows')
     size.add_argument('--toy', action='store_true',
                       help='a few images, 2 iterations per stage (tests)')
     parser.add_argument('--tune', action='store_true',
                         help='learning-rate sweep of the inherited student '
-                        'and the baseline (same grid, same rule) on a world '
+                        'and the rival (same grid, same rule) on a world '
                         'of its own (seed + 1000), in <work dir>/tune; '
                         'prints the table and exits')
     parser.add_argument('--check-probes', action='store_true',
-                        help='also train every det / seg probe with twice '
-                        'the steps and report whether any row changes rank')
+                        help='also train the det / seg probes on a strong '
+                        'and a weak backbone, and with twice the steps, and '
+                        'report whether they separate them and whether any '
+                        'row changes rank')
     parser.add_argument('--fresh', action='store_true',
                         help='ignore cached stages and run everything')
     parser.add_argument('--work-dir', default='work_dirs/demo',

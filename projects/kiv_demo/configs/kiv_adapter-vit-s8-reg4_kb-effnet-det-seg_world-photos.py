@@ -8,7 +8,7 @@
 # ImageNet EfficientNet-Lite0 backbone; dense only, no summary). Losses: MSE
 # on PHI-S-standardised targets (the defaults). Multi-task: the same
 # classification, Mask R-CNN and Semantic FPN heads the data-centric
-# baseline trains, on the labelled world views of each batch
+# rivals train, on the labelled world views of each batch
 # (``task_models``: the demo builds ``model.task_heads`` from them with
 # ``kiv_demo.TaskHead``) on the labelled views of each batch (the user's
 # small labelled split; ``kiv_demo.LabelledShareSampler`` fixes their number

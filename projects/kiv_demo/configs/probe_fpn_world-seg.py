@@ -5,7 +5,7 @@
 # ``kiv_demo.FeaturePassthrough``) and evaluated by mmseg's IoUMetric (mIoU;
 # ``kiv_demo.IoUMetricWithSamples`` also keeps the per-image areas for the
 # bootstrap intervals). The same model (minus backbone) is the segmentation
-# head of the inherited student's and the baseline's multi-task training.
+# head of the inherited student's and the rivals' multi-task training.
 _base_ = ['./_base_/world_fpn-seg.py']
 custom_imports = dict(imports=['kiv', 'kiv_demo'], allow_failed_imports=False)
 features = 'features/features.safetensors'

@@ -7,7 +7,7 @@
 # The demo sets the features file of each row and
 # ``test_evaluator.outfile_prefix`` (results kept for the bootstrap
 # intervals). The same model (minus backbone) is the detection
-# head of the inherited student's and the baseline's multi-task training.
+# head of the inherited student's and the rivals' multi-task training.
 _base_ = ['./_base_/world_mask-rcnn.py']
 custom_imports = dict(imports=['kiv', 'kiv_demo'], allow_failed_imports=False)
 features = 'features/features.safetensors'

@@ -11,7 +11,7 @@ toolbox's own ``loss`` / ``predict`` code runs unchanged.
 * :class:`TaskHead` wraps one such model as a task head of
   ``kiv.KnowledgeInheritance`` (``task_heads``) or of
   :class:`MultiTaskModel`.
-* :class:`MultiTaskModel` is the data-centric baseline: one backbone, the
+* :class:`MultiTaskModel` is the data-centric rival: one backbone, the
   three heads, trained jointly on every label of the world.
 * :class:`FeatureDataPreprocessor` feeds cached frozen-backbone features to
   such a model in the probes (``kiv_demo.AttachFeatures``).
@@ -184,7 +184,7 @@ class TaskHead(BaseModule):
 @MODELS.register_module()
 class MultiTaskModel(BaseModel):
     """A backbone trained jointly on several labelled tasks (the demo's
-    data-centric baseline).
+    data-centric rivals).
 
     Each sample feeds every task whose ground truth it has; the losses of
     all tasks are summed (each scaled by its weight).

@@ -155,7 +155,7 @@ def _rival_stage(name: str, preset: dict, row: str | None = None) -> Stage:
         name, ROWS[row], stage_rival(row, preset), deps=('world', ),
         params=dict(iters=p['iters'], labelled=p['labelled'],
                     **preset.get('rival', {})),
-        files=_config_files(CONFIGS['baseline'], CONFIGS['probe_det'],
+        files=_config_files(CONFIGS['rival'], CONFIGS['probe_det'],
                             CONFIGS['probe_seg']),
         cost=5 + p['iters'] * p['labelled'] * preset['cost'][
             'rival_train'])

@@ -63,15 +63,17 @@ PRESETS['full']['ablations'] = True
 
 PRESETS['quick'] = copy.deepcopy(_DEFAULT)
 PRESETS['quick'].update(
+    # a smoke run of every stage in about 5 minutes: too short to compare
+    # rows (200 validation scenes, undertrained teachers and student)
     world=dict(size=64, num_teachers=800, num_train=64, num_unlabelled=400,
-               num_val=400, photo_crops=16, heldout_crops=16),
-    teacher_det=dict(iters=100, batch=8),
-    teacher_seg=dict(iters=100, batch=16),
+               num_val=200, photo_crops=16, heldout_crops=16),
+    teacher_det=dict(iters=60, batch=8),
+    teacher_seg=dict(iters=60, batch=16),
     cache=dict(views=1),
-    knowledge_base=dict(iters=100, batch=64),
-    inherit=dict(iters=100, batch=32, labelled=4, lr=1e-3),
-    probe_det=dict(iters=40, batch=8),
-    probe_seg=dict(iters=80, batch=16),
+    knowledge_base=dict(iters=80, batch=64),
+    inherit=dict(iters=40, batch=32, labelled=4, lr=1e-3),
+    probe_det=dict(iters=20, batch=8),
+    probe_seg=dict(iters=60, batch=16),
     agreement_views=100,
     kb_alone_row=False,
     rival_teachers_row=False,

@@ -41,7 +41,7 @@ CONFIGS = dict(
     teacher_seg='teacher_fpn_effnet-lite0_world-seg.py',
     knowledge_base='kiv_plain-vit-s8-reg4_effnet-lite0_world-photos.py',
     inherit='kiv_adapter-vit-s8-reg4_kb-effnet-det-seg_world-photos.py',
-    baseline='baseline_adapter-vit_scratch_world-multitask.py',
+    rival='rival_adapter-vit_scratch_world-multitask.py',
     probe_det='probe_mask-rcnn_world.py',
     probe_seg='probe_fpn_world-seg.py',
 )
@@ -364,7 +364,7 @@ def probe_backbone_cfg(row: str) -> dict:
 
     The architecture is the one the row was trained with, as recorded in the
     file's ``meta['student']`` (rows differ: e.g. a summary per teacher for
-    the inherited student, one global token for the baseline).
+    the inherited student, one global token for the rivals).
     """
     from kiv.utils.checkpoint import safe_torch_load
     path = f'{row}/student.pth'
@@ -395,7 +395,7 @@ def rival_cfg(row: str, preset: dict) -> Config:
     if row not in RIVAL_SPLITS:
         raise ValueError(f'unknown data-centric row {row!r}; choose from '
                          f'{sorted(RIVAL_SPLITS)}')
-    cfg = load_cfg('baseline')
+    cfg = load_cfg('rival')
     p = preset['inherit']  # same optimizer steps, same labelled views
     _set_schedule(cfg, p['iters'], p['labelled'],
                   preset.get('rival', {}).get('lr'))

@@ -1,6 +1,6 @@
 """Training stages of the demo: the world, the purpose-specific teachers,
 the teacher-feature cache, the knowledge base, knowledge inheritance (and
-its ablations), the data-centric baseline and the untrained-adapter row.
+its ablations), the data-centric rivals and the untrained-adapter row.
 
 Each ``stage_*`` returns the ``run(ctx)`` of a :class:`~kiv_demo.stages.Stage`
 (it runs in the stage's directory under the work dir's root, see

@@ -1,4 +1,4 @@
-# What the demo's inherited student and its data-centric baseline share, by
+# What the demo's inherited student and its data-centric rivals share, by
 # construction (their configs spell out the same architecture: the
 # knowledge-base ViT layout + the same ViT-Adapter): the labelled 64 px
 # views (random resized crop + flip, the world's labels following each
@@ -45,7 +45,7 @@ optim_wrapper = dict(
                                                 decay_mult=0.0),
             'pyramid_gammas': dict(lr_mult=10.0, decay_mult=0.0),
             '.gamma': dict(decay_mult=0.0),  # the ViT's LayerScale
-            # the baseline's trainable ViT (frozen in the inherited student)
+            # the rivals' trainable ViT (frozen in the inherited student)
             '.pos_embed': dict(decay_mult=0.0),
             '.cls_token': dict(decay_mult=0.0),
             '.reg_token': dict(decay_mult=0.0),

@@ -1,12 +1,14 @@
-# The demo's data-centric baseline: the student's architecture (the
+# The demo's data-centric rivals: the student's architecture (the
 # knowledge-base ViT layout + the same adapter), every weight random and
-# trainable, trained jointly on every label any teacher saw: image labels
+# trainable, trained jointly on the labels of one world split: image labels
 # (linear head on the summary), boxes + instance masks (Mask R-CNN) and
 # semantic maps (Semantic FPN), with the same heads, views and optimisation
 # as the inherited student's multi-task training (the shared base; the demo
-# builds ``model.tasks`` from ``task_models``), on the world's training
-# scenes, with the same optimizer steps x batch as the inheritance run. Its
-# backbone is then exported and probed like the inherited student.
+# builds ``model.tasks`` from ``task_models``). The demo sets the split
+# (the user's labelled split for the rival of the claim, the teachers' split
+# for the reference row), the inheritance run's optimizer steps and its
+# labelled views per step (``kiv_demo.recipes.rival_cfg``). The backbone is
+# then exported and probed like the inherited student.
 _base_ = ['./_base_/adapter-vit-s8-reg4_world_schedule.py']
 model = dict(
     type='kiv_demo.MultiTaskModel',
