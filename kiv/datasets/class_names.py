@@ -47,7 +47,8 @@ def class_names(name: str) -> list[str]:
 def _openai_imagenet_prompts() -> list:
     """mmpretrain's ``OPENAI_IMAGENET_PROMPT`` (80 lambdas), read from its
     file: importing its package ``mmpretrain.models.multimodal`` registers
-    placeholder models that clash when transformers is missing."""
+    mmpretrain's stand-ins for its transformers-based models, which clash
+    in the registry when transformers is not installed."""
     import importlib.util
     import os.path as osp
     package = importlib.util.find_spec('mmpretrain')

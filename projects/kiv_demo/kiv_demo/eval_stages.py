@@ -34,7 +34,7 @@ def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
 
     def run(ctx: StageContext) -> dict:
         from .probes import extract_features, save_features, world_images
-        backbone = _probe_backbone(row, preset)
+        backbone = _probe_backbone(row, preset, ctx.seed)
         sets = [('train', False), ('train_flip', True), ('val', False)]
         tensors = {}
         for i, (name, flip) in enumerate(sets):
@@ -75,12 +75,13 @@ class _TeacherPyramid(torch.nn.Module):
         return FeatureOutput(summary=feats[-1].mean((2, 3)), features=feats)
 
 
-def _probe_backbone(row: str, preset: dict) -> torch.nn.Module:
+def _probe_backbone(row: str, preset: dict, seed: int) -> torch.nn.Module:
     """The frozen backbone whose features a row's probes train on.
 
     ``check_strong``: the detection teacher's own backbone + FPN (trained
     on the teachers' split); ``check_weak``: the rows' architecture with
-    random weights; any other row: its exported ``student.pth``.
+    random weights (drawn with the run's ``seed``); any other row: its
+    exported ``student.pth``.
     """
     from mmengine.runner import set_random_seed
 
@@ -92,7 +93,7 @@ def _probe_backbone(row: str, preset: dict) -> torch.nn.Module:
         student = copy.deepcopy(inherit_cfg('inherit', preset).model.student)
         student.base.checkpoint = None
         student.update(out_type='both', freeze_base=True, frozen_stages=5)
-        set_random_seed(0)
+        set_random_seed(seed)
         backbone = MODELS.build(student)
         backbone.init_weights()
         return backbone.eval()
@@ -238,10 +239,12 @@ def stage_agreement(row: str,
             sets = json.load(f)
         effnet = model.teachers['effnet']
         sizes = {'effnet': teacher_sizes(effnet, (64, 64))}
-        # the classification teacher's world classifier (the knowledge base
-        # was distilled from the same EfficientNet-Lite0 features, with
-        # ImageNet's classifier: its inherited summary gets the world one)
-        world_head = effnet_teacher(preset).forward_head
+        # the classification teacher's world classifier: the inheritance
+        # runs' own ``effnet`` teacher; the knowledge base was distilled from
+        # the same EfficientNet-Lite0 features with ImageNet's classifier,
+        # so its inherited summary gets the world one
+        world_head = (effnet_teacher(preset) if row == 'knowledge_base'
+                      else effnet).forward_head
         mean_logits = load_tensor(outputs, 'mean.logits')[0]
         refs, got = {}, {}
         for i, name in enumerate(('views', 'val', 'photos')):
