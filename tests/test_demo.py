@@ -852,3 +852,18 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
         sorted(after.keys() ^ before.keys())
     changed = sorted(k for k in before if after[k] != before[k])
     assert not changed, changed
+
+
+def test_load_rgb_gives_contiguous_nchw(tmp_path):
+    """The agreement stage feeds these images through convolutions to an
+    mmcv RoI head, which misreads channels-last memory (the inherited and
+    the teacher's detector both scored ~0 box AP that way)."""
+    import cv2
+
+    from kiv_demo.probes import load_rgb
+    img = np.random.default_rng(0).integers(0, 255, (12, 10, 3), np.uint8)
+    path = str(tmp_path / 'a.png')
+    cv2.imwrite(path, img)
+    x = load_rgb([path])
+    assert x.shape == (1, 3, 12, 10) and x.is_contiguous()
+    assert torch.equal(x[0, 0], torch.from_numpy(img[..., 2]).float())

@@ -328,6 +328,29 @@ def test_tiny_model_inherits_exported_weights(name, exported_student,
 
 # ----------------------------------------------------------------------
 # metric wiring
+@pytest.mark.parametrize('name', list(TINY_CFGS))
+def test_roi_features_of_a_kiv_backbone_are_the_right_ones(name,
+                                                           mmdet_scope):
+    """mmcv's RoIAlign reads its input as contiguous NCHW memory
+    (open-mmlab/mmcv#2203); the adapter works channels-last inside, so its
+    maps (and the necks' maps after them) must leave it contiguous or every
+    RoI gets features of other places and channels."""
+    from mmdet.registry import MODELS as DET_MODELS
+    cfg = Config.fromfile(TINY_CFGS[name])
+    cfg.model.backbone.pop('init_cfg', None)
+    model = DET_MODELS.build(cfg.model).eval()
+    rois = torch.tensor([[0., 5., 5., 40., 40.], [1., 10., 12., 60., 50.]])
+    with torch.no_grad():
+        feats = model.extract_feat(torch.randn(2, 3, 70, 70))
+        for extractor in (model.roi_head.bbox_roi_extractor,
+                          model.roi_head.mask_roi_extractor):
+            levels = feats[:extractor.num_inputs]
+            torch.testing.assert_close(
+                extractor(levels, rois),
+                extractor(tuple(f.contiguous() for f in levels), rois),
+                atol=0, rtol=0)
+
+
 def _gt_as_predictions(dataset, shuffle: str | None = None) -> list:
     """DetDataSamples whose predictions are the ground truth (score 1).
 

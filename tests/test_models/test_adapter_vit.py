@@ -276,6 +276,9 @@ def test_output_types_and_strides(timm_ckpt, out_type):
     assert feats.summary.shape == (2, C)
     for feat, stride in zip(feats.features, (4, 8, 16, 32)):
         assert feat.shape == (2, C, -(-h // stride), -(-w // stride))
+    # contiguous NCHW: mmcv's RoIAlign reads channels-last maps wrongly
+    # (the adapter works channels-last inside)
+    assert all(f.is_contiguous() for f in feats.features + outs)
     maps = [feats.features[1], feats.features[3]]
     expected = {
         'pyramid': maps,

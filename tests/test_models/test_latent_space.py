@@ -418,8 +418,11 @@ def test_neck_subset_project_and_inverse(tmp_path):
     pred = neck.project(_student(), 'dino', sizes=[(9, 4)])
     assert pred.summary.shape == (2, 6)
     assert pred.features[0].shape == (2, 6, 9, 4)
-    assert neck.to_teacher_space(pred, 'dino').features[0].shape == \
-        (2, 6, 9, 4)
+    # the dense s2t heads work channels-last; the teacher's own head (an
+    # mmcv RoI head reads raw NCHW memory) gets contiguous maps
+    assert not pred.features[0].is_contiguous()
+    back = neck.to_teacher_space(pred, 'dino').features[0]
+    assert back.shape == (2, 6, 9, 4) and back.is_contiguous()
     # a fresh neck restored from a checkpoint gives identical targets
     path = osp.join(tmp_path, 'neck.pth')
     torch.save(neck.state_dict(), path)

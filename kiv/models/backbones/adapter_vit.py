@@ -615,7 +615,10 @@ class AdapterViT(BaseModule):
                             image_size)
 
     def _pyramid(self, state: _Interaction) -> tuple[Tensor, ...]:
-        """Four NCHW maps ``(B, C, ceil(H/s), ceil(W/s))``, s = 4/8/16/32.
+        """Four NCHW maps ``(B, C, ceil(H/s), ceil(W/s))``, s = 4/8/16/32,
+        contiguous: the adapter works channels-last, but mmcv's RoIAlign
+        reads any input as contiguous NCHW memory, so channels-last maps
+        would give every RoI the wrong features (open-mmlab/mmcv#2203).
         """
         c2, c3, c4 = tokens_to_maps(state.c, state.level_shapes)
         c1 = state.c1
@@ -632,7 +635,7 @@ class AdapterViT(BaseModule):
                 maps[i] = vit + gate.view(-1, 1, 1) * maps[i]
         sizes = pyramid_sizes(*state.image_size)
         return tuple(
-            norm(crop_to(m, size))
+            norm(crop_to(m, size)).contiguous()
             for norm, m, size in zip(self.out_norms, maps, sizes))
 
     def _summaries(self, tokens: Tensor, c: Tensor,
@@ -713,7 +716,7 @@ class AdapterViT(BaseModule):
         state = self._interact(x)
         normed = self.base.norm(state.tokens)
         patches = tokens_to_maps(normed[:, self.base.num_prefix_tokens:],
-                                 [state.grid])[0]
+                                 [state.grid])[0].contiguous()
         summaries = self._summaries(state.tokens, state.c, normed)
         features = self._pyramid(state) + (patches, )
         if self.summary_tokens is None:

@@ -513,14 +513,17 @@ class SharedLatentSpace(BaseModule):
             teacher (str): teacher name.
 
         Returns:
-            FeatureOutput: same shapes, in the teacher's raw feature space.
+            FeatureOutput: same shapes, in the teacher's raw feature space
+            (contiguous NCHW maps).
         """
         self._check_teacher_output(pred, teacher)
         self._warn_if_no_statistics()
         summary = None if pred.summary is None else \
             self.summary_standardizers[teacher].inverse(pred.summary)
+        # contiguous: the teacher's own head may be an mmcv RoI head, which
+        # reads channels-last maps (the dense s2t heads') as NCHW memory
         features = tuple(
-            std.inverse(x)
+            std.inverse(x).contiguous()
             for std, x in zip(self.feature_standardizers[teacher],
                               pred.features))
         return FeatureOutput(summary, features)

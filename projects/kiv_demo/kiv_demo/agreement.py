@@ -223,10 +223,11 @@ def seg_vs_ground_truth(logits: Tensor, gt_maps: Sequence[str],
 
 def _det_results(model, feats: tuple, metas: list[dict]) -> list:
     """RPN + RoI predictions of an mmdet two-stage detector on FPN maps
-    (given up to P5; P6 is max-pooled as mmdet's FPN does)."""
+    (given up to P5; P6 is max-pooled as mmdet's FPN does). The maps are
+    made contiguous: mmcv's RoIAlign misreads channels-last memory."""
     from mmdet.structures import DetDataSample
     samples = [DetDataSample(metainfo=m) for m in metas]
-    feats = tuple(feats)
+    feats = tuple(f.contiguous() for f in feats)
     if len(feats) < len(model.rpn_head.prior_generator.strides):
         feats = feats + (F.max_pool2d(feats[-1], 1, stride=2), )
     proposals = model.rpn_head.predict(feats, samples, rescale=False)

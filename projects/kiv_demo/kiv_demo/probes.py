@@ -63,7 +63,9 @@ def world_images(world: str, split: str) -> list[str]:
 
 
 def load_rgb(paths: Sequence[str], size: Optional[int] = None) -> Tensor:
-    """Images as a ``(N, 3, H, W)`` float RGB tensor in [0, 255]."""
+    """Images as a contiguous ``(N, 3, H, W)`` float RGB tensor in
+    [0, 255] (contiguous: a channels-last batch keeps that layout through
+    the convolutions, and mmcv's RoIAlign misreads it)."""
     imgs = []
     for p in paths:
         img = cv2.imread(p, cv2.IMREAD_COLOR)
@@ -72,7 +74,8 @@ def load_rgb(paths: Sequence[str], size: Optional[int] = None) -> Tensor:
         if size is not None and img.shape[:2] != (size, size):
             img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
         imgs.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float(
+    ).contiguous()
 
 
 @torch.no_grad()
