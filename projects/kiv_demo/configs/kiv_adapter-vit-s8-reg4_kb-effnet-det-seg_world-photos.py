@@ -41,7 +41,12 @@ model = dict(
         deform_num_heads=4,
         n_points=4,
         with_global_token=True,
-        summary_names=['kb', 'effnet']),  # a summary per teacher
+        # a summary per teacher; the one the student gives downstream (the
+        # classification probes, the multi-task classifier, ``forward``) is
+        # the classification teacher's: what it knows of the world's classes
+        # (the knowledge base's own summary stays in ``summaries['kb']``)
+        summary_names=['kb', 'effnet'],
+        summary='effnet'),
     **{f'student_{k}': v for k, v in imagenet_norm.items()},
     teachers=dict(
         kb=dict(type='kiv.Teacher',
