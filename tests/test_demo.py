@@ -867,3 +867,33 @@ def test_load_rgb_gives_contiguous_nchw(tmp_path):
     x = load_rgb([path])
     assert x.shape == (1, 3, 12, 10) and x.is_contiguous()
     assert torch.equal(x[0, 0], torch.from_numpy(img[..., 2]).float())
+
+
+def test_ready_stages_start_by_their_critical_path(tmp_path):
+    """With two jobs, of three ready stages the two heading the longest
+    chains of expected seconds start first (the short one waits even though
+    it comes first in list order); the chains add the expected seconds of
+    every stage that needs a stage, directly or not."""
+    from kiv_demo.stages import Stage, critical_path_seconds, run_stages
+    order = str(tmp_path / 'order.txt')
+
+    def log(name):
+        def run(ctx):
+            with open(order, 'a') as f:
+                f.write(name + '\n')
+            return dict(me=name)
+        return run
+
+    stages = [Stage('short', 'short', log('short'), cost=1),
+              Stage('feeds_long', 'x', log('feeds_long'), cost=1),
+              Stage('mid', 'mid', log('mid'), cost=5),
+              Stage('long', 'long', log('long'), deps=('feeds_long', ),
+                    cost=50)]
+    chain = critical_path_seconds(stages, {s.name: s.cost for s in stages})
+    assert chain == dict(short=1, feeds_long=51, mid=5, long=50)
+    run_stages(stages, str(tmp_path / 'w'), seed=0, stream=io.StringIO(),
+               jobs=2, threads=1)
+    with open(order) as f:
+        started = f.read().split()
+    assert set(started[:2]) == {'feeds_long', 'mid'}
+    assert started.index('short') > started.index('feeds_long')

@@ -38,7 +38,7 @@ _DEFAULT = dict(
     rival=dict(lr=4e-3),
     # det / seg heads on the frozen features, trained on the user's
     # labelled split (same budget for every row)
-    probe_det=dict(iters=220, batch=8),
+    probe_det=dict(iters=170, batch=8),
     probe_seg=dict(iters=200, batch=16),
     # EfficientNet-Lite0's input size (the scenes are 64 px)
     effnet_size=128,

@@ -29,7 +29,7 @@ from kiv.utils.atomic import atomic_write_json
 
 __all__ = ['Stage', 'StageContext', 'ProgressDisplay', 'ProgressHook',
            'run_stages', 'working_dir', 'read_timings', 'expected_seconds',
-           'size_key']
+           'size_key', 'critical_path_seconds']
 
 DONE = 'done'
 #: measured stage times, in the work dir
@@ -344,9 +344,11 @@ def run_stages(stages: Sequence[Stage], work_dir: str, seed: int,
     """Run (or reuse) every stage.
 
     With ``jobs > 1`` up to ``jobs`` stages whose dependencies are done run
-    at once, each in a forked process with ``threads`` torch threads
-    (first ready stage in list order first). A stage's outputs depend only
-    on its inputs, seed and thread count, never on what runs beside it.
+    at once, each in a forked process with ``threads`` torch threads; of
+    the ready stages the one heading the longest chain of expected stage
+    times to the end starts first (:func:`critical_path_seconds`; list
+    order breaks ties). A stage's outputs depend only on its inputs, seed
+    and thread count, never on what runs beside it.
 
     Args:
         stages (Sequence[Stage]): in dependency order.
@@ -380,9 +382,9 @@ def run_stages(stages: Sequence[Stage], work_dir: str, seed: int,
                 and done.get('fingerprint') == prints[s.name]):
             cached[s.name] = done
     timings = read_timings(work_dir)
-    progress = ProgressDisplay(
-        {s.name: expected_seconds(s, timings) for s in stages
-         if s.name not in cached}, stream, jobs=jobs)
+    expected = {s.name: expected_seconds(s, timings) for s in stages
+                if s.name not in cached}
+    progress = ProgressDisplay(expected, stream, jobs=jobs)
     results: dict[str, Any] = {'_stages': {}}
     index = {s.name: i for i, s in enumerate(stages, 1)}
 
@@ -411,10 +413,40 @@ def run_stages(stages: Sequence[Stage], work_dir: str, seed: int,
             progress.end_stage(s.name)
             finish(s, seconds)
     else:
+        chain = critical_path_seconds(pending, expected)
+        pending.sort(key=lambda s: (-chain[s.name], index[s.name]))
         _run_forked(pending, jobs, threads, work_dir, seed, results,
                     progress, prints, index, len(stages), finish)
     results['_stages']['total_seconds'] = progress.elapsed()
     return results
+
+
+def critical_path_seconds(stages: Sequence[Stage],
+                          expected: dict[str, float]) -> dict[str, float]:
+    """Per stage, the expected seconds of the longest chain of stages from
+    its start to the end of the run (itself and the stages that need it,
+    directly or not): the priority of a list scheduler that keeps the
+    critical path moving.
+
+    Args:
+        stages (Sequence[Stage]): in dependency order (dependencies outside
+            ``stages``, e.g. cached ones, are ignored).
+        expected (dict[str, float]): expected seconds per stage name.
+
+    Returns:
+        dict[str, float]: stage name -> chain seconds.
+    """
+    names = {s.name for s in stages}
+    needed_by: dict[str, list[str]] = {s.name: [] for s in stages}
+    for s in stages:
+        for d in s.deps:
+            if d in names:
+                needed_by[d].append(s.name)
+    chain: dict[str, float] = {}
+    for s in reversed(list(stages)):
+        chain[s.name] = expected[s.name] + max(
+            (chain[n] for n in needed_by[s.name]), default=0.0)
+    return chain
 
 
 def _run_forked(pending: list[Stage], jobs: int, threads: int | None,
