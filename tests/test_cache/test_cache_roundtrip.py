@@ -303,3 +303,50 @@ def test_unreadable_image_is_skipped_while_caching(private_root, tmp_path):
             == torch.bfloat16
     sums = load_statistics(osp.join(out, 'statistics.safetensors'))
     assert float(sums['clip.summary'][0]) == NUM_IMAGES - 1
+
+
+def test_cached_teacher_keeps_the_real_head(cache, online):
+    """``head_from``: the stand-in keeps only the real teacher's head, which
+    answers like the online teacher's and passes gradients to its input
+    (logit distillation from the cache); a head-less or mismatching config
+    is refused."""
+    from kiv.models.distillers.teacher_cache import cached_teachers
+    from kiv.models.teachers import CachedTeacher
+    cfg = dict(tiny_cfg().model.teachers.dinov2,
+               head=dict(layer='norm', input='summary'))
+    with in_dir(cache['root']):
+        real = MODELS.build(cfg)
+        cached = CachedTeacher(cache['dir'], 'dinov2', head_from=cfg)
+    assert cached.head_layer == 'norm' and cached.head_input == 'summary'
+    assert {k for k, _ in cached.named_parameters()} == {
+        'kept_head.weight', 'kept_head.bias'}
+    summary = torch.randn(3, cached.summary_dim, requires_grad=True)
+    out = cached.forward_head(summary)
+    torch.testing.assert_close(out, real.forward_head(summary))
+    out.sum().backward()
+    assert summary.grad is not None
+    assert not any(p.requires_grad for p in cached.parameters())
+    with pytest.raises(RuntimeError, match='has no head'):
+        CachedTeacher(cache['dir'], 'clip').forward_head(summary)
+    with in_dir(cache['root']), pytest.raises(TeacherCacheError,
+                                              match='without a kept head'):
+        CachedTeacher(cache['dir'], 'dinov2',
+                      head_from=tiny_cfg().model.teachers.dinov2)
+    with in_dir(cache['root']), pytest.raises(TeacherCacheError,
+                                              match='holds'):
+        CachedTeacher(cache['dir'], 'clip', head_from=cfg)
+    # the distiller keeps the heads its logit losses read
+    from kiv.models.distillers import KnowledgeInheritance
+    teachers = dict(tiny_cfg().model.teachers, dinov2=cfg)
+    logits = dict(logits=dict(type='kiv.LogitDistillationLoss'))
+    assert KnowledgeInheritance.logit_teachers(teachers, logits, None) == \
+        ['dinov2']
+    assert KnowledgeInheritance.logit_teachers(
+        teachers, logits, dict(dinov2=dict(logits=None))) == []
+    assert KnowledgeInheritance.logit_teachers(teachers, None, None) == []
+    with in_dir(cache['root']):
+        configs = cached_teachers(tiny_cfg().model.teachers, cache['dir'],
+                                  keep_heads=['clip'])
+    assert configs['clip']['head_from'] == dict(
+        tiny_cfg().model.teachers.clip)
+    assert 'head_from' not in configs['dinov2']

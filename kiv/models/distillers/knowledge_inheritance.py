@@ -161,8 +161,9 @@ class KnowledgeInheritance(BaseModel):
             raise KeyError(f'base_teacher {base_teacher!r} is not one of the '
                            f'teachers {sorted(teachers)}')
         self.base_teacher = base_teacher
-        self.teachers = self._build_teachers(teachers, teacher_cache, latent,
-                                             task_heads)
+        self.teachers = self._build_teachers(
+            teachers, teacher_cache, latent, task_heads,
+            heads=self.logit_teachers(teachers, losses, teacher_losses))
         self.student = MODELS.build(
             self._check_summary_names(student, summary_per_teacher))
         num_levels = len(getattr(self.student, 'feature_strides',
@@ -307,10 +308,25 @@ class KnowledgeInheritance(BaseModel):
                 'share one summary between them')
         return student
 
+    @staticmethod
+    def logit_teachers(teachers: dict[str, dict], losses: Optional[dict],
+                        teacher_losses: Optional[dict]) -> list[str]:
+        """Teachers whose configs keep a summary head and whose losses
+        include ``logits``: a cached stand-in keeps their head."""
+        names = []
+        for name, cfg in teachers.items():
+            loss_cfg = {**DEFAULT_LOSSES, **(losses or {}),
+                        **(teacher_losses or {}).get(name, {})}
+            head = cfg.get('head') if isinstance(cfg, dict) else None
+            if loss_cfg.get('logits') is not None and head and \
+                    head.get('input', 'summary') == 'summary':
+                names.append(name)
+        return names
+
     def _build_teachers(self, teachers: dict[str, dict],
                         teacher_cache: Optional[str], latent: dict,
-                        task_heads: Optional[dict[str, dict]]
-                        ) -> nn.ModuleDict:
+                        task_heads: Optional[dict[str, dict]],
+                        heads: Sequence[str] = ()) -> nn.ModuleDict:
         """Build the teachers, or with a cache their cached stand-ins.
 
         Args:
@@ -320,6 +336,8 @@ class KnowledgeInheritance(BaseModel):
             latent (dict): the latent-space config (its ``standardize`` must
                 be the cache's).
             task_heads (dict, optional): must be empty with a cache.
+            heads (Sequence[str]): teachers whose cached stand-in keeps the
+                real teacher's head (logit distillation).
 
         Returns:
             nn.ModuleDict: name -> teacher; ``kiv.CachedTeacher`` for every
@@ -336,7 +354,7 @@ class KnowledgeInheritance(BaseModel):
             teachers = cached_teachers(
                 teachers, teacher_cache,
                 standardize=latent.get('standardize', 'phis'),
-                task_heads=task_heads)
+                task_heads=task_heads, keep_heads=heads)
         return nn.ModuleDict(
             {name: MODELS.build(cfg) for name, cfg in teachers.items()})
 

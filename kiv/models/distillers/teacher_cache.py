@@ -11,7 +11,7 @@ read the cache.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mmengine.logging import print_log
@@ -27,12 +27,15 @@ __all__ = ['cached_teachers', 'fix_cache_statistics']
 
 def cached_teachers(teachers: Mapping[str, Mapping], cache_dir: str,
                     standardize: str = 'phis',
-                    task_heads: Mapping | None = None) -> dict[str, dict]:
+                    task_heads: Mapping | None = None,
+                    keep_heads: Sequence[str] = ()) -> dict[str, dict]:
     """``kiv.CachedTeacher`` configs in place of a distiller's teachers.
 
     ``kiv.KnowledgeInheritance(teacher_cache=...)`` calls it before building
     its teachers, so no teacher model is built and no teacher weight file is
-    opened, under any entry point.
+    opened, under any entry point, except for the teachers of
+    ``keep_heads``: their stand-in builds the real teacher once and keeps
+    its head (logit distillation through it).
 
     Args:
         teachers (Mapping[str, Mapping]): ``model.teachers``, the real
@@ -42,6 +45,8 @@ def cached_teachers(teachers: Mapping[str, Mapping], cache_dir: str,
             ``'phis'`` (``kiv.SharedLatentSpace``'s default).
         task_heads (Mapping, optional): ``model.task_heads``; must be empty
             (the cache stores teacher targets, not labels).
+        keep_heads (Sequence[str]): teachers whose stand-in keeps the real
+            teacher's head (``head_from``).
 
     Returns:
         dict[str, dict]: teacher name -> ``dict(type='kiv.CachedTeacher',
@@ -67,8 +72,11 @@ def cached_teachers(teachers: Mapping[str, Mapping], cache_dir: str,
               f'the teacher cache {cache_dir} ({index["num_samples"]} views '
               f'of {index["images"]["count"]} images; kiv.CachedTeacher, no '
               'teacher weights loaded)', logger='current')
-    return {name: dict(type='kiv.CachedTeacher', cache_dir=cache_dir,
-                       name=name) for name in teachers}
+    out = {name: dict(type='kiv.CachedTeacher', cache_dir=cache_dir,
+                      name=name) for name in teachers}
+    for name in keep_heads:
+        out[name]['head_from'] = dict(teachers[name])
+    return out
 
 
 def fix_cache_statistics(model: Any, cache_dir: str) -> bool:

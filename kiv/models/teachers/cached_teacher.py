@@ -13,12 +13,13 @@ from kiv.fileio.teacher_cache_format import (CACHE_ID, CACHED_TARGETS,
                                              read_index)
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
+from .teacher import AUTOCAST_DTYPES, TeacherHeadMixin
 
 __all__ = ['CachedTeacher']
 
 
 @MODELS.register_module()
-class CachedTeacher(BaseModule):
+class CachedTeacher(BaseModule, TeacherHeadMixin):
     """Stand-in for a :class:`~kiv.models.teachers.Teacher` whose outputs
     were computed once by ``tools/cache_teachers.py``.
 
@@ -34,12 +35,18 @@ class CachedTeacher(BaseModule):
 
     The interface of :class:`~kiv.models.teachers.Teacher` that the
     distiller and the latent space read is kept: ``summary_dim`` (int or
-    None), ``feature_dims``, ``feature_strides``, ``head_layer = None``
-    (a cached teacher has no inherited head), ``head_input = None``.
+    None), ``feature_dims``, ``feature_strides``, ``head_layer`` and
+    ``head_input`` (None without ``head_from``), :meth:`forward_head`.
 
     Args:
         cache_dir (str): the cache directory (``index.json``).
         name (str): the teacher's name in the cache.
+        head_from (dict, optional): the real teacher's ``kiv.Teacher``
+            config, when its kept head is needed (logit distillation through
+            the head, ``kiv.LogitDistillationLoss``): the teacher is built
+            once, its head kept (frozen, in its precision) and the rest
+            dropped. Its outputs must have the cached shapes. Defaults to
+            None (nothing built, no weight file opened).
         init_cfg (dict, optional): unused (nothing to initialise).
     """
 
@@ -47,6 +54,7 @@ class CachedTeacher(BaseModule):
     reads_cache = True
 
     def __init__(self, cache_dir: str, name: str,
+                 head_from: dict | None = None,
                  init_cfg: dict | None = None) -> None:
         super().__init__(init_cfg=None)
         index = read_index(cache_dir)
@@ -66,6 +74,10 @@ class CachedTeacher(BaseModule):
                                              for g in entry['grids']]
         self.head_layer = None
         self.head_input = None
+        self.kept_head: torch.nn.Module | None = None
+        self.compute_dtype = 'fp32'
+        if head_from is not None:
+            self._keep_head(head_from)
         self.keys = output_keys(name, self.summary_dim is not None,
                                 len(self.feature_dims))
         self._shapes = {}
@@ -75,6 +87,40 @@ class CachedTeacher(BaseModule):
             self._shapes[f'{name}.features.{i}'] = (dim, *grid)
         self._is_init = True
         self.train(False)
+
+    def _keep_head(self, cfg: dict) -> None:
+        """Build the real teacher of ``cfg`` and keep its head only."""
+        teacher = MODELS.build(cfg)
+        if teacher.head_layer is None:
+            raise TeacherCacheError(
+                f'CachedTeacher {self.name!r}: head_from is a teacher without '
+                "a kept head (give it head=dict(layer=..., input=...))")
+        if (teacher.summary_dim != self.summary_dim
+                or list(teacher.feature_dims) != self.feature_dims):
+            raise TeacherCacheError(
+                f'CachedTeacher {self.name!r}: head_from gives summary_dim='
+                f'{teacher.summary_dim}, feature_dims='
+                f'{list(teacher.feature_dims)}; the cache {self.cache_dir} '
+                f'holds {self.summary_dim}, {self.feature_dims}')
+        self.head_layer = teacher.head_layer
+        self.head_input = teacher.head_input
+        self.compute_dtype = teacher.compute_dtype
+        self.kept_head = teacher.head.requires_grad_(False).eval()
+
+    @property
+    def head(self) -> torch.nn.Module | None:
+        """The real teacher's kept head (``head_from``), or None."""
+        return self.kept_head
+
+    def _head_autocast(self) -> torch.autocast:
+        """The teacher's own precision (its ``dtype``) on the head's
+        device."""
+        device = next(self.kept_head.parameters(),
+                      torch.empty(0)).device.type
+        amp_dtype = AUTOCAST_DTYPES[self.compute_dtype]
+        if amp_dtype is None:
+            return torch.autocast(device_type=device, enabled=False)
+        return torch.autocast(device_type=device, dtype=amp_dtype)
 
     def train(self, mode: bool = True) -> CachedTeacher:
         """Stay in eval mode (like a frozen teacher).
@@ -157,13 +203,17 @@ class CachedTeacher(BaseModule):
         return FeatureOutput(summary, tuple(tensors))
 
     def forward_head(self, inputs: Any) -> Any:
-        """A cached teacher keeps no head.
+        """The real teacher's head (``head_from``) on inherited inputs, see
+        :meth:`kiv.models.teachers.Teacher.forward_head`.
 
         Raises:
-            RuntimeError: always.
+            RuntimeError: built without ``head_from``.
         """
-        raise RuntimeError(f'CachedTeacher {self.name!r} has no head; '
-                           'inherited heads need the real teacher')
+        if self.kept_head is None:
+            raise RuntimeError(f'CachedTeacher {self.name!r} has no head; '
+                               'build it with head_from=<the teacher config> '
+                               'or use the real teacher')
+        return super().forward_head(inputs)
 
     def extra_repr(self) -> str:
         return (f'name={self.name!r}, cache_dir={self.cache_dir!r}, '

@@ -135,8 +135,62 @@ def _to_float(obj: Any) -> Any:
     return obj
 
 
+class TeacherHeadMixin:
+    """:meth:`forward_head`: a teacher's own kept head on inherited inputs.
+
+    Shared by :class:`Teacher` and ``kiv.CachedTeacher`` (which keeps only
+    the head). The class provides ``head`` (the module or None),
+    ``head_layer``, ``head_input`` (``'summary'`` or ``'features'``),
+    ``summary_dim``, ``feature_dims`` and ``_head_autocast()``.
+    """
+
+    def forward_head(self, inputs: Tensor | Sequence[Tensor]) -> Any:
+        """Apply the teacher's own task head (inherited head).
+
+        The head's weights are frozen but this is not wrapped in
+        ``no_grad``: gradients flow back to ``inputs`` when they need them.
+        It runs in the teacher's own precision (``dtype``), whatever the
+        caller's autocast: the inputs are first cast to the dtype of the
+        head's parameters (e.g. the bf16 output of a student under AMP fed
+        to a float32 teacher's ``nn.Linear``), then an ``'fp32'`` teacher
+        runs the head with autocast off and a ``'bf16'`` / ``'fp16'`` one
+        under its own autocast.
+
+        Args:
+            inputs (Tensor | Sequence[Tensor]): a summary ``(B, summary_dim)``
+                if ``head['input'] == 'summary'``, else a sequence of dense
+                maps ``(B, feature_dims[l], H_l, W_l)``.
+
+        Returns:
+            Any: the head's output with floating tensors in float32, e.g.
+            ``(B, num_classes)`` logits for a classifier.
+        """
+        head = self.head
+        if head is None:
+            raise RuntimeError(
+                'this Teacher has no head; build it with '
+                "head=dict(layer=<module name>, input='summary')")
+        if self.head_input == 'summary':
+            if (not isinstance(inputs, Tensor) or inputs.dim() != 2
+                    or inputs.shape[1] != self.summary_dim):
+                raise ValueError(
+                    f'Teacher head {self.head_layer!r} expects a summary '
+                    f'(B, {self.summary_dim}), got '
+                    f'{getattr(inputs, "shape", type(inputs).__name__)}')
+        else:
+            inputs = tuple(inputs)
+            dims = [f.shape[1] for f in inputs]
+            if dims != self.feature_dims:
+                raise ValueError(
+                    f'Teacher head {self.head_layer!r} expects features with '
+                    f'channels {self.feature_dims}, got {dims}')
+        inputs = _cast_floating(inputs, _module_dtype(head))
+        with self._head_autocast():
+            return _to_float(head(inputs))
+
+
 @MODELS.register_module()
-class Teacher(BaseModule):
+class Teacher(BaseModule, TeacherHeadMixin):
     """A frozen pretrained model that provides knowledge to the student.
 
     The teacher takes raw RGB pixels in [0, 255], applies its own
@@ -555,46 +609,6 @@ class Teacher(BaseModule):
             return None
         return self.model.get_submodule(self.head_layer)
 
-    def forward_head(self, inputs: Tensor | Sequence[Tensor]) -> Any:
-        """Apply the teacher's own task head (inherited head).
-
-        The head's weights are frozen but this is not wrapped in
-        ``no_grad``: gradients flow back to ``inputs`` when they need them.
-        It runs in the teacher's own precision (``dtype``), whatever the
-        caller's autocast: the inputs are first cast to the dtype of the
-        head's parameters (e.g. the bf16 output of a student under AMP fed
-        to a float32 teacher's ``nn.Linear``), then an ``'fp32'`` teacher
-        runs the head with autocast off and a ``'bf16'`` / ``'fp16'`` one
-        under its own autocast.
-
-        Args:
-            inputs (Tensor | Sequence[Tensor]): a summary ``(B, summary_dim)``
-                if ``head['input'] == 'summary'``, else a sequence of dense
-                maps ``(B, feature_dims[l], H_l, W_l)``.
-
-        Returns:
-            Any: the head's output with floating tensors in float32, e.g.
-            ``(B, num_classes)`` logits for a classifier.
-        """
-        head = self.head
-        if head is None:
-            raise RuntimeError(
-                'this Teacher has no head; build it with '
-                "head=dict(layer=<module name>, input='summary')")
-        if self.head_input == 'summary':
-            if (not isinstance(inputs, Tensor) or inputs.dim() != 2
-                    or inputs.shape[1] != self.summary_dim):
-                raise ValueError(
-                    f'Teacher head {self.head_layer!r} expects a summary '
-                    f'(B, {self.summary_dim}), got '
-                    f'{getattr(inputs, "shape", type(inputs).__name__)}')
-        else:
-            inputs = tuple(inputs)
-            dims = [f.shape[1] for f in inputs]
-            if dims != self.feature_dims:
-                raise ValueError(
-                    f'Teacher head {self.head_layer!r} expects features with '
-                    f'channels {self.feature_dims}, got {dims}')
-        inputs = _cast_floating(inputs, _module_dtype(head))
-        with self._autocast(self.mean.device):
-            return _to_float(head(inputs))
+    def _head_autocast(self) -> torch.autocast:
+        """The autocast :meth:`forward_head` runs the head under."""
+        return self._autocast(self.mean.device)

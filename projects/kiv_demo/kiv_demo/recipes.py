@@ -228,7 +228,8 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
     """Train ``cfg`` from the teacher-feature cache, in place.
 
     The ``cached`` teachers become ``kiv.CachedTeacher`` (after checking that
-    their configs are the cached ones); the others stay online (the
+    their configs are the cached ones; those distilled through their head
+    as well keep it, ``head_from``); the others stay online (the
     distiller runs them on the replayed views). The training set becomes
     ``kiv.TeacherCacheDataset`` over every cached view (loader + the
     cache's ``kiv.ReplayView``, then the world's labels for that view if
@@ -246,7 +247,11 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
     """
     from kiv.datasets.teacher_cache import TeacherCacheError, read_index
     from kiv.fileio import teacher_fingerprint
+    from kiv.models.distillers import KnowledgeInheritance
     index = read_index(cache_dir)
+    logit_teachers = KnowledgeInheritance.logit_teachers(
+        cfg.model.teachers, cfg.model.get('losses'),
+        cfg.model.get('teacher_losses'))
     for name in cached:
         tcfg = cfg.model.teachers[name]
         if teacher_fingerprint(tcfg) != index['teachers'][name][
@@ -255,6 +260,8 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
                                     f'the one cached in {cache_dir}')
         cfg.model.teachers[name] = dict(type='kiv.CachedTeacher',
                                         cache_dir=cache_dir, name=name)
+        if name in logit_teachers:  # logit distillation: keep its head
+            cfg.model.teachers[name]['head_from'] = tcfg
     pipeline = [index['loader'], index['view']]
     if labels:
         pipeline += [dict(type='kiv_demo.WorldViewLabels'),
