@@ -310,9 +310,18 @@ class KnowledgeInheritance(BaseModel):
 
     @staticmethod
     def logit_teachers(teachers: dict[str, dict], losses: Optional[dict],
-                        teacher_losses: Optional[dict]) -> list[str]:
+                       teacher_losses: Optional[dict]) -> list[str]:
         """Teachers whose configs keep a summary head and whose losses
-        include ``logits``: a cached stand-in keeps their head."""
+        include ``logits``: a cached stand-in keeps their head.
+
+        Args:
+            teachers (dict[str, dict]): teacher name -> config.
+            losses (dict, optional): the distiller's ``losses``.
+            teacher_losses (dict, optional): its per-teacher overrides.
+
+        Returns:
+            list[str]: those teachers' names.
+        """
         names = []
         for name, cfg in teachers.items():
             loss_cfg = {**DEFAULT_LOSSES, **(losses or {}),
