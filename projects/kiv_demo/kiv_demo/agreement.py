@@ -43,8 +43,8 @@ from kiv.structures import FeatureOutput
 from .probes import bootstrap_ci, coco_bootstrap
 
 __all__ = ['load_distiller', 'teacher_sizes', 'inherited_outputs',
-           'cls_agreement', 'trivial_cls_agreement', 'seg_agreement',
-           'seg_vs_ground_truth', 'det_agreement']
+           'Calibration', 'cls_agreement', 'trivial_cls_agreement',
+           'seg_agreement', 'seg_vs_ground_truth', 'det_agreement']
 
 
 def load_distiller(cfg: Config, checkpoint: str) -> torch.nn.Module:
@@ -98,6 +98,46 @@ def inherited_outputs(model: torch.nn.Module, images: Tensor,
     student = model.extract_student(images)
     return {t: model.latent.to_teacher_space(
         model.latent.project(student, t, sizes[t]), t) for t in teachers}
+
+
+class Calibration:
+    """Label-free per-channel calibration of inherited outputs.
+
+    An MSE-trained student predicts the conditional mean of each target
+    channel: its outputs are shrunk towards the mean, with less spread than
+    the teacher's, and a head trained on the teacher's exact outputs (an RPN
+    objectness, a classifier's margins) reads them at the wrong scale. On
+    unlabelled images, per output and channel, the inherited outputs are
+    shifted and scaled to the teacher's mean and standard deviation there
+    (over images and positions): ``(x - mu_s) * sigma_t / sigma_s + mu_t``.
+    No label is used.
+
+    Args:
+        inherited (Sequence[Tensor]): inherited outputs on the unlabelled
+            images, ``(N, C)`` summaries or ``(N, C, h, w)`` maps.
+        teacher (Sequence[Tensor]): the teacher's outputs there, same
+            shapes.
+    """
+
+    def __init__(self, inherited: Sequence[Tensor],
+                 teacher: Sequence[Tensor]) -> None:
+        self.stats = []
+        for a, b in zip(inherited, teacher):
+            if a.shape != b.shape:
+                raise ValueError(f'Calibration: inherited {tuple(a.shape)} '
+                                 f'and teacher {tuple(b.shape)} outputs '
+                                 'differ in shape')
+            dims = (0, 2, 3) if a.dim() == 4 else (0, )
+            self.stats.append((a.mean(dims, keepdim=True),
+                               a.std(dims, keepdim=True).clamp_min(1e-6),
+                               b.mean(dims, keepdim=True),
+                               b.std(dims, keepdim=True)))
+
+    def __call__(self, outputs: Sequence[Tensor]) -> list[Tensor]:
+        """Calibrated ``outputs`` (same shapes, one per calibrated output).
+        """
+        return [((x - mu_s) * (sd_t / sd_s) + mu_t).contiguous()
+                for x, (mu_s, sd_s, mu_t, sd_t) in zip(outputs, self.stats)]
 
 
 def _agreement(ref_top1: Tensor, ranked: Tensor, seed: int) -> dict:
@@ -271,7 +311,8 @@ def det_agreement(model: torch.nn.Module, detector: torch.nn.Module,
                   score_thr: float = 0.5, batch_size: int = 32,
                   seed: int = 0,
                   progress: Optional[Callable[[int, int], None]] = None,
-                  gt_file: Optional[str] = None) -> dict:
+                  gt_file: Optional[str] = None,
+                  calibration: Optional[Calibration] = None) -> dict:
     """Box AP of the teacher's heads on inherited FPN maps, scored against
     the teacher's own detections (score >= ``score_thr``) as ground truth
     and, with ``gt_file``, box and mask AP against the real annotations.
@@ -289,25 +330,31 @@ def det_agreement(model: torch.nn.Module, detector: torch.nn.Module,
         progress (callable, optional): ``progress(done, total)``.
         gt_file (str, optional): COCO annotations of ``images`` (image ids
             ``1..N`` in order).
+        calibration (Calibration, optional): with ``gt_file``, also score
+            the calibrated inherited FPN maps against the annotations.
 
     Returns:
         dict: ``box_ap`` ``(value, low, high)`` against the teacher,
         ``teacher_boxes``, and with ``gt_file`` ``gt`` =
         ``{'box_ap', 'mask_ap'}`` of the inherited detector against the
-        annotations.
+        annotations (and ``calibrated_box_ap`` / ``calibrated_mask_ap``
+        with ``calibration``).
     """
     teacher = model.teachers['det']
     h, w = images.shape[-2:]
     sizes = teacher_sizes(teacher, (h, w))
     meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
                 batch_input_shape=(h, w), scale_factor=(1.0, 1.0))
-    ref_all, inh_all = [], []
+    ref_all, inh_all, cal_all = [], [], []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
         metas = [dict(meta) for _ in range(len(x))]
         ref_all += _det_results(detector, teacher(x).features, metas)
         inh = inherited_outputs(model, x, ['det'], {'det': sizes})['det']
         inh_all += _det_results(detector, inh.features, metas)
+        if calibration is not None:
+            cal_all += _det_results(detector, calibration(inh.features),
+                                    metas)
         if progress is not None:
             progress(min(start + batch_size, len(images)), len(images))
     ids = list(range(1, len(images) + 1))
@@ -325,16 +372,20 @@ def det_agreement(model: torch.nn.Module, detector: torch.nn.Module,
         box = coco_bootstrap(teacher_file, res_file, 'bbox', seed=seed)
     out = dict(box_ap=box, teacher_boxes=len(gt['annotations']))
     if gt_file is not None:
-        res = _to_coco(inh_all, ids, masks=True)
         scores = {}
-        for kind, iou in (('box', 'bbox'), ('mask', 'segm')):
-            path = osp.join(out_dir, f'det_inherited_vs_gt.{iou}.json')
-            with open(path, 'w', encoding='utf-8') as f:
-                json.dump(res if iou == 'segm' else
-                          [{k: v for k, v in r.items()
-                            if k != 'segmentation'} for r in res], f)
-            with contextlib.redirect_stdout(io.StringIO()):
-                scores[f'{kind}_ap'] = coco_bootstrap(gt_file, path, iou,
-                                                      seed=seed)
+        runs = [('', 'inherited', inh_all)]
+        if calibration is not None:
+            runs.append(('calibrated_', 'calibrated', cal_all))
+        for prefix, name, results in runs:
+            res = _to_coco(results, ids, masks=True)
+            for kind, iou in (('box', 'bbox'), ('mask', 'segm')):
+                path = osp.join(out_dir, f'det_{name}_vs_gt.{iou}.json')
+                with open(path, 'w', encoding='utf-8') as f:
+                    json.dump(res if iou == 'segm' else
+                              [{k: v for k, v in r.items()
+                                if k != 'segmentation'} for r in res], f)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    scores[f'{prefix}{kind}_ap'] = coco_bootstrap(
+                        gt_file, path, iou, seed=seed)
         out['gt'] = scores
     return out

@@ -222,12 +222,24 @@ def _row_cfg(row: str, preset: dict) -> tuple[Config, str]:
         row, preset['inherit']['iters'])
 
 
+def _calibration_images(seed: int, num: int = 256) -> list[str]:
+    """A seeded sample of the user's images (``world/distill.txt``, no
+    labels read) for :class:`~kiv_demo.agreement.Calibration`."""
+    import random
+    with open('world/distill.txt', encoding='utf-8') as f:
+        paths = [osp.join('world', p.strip()) for p in f if p.strip()]
+    return sorted(random.Random(seed).sample(paths, min(num, len(paths))))
+
+
 def stage_agreement(row: str,
                     preset: dict) -> Callable[[StageContext], dict]:
-    """The inherited heads of a distilled row against their teachers."""
+    """The inherited heads of a distilled row against their teachers and
+    the ground truth, plain and with the label-free calibration
+    (:class:`~kiv_demo.agreement.Calibration` on a seeded sample of the
+    user's images)."""
 
     def run(ctx: StageContext) -> dict:
-        from .agreement import (cls_agreement, det_agreement,
+        from .agreement import (Calibration, cls_agreement, det_agreement,
                                 inherited_outputs, load_distiller,
                                 seg_agreement, seg_vs_ground_truth,
                                 teacher_sizes, trivial_cls_agreement)
@@ -246,6 +258,11 @@ def stage_agreement(row: str,
         world_head = (effnet_teacher(preset) if row == 'knowledge_base'
                       else effnet).forward_head
         mean_logits = load_tensor(outputs, 'mean.logits')[0]
+        unlabelled = load_rgb(_calibration_images(ctx.seed), 64)
+        cls_cal = Calibration(
+            [inherited_outputs(model, unlabelled, ['effnet'],
+                               sizes)['effnet'].summary],
+            [effnet(unlabelled).summary])
         refs, got = {}, {}
         for i, name in enumerate(('views', 'val', 'photos')):
             x = load_rgb(sets[name], 64)
@@ -264,13 +281,17 @@ def stage_agreement(row: str,
                      for k in refs})
         # against the ground truth: the inherited classifier and its teacher
         labels = world_labels('val')
+        val = load_rgb(sets['val'], 64)
+        calibrated = torch.cat([world_head(cls_cal([inherited_outputs(
+            model, val[s:s + 64], ['effnet'], sizes)['effnet'].summary])[0])
+            for s in range(0, len(val), 64)])
         result['gt'] = {
             f'{who}_top1': bootstrap_ci(
                 [100.0 * (int(p) == y)
                  for p, y in zip(logits.argmax(1), labels)], seed=ctx.seed)
             for who, logits in (('inherited', got['val']),
+                                ('inherited_calibrated', calibrated),
                                 ('teacher', refs['val']))}
-        val = load_rgb(sets['val'], 64)
         if 'seg' in model.teachers:
             seg = model.teachers['seg']
             seg_sizes = {'seg': teacher_sizes(seg, (64, 64))}
@@ -281,9 +302,14 @@ def stage_agreement(row: str,
                 for s in range(0, len(val), 64)])
             result['seg'] = seg_agreement(
                 ref, inh, osp.join(ctx.dir, 'seg_samples.npz'), ctx.seed)
+            seg_cal = Calibration(
+                inherited_outputs(model, unlabelled, ['seg'],
+                                  seg_sizes)['seg'].features,
+                seg(unlabelled).features)
             maps = sorted(glob.glob('world/ade/ADEChallengeData2016/'
                                     'annotations/validation/*.png'))
-            for who, logits in (('inherited', inh), ('teacher', ref)):
+            for who, logits in (('inherited', inh), ('teacher', ref),
+                                ('inherited_calibrated', seg_cal([inh])[0])):
                 result['gt'][f'{who}_miou'] = seg_vs_ground_truth(
                     logits, maps, osp.join(ctx.dir, f'seg_gt_{who}.npz'),
                     ctx.seed)['miou']
@@ -299,11 +325,17 @@ def stage_agreement(row: str,
             detector.load_state_dict(
                 read_state_dict('teacher_det/teacher_det.pth'))
             detector.eval()
+            det = model.teachers['det']
+            det_cal = Calibration(
+                inherited_outputs(model, unlabelled, ['det'], {
+                    'det': teacher_sizes(det, (64, 64))})['det'].features,
+                det(unlabelled).features)
             result['det'] = det_agreement(
                 model, detector, val, ctx.dir, CLASSES, seed=ctx.seed,
                 progress=lambda d, t: ctx.progress.update(
                     0.7 + 0.3 * d / t, f'detector agreement {d}/{t}'),
-                gt_file='world/coco/annotations/instances_val2017.json')
+                gt_file='world/coco/annotations/instances_val2017.json',
+                calibration=det_cal)
             for key, value in result['det'].pop('gt').items():
                 result['gt'][f'inherited_{key}'] = value
         return result

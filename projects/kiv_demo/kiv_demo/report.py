@@ -192,6 +192,15 @@ def inherited_gt_table(results: dict, distilled: Sequence[str]
                           box_ap=gt.get('inherited_box_ap'),
                           mask_ap=gt.get('inherited_mask_ap'),
                           miou=gt.get('inherited_miou')))
+        if row != 'knowledge_base' and 'inherited_calibrated_top1' in gt:
+            table.append(dict(
+                row=f'{row}_calibrated', label=f'{ROWS[row]}, label-free '
+                'calibration (per channel, mean and spread matched to the '
+                "teacher's on 256 of the user's images)",
+                top1=gt['inherited_calibrated_top1'],
+                box_ap=gt.get('inherited_calibrated_box_ap'),
+                mask_ap=gt.get('inherited_calibrated_mask_ap'),
+                miou=gt.get('inherited_calibrated_miou')))
     for entry in table:
         for key in GT_COLUMNS:
             entry.setdefault(key, None)
@@ -277,13 +286,16 @@ def verdict(probes: list[dict], agreement: list[dict],
                      f'downstream labels (target: >= '
                      f'{INHERITED_SHARE:.0%} of the teacher\'s score):')
         for key, title in GT_COLUMNS.items():
-            a, t = gt_rows['inherit'][key], gt_rows['teachers'][key]
-            if a is None or t is None:
-                continue
-            share = a[0] / t[0] if t[0] > 0 else float('nan')
-            state = 'reached' if share >= INHERITED_SHARE else 'missed'
-            lines.append(f'  - {title}: {a[0]:.1f} vs the teacher\'s '
-                         f'{t[0]:.1f} ({share:.0%}): {state}')
+            t = gt_rows['teachers'][key]
+            for row, how in (('inherit', ''),
+                             ('inherit_calibrated', ', calibrated')):
+                a = gt_rows.get(row, {}).get(key)
+                if a is None or t is None:
+                    continue
+                share = a[0] / t[0] if t[0] > 0 else float('nan')
+                state = 'reached' if share >= INHERITED_SHARE else 'missed'
+                lines.append(f'  - {title}{how}: {a[0]:.1f} vs the '
+                             f'teacher\'s {t[0]:.1f} ({share:.0%}): {state}')
     agr = {e['row']: e for e in agreement}
     if 'inherit' in agr and 'majority' in agr:
         a = agr['inherit']['top1_in_dist']
