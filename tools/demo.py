@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
         description='Knowledge inheritance demo on CPU (cached stages)')
     size = parser.add_mutually_exclusive_group()
     size.add_argument('--quick', action='store_true',
-                      help='smoke run of every stage (about 4 minutes '
+                      help='smoke run of every stage (about 4.5 minutes '
                       'on 2 cores; too short to compare rows)')
     size.add_argument('--full', action='store_true',
                       help='default run plus the ablation rows')

@@ -13,7 +13,7 @@ from kiv.fileio.teacher_cache_format import (CACHE_ID, CACHED_TARGETS,
                                              read_index)
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
-from .teacher import AUTOCAST_DTYPES, TeacherHeadMixin
+from .teacher import TeacherHeadMixin, precision_autocast
 
 __all__ = ['CachedTeacher']
 
@@ -117,10 +117,7 @@ class CachedTeacher(BaseModule, TeacherHeadMixin):
         device."""
         device = next(self.kept_head.parameters(),
                       torch.empty(0)).device.type
-        amp_dtype = AUTOCAST_DTYPES[self.compute_dtype]
-        if amp_dtype is None:
-            return torch.autocast(device_type=device, enabled=False)
-        return torch.autocast(device_type=device, dtype=amp_dtype)
+        return precision_autocast(self.compute_dtype, device)
 
     def train(self, mode: bool = True) -> CachedTeacher:
         """Stay in eval mode (like a frozen teacher).

@@ -135,6 +135,24 @@ def _to_float(obj: Any) -> Any:
     return obj
 
 
+def precision_autocast(compute_dtype: str,
+                       device_type: str) -> torch.autocast:
+    """The autocast a teacher of precision ``compute_dtype`` (a key of
+    :data:`AUTOCAST_DTYPES`) runs under: off for ``'fp32'``.
+
+    Args:
+        compute_dtype (str): ``'fp32'``, ``'bf16'`` or ``'fp16'``.
+        device_type (str): e.g. ``'cpu'``, ``'cuda'``.
+
+    Returns:
+        torch.autocast: the context.
+    """
+    amp_dtype = AUTOCAST_DTYPES[compute_dtype]
+    if amp_dtype is None:
+        return torch.autocast(device_type=device_type, enabled=False)
+    return torch.autocast(device_type=device_type, dtype=amp_dtype)
+
+
 class TeacherHeadMixin:
     """:meth:`forward_head`: a teacher's own kept head on inherited inputs.
 
@@ -476,10 +494,7 @@ class Teacher(BaseModule, TeacherHeadMixin):
         must not be re-initialised by a parent's ``init_weights()``."""
 
     def _autocast(self, device: torch.device) -> torch.autocast:
-        amp_dtype = AUTOCAST_DTYPES[self.compute_dtype]
-        if amp_dtype is None:
-            return torch.autocast(device_type=device.type, enabled=False)
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+        return precision_autocast(self.compute_dtype, device.type)
 
     def preprocess(self, inputs: Tensor) -> Tensor:
         """Resize, normalise and pad raw images for the model.
