@@ -350,3 +350,34 @@ def test_cached_teacher_keeps_the_real_head(cache, online):
     assert configs['clip']['head_from'] == dict(
         tiny_cfg().model.teachers.clip)
     assert 'head_from' not in configs['dinov2']
+
+
+def test_distiller_keeps_the_head_its_logit_loss_reads(tiny_root, tmp_path):
+    """``KnowledgeInheritance(teacher_cache=...)`` with a ``logits`` loss:
+    the cached stand-in of the teacher with a kept summary head keeps it,
+    the loss is built and its gradient reaches the student; the other
+    stand-ins stay weightless."""
+    from kiv.datasets.teacher_cache import TeacherCacheWriter
+    from kiv.models.teachers import CachedTeacher
+    cfg = tiny_cfg()
+    cfg.model.teachers.clip.head = dict(layer='norm', input='summary')
+    cfg.model.losses = dict(logits=dict(type='kiv.LogitDistillationLoss'))
+    out = str(tmp_path / 'cache')
+    with in_dir(tiny_root):
+        TeacherCacheWriter(cfg, out, views=1, dtype='fp16', shard_size=8,
+                           num_workers=0, log=lambda msg: None).run()
+        model = MODELS.build(dict(cfg.model, teacher_cache=out))
+        ds = TeacherCacheDataset(out)
+        batch = pseudo_collate([ds[i] for i in range(4)])
+    assert all(isinstance(t, CachedTeacher) for t in model.teachers.values())
+    assert model.teachers['clip'].head is not None
+    assert model.teachers['dinov2'].head is None
+    assert sum(p.numel() for n, t in model.teachers.items() if n != 'clip'
+               for p in t.parameters()) == 0
+    assert set(model.logit_losses) == {'clip'}
+    data = model.data_preprocessor(batch, True)
+    losses = model.loss(data['inputs'], data['data_samples'])
+    assert losses['loss_clip_logits'] > 0
+    losses['loss_clip_logits'].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.student.parameters())

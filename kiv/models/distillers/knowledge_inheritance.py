@@ -217,15 +217,9 @@ class KnowledgeInheritance(BaseModel):
         self.summary_losses = nn.ModuleDict()
         self.feature_losses = nn.ModuleDict()
         self.logit_losses = nn.ModuleDict()
+        loss_cfgs = self.loss_cfgs(self.teachers, losses, teacher_losses)
         for name, teacher in self.teachers.items():
-            cfg = copy.deepcopy(DEFAULT_LOSSES)
-            cfg.update(copy.deepcopy(losses or {}))
-            cfg.update(copy.deepcopy((teacher_losses or {}).get(name, {})))
-            unknown_keys = sorted(set(cfg) - set(_LOSS_KEYS))
-            if unknown_keys:
-                raise KeyError(f'losses for teacher {name!r} have unknown '
-                               f'keys {unknown_keys}; allowed: '
-                               f'{list(_LOSS_KEYS)}')
+            cfg = loss_cfgs[name]
             self.summary_losses[name] = MODELS.build(cfg['summary'])
             self.feature_losses[name] = MODELS.build(cfg['features'])
             if cfg.get('logits') is not None and \
@@ -322,15 +316,46 @@ class KnowledgeInheritance(BaseModel):
         Returns:
             list[str]: those teachers' names.
         """
+        cfgs = KnowledgeInheritance.loss_cfgs(teachers, losses,
+                                              teacher_losses)
         names = []
         for name, cfg in teachers.items():
-            loss_cfg = {**DEFAULT_LOSSES, **(losses or {}),
-                        **(teacher_losses or {}).get(name, {})}
             head = cfg.get('head') if isinstance(cfg, dict) else None
-            if loss_cfg.get('logits') is not None and head and \
+            if cfgs[name].get('logits') is not None and head and \
                     head.get('input', 'summary') == 'summary':
                 names.append(name)
         return names
+
+    @staticmethod
+    def loss_cfgs(teachers: Sequence[str], losses: Optional[dict],
+                  teacher_losses: Optional[dict]) -> dict[str, dict]:
+        """Every teacher's loss configs: :data:`DEFAULT_LOSSES`, updated by
+        ``losses``, then by its ``teacher_losses`` entry.
+
+        Args:
+            teachers (Sequence[str]): teacher names.
+            losses (dict, optional): the distiller's ``losses``.
+            teacher_losses (dict, optional): its per-teacher overrides.
+
+        Returns:
+            dict[str, dict]: name -> ``{'summary', 'features'[, 'logits']}``
+            configs (deep copies).
+
+        Raises:
+            KeyError: a key other than those of ``_LOSS_KEYS``.
+        """
+        out = {}
+        for name in teachers:
+            cfg = copy.deepcopy(DEFAULT_LOSSES)
+            cfg.update(copy.deepcopy(losses or {}))
+            cfg.update(copy.deepcopy((teacher_losses or {}).get(name, {})))
+            unknown_keys = sorted(set(cfg) - set(_LOSS_KEYS))
+            if unknown_keys:
+                raise KeyError(f'losses for teacher {name!r} have unknown '
+                               f'keys {unknown_keys}; allowed: '
+                               f'{list(_LOSS_KEYS)}')
+            out[name] = cfg
+        return out
 
     def _build_teachers(self, teachers: dict[str, dict],
                         teacher_cache: Optional[str], latent: dict,

@@ -36,7 +36,8 @@ class CachedTeacher(BaseModule, TeacherHeadMixin):
     The interface of :class:`~kiv.models.teachers.Teacher` that the
     distiller and the latent space read is kept: ``summary_dim`` (int or
     None), ``feature_dims``, ``feature_strides``, ``head_layer`` and
-    ``head_input`` (None without ``head_from``), :meth:`forward_head`.
+    ``head_input`` (None without ``head_from``), and
+    :meth:`~kiv.models.teachers.Teacher.forward_head` (the kept head).
 
     Args:
         cache_dir (str): the cache directory (``index.json``).
@@ -198,19 +199,6 @@ class CachedTeacher(BaseModule, TeacherHeadMixin):
                    for key in self.keys]
         summary = tensors.pop(0) if self.summary_dim is not None else None
         return FeatureOutput(summary, tuple(tensors))
-
-    def forward_head(self, inputs: Any) -> Any:
-        """The real teacher's head (``head_from``) on inherited inputs, see
-        :meth:`kiv.models.teachers.Teacher.forward_head`.
-
-        Raises:
-            RuntimeError: built without ``head_from``.
-        """
-        if self.kept_head is None:
-            raise RuntimeError(f'CachedTeacher {self.name!r} has no head; '
-                               'build it with head_from=<the teacher config> '
-                               'or use the real teacher')
-        return super().forward_head(inputs)
 
     def extra_repr(self) -> str:
         return (f'name={self.name!r}, cache_dir={self.cache_dir!r}, '

@@ -186,8 +186,9 @@ class TeacherHeadMixin:
         head = self.head
         if head is None:
             raise RuntimeError(
-                'this Teacher has no head; build it with '
-                "head=dict(layer=<module name>, input='summary')")
+                f'{type(self).__name__} has no head; build the Teacher with '
+                "head=dict(layer=<module name>, input='summary') (a "
+                'CachedTeacher with head_from=<that teacher config>)')
         if self.head_input == 'summary':
             if (not isinstance(inputs, Tensor) or inputs.dim() != 2
                     or inputs.shape[1] != self.summary_dim):

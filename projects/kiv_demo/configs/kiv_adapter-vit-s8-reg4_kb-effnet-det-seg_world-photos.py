@@ -20,27 +20,19 @@ _base_ = [
     './_base_/adapter-vit-s8-reg4_world_schedule.py',
     './_base_/world_photos_images.py',
     './_base_/effnet_lite0_teacher.py',
+    './_base_/kb-vit-s8-reg4_adapter.py',
 ]
 imagenet_norm = dict(mean=[123.675, 116.28, 103.53],
                      std=[58.395, 57.12, 57.375])
 # the det / seg teachers' backbone is EfficientNet-Lite0 (its normalisation)
 effnet_norm = dict(mean=[127.5, 127.5, 127.5], std=[127.5, 127.5, 127.5])
-kb_vit = dict(
-    model_name='vit_small_patch14_reg4_dinov2',
-    checkpoint='knowledge_base/kb_vit.pth',
-    model_kwargs=dict(img_size=64, patch_size=8, embed_dim=128, depth=6,
-                      num_heads=4, init_values=0.1))
+kb_source = dict(_base_.kb_vit, checkpoint='knowledge_base/kb_vit.pth')
 model = dict(
     type='kiv.KnowledgeInheritance',
     base_teacher='kb',
     student=dict(
-        type='kiv.AdapterViT',
-        base=dict(type='timm', **kb_vit),
-        interaction_indexes=[[0, 0], [1, 2], [3, 4], [5, 5]],
-        conv_inplane=32,
-        deform_num_heads=4,
-        n_points=4,
-        with_global_token=True,
+        _base_.adapter,
+        base=kb_source,
         # a summary per teacher; the one the student gives downstream (the
         # classification probes, the multi-task classifier, ``forward``) is
         # the classification teacher's: what it knows of the world's classes
@@ -50,7 +42,7 @@ model = dict(
     **{f'student_{k}': v for k, v in imagenet_norm.items()},
     teachers=dict(
         kb=dict(type='kiv.Teacher',
-                source=dict(type='timm', **kb_vit),
+                source=kb_source,
                 input_size=64, pad_to_multiple=8,
                 forward_method='forward_features',
                 summary=dict(type='cls'),

@@ -13,16 +13,13 @@ _base_ = [
     '../../../configs/_base_/default_runtime.py',
     './_base_/world_photos_images.py',
     './_base_/effnet_lite0_teacher.py',
+    './_base_/kb-vit-s8-reg4_adapter.py',
 ]
 custom_imports = dict(imports=['kiv', 'kiv_demo'], allow_failed_imports=False)
-kb_vit = dict(
-    model_name='vit_small_patch14_reg4_dinov2',
-    model_kwargs=dict(img_size=64, patch_size=8, embed_dim=128, depth=6,
-                      num_heads=4, init_values=0.1))
 model = dict(
     type='kiv.KnowledgeInheritance',
     student=dict(type='kiv_demo.PlainViTStudent',
-                 base=dict(type='timm', checkpoint=None, **kb_vit)),
+                 base=dict(_base_.kb_vit, checkpoint=None)),
     teachers=dict(effnet={{_base_.effnet_teacher}}),
     latent=dict(type='kiv.SharedLatentSpace', standardize='phis',
                 hidden_dim=256,

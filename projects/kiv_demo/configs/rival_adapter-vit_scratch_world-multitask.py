@@ -9,22 +9,13 @@
 # for the reference row), the inheritance run's optimizer steps and its
 # labelled views per step (``kiv_demo.recipes.rival_cfg``). The backbone is
 # then exported and probed like the inherited student.
-_base_ = ['./_base_/adapter-vit-s8-reg4_world_schedule.py']
+_base_ = ['./_base_/adapter-vit-s8-reg4_world_schedule.py',
+          './_base_/kb-vit-s8-reg4_adapter.py']
 model = dict(
     type='kiv_demo.MultiTaskModel',
     backbone=dict(
-        type='kiv.AdapterViT',
-        base=dict(
-            type='timm',
-            model_name='vit_small_patch14_reg4_dinov2',
-            checkpoint=None,  # from scratch
-            model_kwargs=dict(img_size=64, patch_size=8, embed_dim=128,
-                              depth=6, num_heads=4, init_values=0.1)),
-        interaction_indexes=[[0, 0], [1, 2], [3, 4], [5, 5]],
-        conv_inplane=32,
-        deform_num_heads=4,
-        n_points=4,
-        with_global_token=True,
+        _base_.adapter,
+        base=dict(_base_.kb_vit, checkpoint=None),  # from scratch
         freeze_base=False,
         out_type='both'),
     tasks=dict())

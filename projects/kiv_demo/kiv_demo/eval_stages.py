@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from mmengine.config import Config
 
+from kiv.structures import FeatureOutput
+
 from .recipes import (CACHE, CLASSES, _last_checkpoint, effnet_teacher,
                       inherit_cfg, interval_table, keep_test_outputs,
                       knowledge_base_cfg, probe_backbone_cfg, probe_cfg,
@@ -222,6 +224,12 @@ def _row_cfg(row: str, preset: dict) -> tuple[Config, str]:
         row, preset['inherit']['iters'])
 
 
+def _outputs(out: FeatureOutput) -> list[torch.Tensor]:
+    """A teacher-shaped output as a list: its summary (if any), then its
+    levels (what :class:`~kiv_demo.agreement.Calibration` takes)."""
+    return ([] if out.summary is None else [out.summary]) + list(out.features)
+
+
 def _calibration_images(seed: int, num: int = 256) -> list[str]:
     """A seeded sample of the user's images (``world/distill.txt``, no
     labels read) for :class:`~kiv_demo.agreement.Calibration`."""
@@ -250,7 +258,21 @@ def stage_agreement(row: str,
         with open('effnet_eval/sets.json', encoding='utf-8') as f:
             sets = json.load(f)
         effnet = model.teachers['effnet']
-        sizes = {'effnet': teacher_sizes(effnet, (64, 64))}
+        names = [n for n in ('effnet', 'seg', 'det') if n in model.teachers]
+        sizes = {n: teacher_sizes(model.teachers[n], (64, 64))
+                 for n in names}
+
+        def inherited(x: torch.Tensor, teachers: list[str]) -> dict:
+            """Inherited outputs of ``teachers`` on ``x`` (batches of 64,
+            concatenated): name -> [summary (if any), *levels]."""
+            parts = [inherited_outputs(model, x[s:s + 64], teachers, sizes)
+                     for s in range(0, len(x), 64)]
+            return {n: _outputs(FeatureOutput(
+                None if parts[0][n].summary is None else
+                torch.cat([q[n].summary for q in parts]),
+                tuple(torch.cat(level) for level in zip(
+                    *[q[n].features for q in parts])))) for n in teachers}
+
         # the classification teacher's world classifier: the inheritance
         # runs' own ``effnet`` teacher; the knowledge base was distilled from
         # the same EfficientNet-Lite0 features with ImageNet's classifier,
@@ -258,19 +280,23 @@ def stage_agreement(row: str,
         world_head = (effnet_teacher(preset) if row == 'knowledge_base'
                       else effnet).forward_head
         mean_logits = load_tensor(outputs, 'mean.logits')[0]
+        # the label-free calibration: one student pass over a seeded sample
+        # of the user's images, every teacher's outputs there
         unlabelled = load_rgb(_calibration_images(ctx.seed), 64)
-        cls_cal = Calibration(
-            [inherited_outputs(model, unlabelled, ['effnet'],
-                               sizes)['effnet'].summary],
-            [effnet(unlabelled).summary])
+        on_unlabelled = inherited(unlabelled, names)
+        calibration = {n: Calibration(
+            on_unlabelled[n], _outputs(model.teachers[n](unlabelled)))
+            for n in names}
+        images = {name: load_rgb(sets[name], 64)
+                  for name in ('views', 'val', 'photos')}
+        val = images['val']
+        val_out = inherited(val, [n for n in names if n != 'det'])
         refs, got = {}, {}
-        for i, name in enumerate(('views', 'val', 'photos')):
-            x = load_rgb(sets[name], 64)
+        for i, name in enumerate(images):
             refs[name] = load_tensor(outputs, f'{name}.logits')
-            got[name] = torch.cat([
-                world_head(inherited_outputs(
-                    model, x[s:s + 64], ['effnet'], sizes)['effnet'].summary)
-                for s in range(0, len(x), 64)])
+            summary = val_out['effnet'][0] if name == 'val' else \
+                inherited(images[name], ['effnet'])['effnet'][0]
+            got[name] = world_head(summary)
             ctx.progress.update((i + 1) / 5, f'classifier agreement {name}')
         # in distribution: new views of distillation images + world val
         refs['in_dist'] = torch.cat([refs['views'], refs['val']])
@@ -279,12 +305,11 @@ def stage_agreement(row: str,
             cls={k: cls_agreement(refs[k], got[k], ctx.seed) for k in refs},
             trivial={k: trivial_cls_agreement(refs[k], mean_logits, ctx.seed)
                      for k in refs})
-        # against the ground truth: the inherited classifier and its teacher
+        # against the ground truth: the inherited classifier (plain and
+        # calibrated) and its teacher
         labels = world_labels('val')
-        val = load_rgb(sets['val'], 64)
-        calibrated = torch.cat([world_head(cls_cal([inherited_outputs(
-            model, val[s:s + 64], ['effnet'], sizes)['effnet'].summary])[0])
-            for s in range(0, len(val), 64)])
+        calibrated = world_head(calibration['effnet'](
+            [val_out['effnet'][0]])[0])
         result['gt'] = {
             f'{who}_top1': bootstrap_ci(
                 [100.0 * (int(p) == y)
@@ -294,22 +319,16 @@ def stage_agreement(row: str,
                                 ('teacher', refs['val']))}
         if 'seg' in model.teachers:
             seg = model.teachers['seg']
-            seg_sizes = {'seg': teacher_sizes(seg, (64, 64))}
             ref = torch.cat([seg(val[s:s + 64]).features[0]
                              for s in range(0, len(val), 64)])
-            inh = torch.cat([inherited_outputs(
-                model, val[s:s + 64], ['seg'], seg_sizes)['seg'].features[0]
-                for s in range(0, len(val), 64)])
+            inh = val_out['seg'][0]
             result['seg'] = seg_agreement(
                 ref, inh, osp.join(ctx.dir, 'seg_samples.npz'), ctx.seed)
-            seg_cal = Calibration(
-                inherited_outputs(model, unlabelled, ['seg'],
-                                  seg_sizes)['seg'].features,
-                seg(unlabelled).features)
             maps = sorted(glob.glob('world/ade/ADEChallengeData2016/'
                                     'annotations/validation/*.png'))
             for who, logits in (('inherited', inh), ('teacher', ref),
-                                ('inherited_calibrated', seg_cal([inh])[0])):
+                                ('inherited_calibrated',
+                                 calibration['seg']([inh])[0])):
                 result['gt'][f'{who}_miou'] = seg_vs_ground_truth(
                     logits, maps, osp.join(ctx.dir, f'seg_gt_{who}.npz'),
                     ctx.seed)['miou']
@@ -325,17 +344,12 @@ def stage_agreement(row: str,
             detector.load_state_dict(
                 read_state_dict('teacher_det/teacher_det.pth'))
             detector.eval()
-            det = model.teachers['det']
-            det_cal = Calibration(
-                inherited_outputs(model, unlabelled, ['det'], {
-                    'det': teacher_sizes(det, (64, 64))})['det'].features,
-                det(unlabelled).features)
             result['det'] = det_agreement(
                 model, detector, val, ctx.dir, CLASSES, seed=ctx.seed,
                 progress=lambda d, t: ctx.progress.update(
                     0.7 + 0.3 * d / t, f'detector agreement {d}/{t}'),
                 gt_file='world/coco/annotations/instances_val2017.json',
-                calibration=det_cal)
+                calibration=calibration['det'])
             for key, value in result['det'].pop('gt').items():
                 result['gt'][f'inherited_{key}'] = value
         return result
