@@ -760,6 +760,23 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
             value, low, high = gt[row][key]
             assert 0 <= low <= value <= high <= 100, (row, key)
     assert gt['knowledge_base']['miou'] is None
+    # the inherited student's det / seg probes read its maps in the
+    # detector's FPN space (its channels, the student's grids); the other
+    # rows their own pyramid
+    from mmengine.config import Config
+    from safetensors import safe_open
+    det_fpn = Config.fromfile(osp.join(work_dir, 'teacher_det',
+                                       'teacher_det.py')).model.neck
+    shapes = {}
+    for row in rows:
+        with safe_open(osp.join(work_dir, f'features_{row}',
+                                'features.safetensors'), 'pt') as f:
+            shapes[row] = [f.get_slice(f'val.level{lv}').get_shape()
+                           for lv in range(4)]
+    assert [s[1] for s in shapes['inherit']] == [det_fpn.out_channels] * 4
+    assert [s[1] for s in shapes['kb_alone']] == [128] * 4
+    assert [s[2:] for s in shapes['inherit']] == \
+        [s[2:] for s in shapes['kb_alone']]
     # standardised MSE per teacher output at the end of the run
     mse = {(m['run'], m['key']) for m in tables['mse']}
     assert {('inherit', f'{t}_features')

@@ -1,6 +1,7 @@
 """kiv models, laid out as the method: ``teachers`` (frozen, any source),
 ``connectors`` (the shared latent space: standardisers, s2t heads),
-``backbones`` (the student: frozen base ViT + zero-initialised adapter),
+``backbones`` (the student: frozen base ViT + zero-initialised adapter;
+a distilled student's maps in a teacher's space),
 ``layers`` (building blocks), ``distillers`` (knowledge inheritance),
 ``losses`` and ``necks`` (downstream). Importing this package registers them
 all in ``kiv.MODELS``; every public class is importable from here.
@@ -10,10 +11,12 @@ for mmpretrain and ``kiv.TextSegHead`` for mmseg) import those toolboxes, so
 lookup.
 """
 from .backbones import (AdapterViT, BaseViT, ConvFFN, DeformInputs,
-                        Extractor, GlobalToken, Injector, InteractionBlock,
-                        MMPretrainBaseViT, SpatialPriorModule, TimmBaseViT)
+                        Extractor, GlobalToken, InheritedBackbone, Injector,
+                        InteractionBlock, MMPretrainBaseViT,
+                        SpatialPriorModule, TimmBaseViT)
 from .connectors import (BaseStandardizer, ChannelStandardizer, DenseS2THead,
-                         IdentityStandardizer, PHISStandardizer, S2THead,
+                         IdentityStandardizer, InheritedPath,
+                         InheritedPathError, PHISStandardizer, S2THead,
                          SharedLatentSpace, StatisticsStandardizer)
 from .distillers import KnowledgeInheritance
 from .layers import MSDeformAttn
@@ -23,10 +26,11 @@ from .teachers import (BackboneNeck, CachedTeacher, HFVisionModel,
                        ModuleOutputsRecorder, Teacher, TeacherCheckpointError)
 
 __all__ = [
-    'AdapterViT', 'BaseViT', 'TimmBaseViT', 'MMPretrainBaseViT',
-    'SpatialPriorModule', 'Injector', 'Extractor', 'ConvFFN',
-    'InteractionBlock', 'GlobalToken', 'DeformInputs', 'SharedLatentSpace',
-    'S2THead', 'DenseS2THead', 'BaseStandardizer', 'StatisticsStandardizer',
+    'AdapterViT', 'InheritedBackbone', 'BaseViT', 'TimmBaseViT',
+    'MMPretrainBaseViT', 'SpatialPriorModule', 'Injector', 'Extractor',
+    'ConvFFN', 'InteractionBlock', 'GlobalToken', 'DeformInputs',
+    'SharedLatentSpace', 'S2THead', 'DenseS2THead', 'InheritedPath',
+    'InheritedPathError', 'BaseStandardizer', 'StatisticsStandardizer',
     'IdentityStandardizer', 'ChannelStandardizer', 'PHISStandardizer',
     'KnowledgeInheritance', 'MSDeformAttn', 'FeatureMatchingLoss',
     'LogitDistillationLoss', 'SimplePyramid', 'Teacher', 'CachedTeacher',

@@ -92,6 +92,57 @@ def test_export_round_trip_gives_identical_features(trained, distill_workdir):
         torch.testing.assert_close(fa, fb, rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_inherited_backbone_gives_the_distillers_teacher_space(
+        trained, distill_workdir):
+    """``kiv.InheritedBackbone`` on an exported student = the distiller's
+    own inherited maps (student -> s2t head -> inverse standardisation) of
+    the teacher, at the student maps' grids, contiguous; it builds from an
+    mmdet config and names the file on a bad teacher or level list."""
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmengine.registry import DefaultScope
+
+    from kiv.apis.export import export_student
+    from kiv.models import InheritedBackbone, InheritedPathError
+    out = osp.join(distill_workdir, 'student_heads.pth')
+    export_student(osp.join(trained.work_dir, 'iter_20.pth'), out,
+                   keep_heads=True)
+    student_cfg = copy.deepcopy(trained.cfg.model.student).to_dict()
+    student_cfg['base']['checkpoint'] = None
+    student_cfg['init_cfg'] = dict(type='Pretrained', checkpoint=out)
+    levels = trained.cfg.model.latent.teachers.detector.student_levels
+    cfg = dict(type='kiv.InheritedBackbone', backbone=student_cfg,
+               checkpoint=out, teacher='detector', student_levels=levels)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        backbone = DET_MODELS.build(copy.deepcopy(cfg))
+    assert isinstance(backbone, InheritedBackbone)
+    backbone.init_weights()
+    backbone.eval()
+    model = trained.model.eval()
+    x = torch.rand(2, 3, 56, 70) * 255
+    with torch.no_grad():
+        maps = backbone(x)
+        student = model.student.forward_features(x)
+        sizes = [student.features[lv].shape[-2:] for lv in levels]
+        ref = model.latent.to_teacher_space(
+            model.latent.project(student, 'detector', sizes), 'detector')
+        got = backbone.forward_features(x)
+    assert len(maps) == len(ref.features) == len(levels)
+    for a, b, c in zip(maps, ref.features, got.features):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5)
+    assert backbone.out_channels == tuple(m.shape[1] for m in maps)
+    torch.testing.assert_close(got.summary, student.summary)
+    # the wrapper's paths are fixed; the student is the exported one
+    assert not any(p.requires_grad for p in backbone.paths.parameters())
+    kwargs = {k: v for k, v in cfg.items() if k != 'type'}
+    with pytest.raises(InheritedPathError, match="'sam'.*'detector'"):
+        InheritedBackbone(**dict(kwargs, teacher='sam'))
+    with pytest.raises(InheritedPathError, match=r'student_levels=\[0, 1\]'):
+        InheritedBackbone(**dict(kwargs, student_levels=[0, 1]))
+
+
 def _grad_shares(distill_workdir, name, standardize, scale):
     """Train 6 iterations with the shipped default losses (MSE), one
     teacher's outputs x scale."""

@@ -1,6 +1,10 @@
 """Connectors: the shared latent space between the student and its
 teachers (mmrazor's name for what sits between them): target
-standardisers, student-to-teacher heads and the rotations of PHI-S."""
+standardisers, student-to-teacher heads, the rotations of PHI-S, and the
+fixed inherited path of one teacher output (s2t head + inverse
+standardisation) that downstream modules read."""
+from .inherited_path import (InheritedPath, InheritedPathError,
+                             read_latent_state)
 from .rotations import equalizing_rotation, hadamard_matrix
 from .s2t_heads import DenseS2THead, S2THead
 from .shared_latent_space import SharedLatentSpace, all_reduce_sums
@@ -13,5 +17,6 @@ __all__ = [
     'SharedLatentSpace', 'S2THead', 'DenseS2THead', 'BaseStandardizer',
     'StatisticsStandardizer', 'IdentityStandardizer', 'ChannelStandardizer',
     'PHISStandardizer', 'STANDARDIZE_MODES', 'build_standardizer',
-    'hadamard_matrix', 'equalizing_rotation', 'all_reduce_sums'
+    'hadamard_matrix', 'equalizing_rotation', 'all_reduce_sums',
+    'InheritedPath', 'InheritedPathError', 'read_latent_state'
 ]

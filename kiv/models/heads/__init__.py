@@ -5,10 +5,11 @@ Importing this package imports mmpretrain's and mmseg's heads, so
 ``import kiv`` does not: ``kiv.MODELS`` imports it on its first lookup
 (its ``locations``), so ``custom_imports = dict(imports=['kiv'])`` and
 ``type='kiv.ZeroShotClsHead'`` work in any toolbox config. The
-toolbox-free parts (:class:`InheritedPath`, the text classifier) are in
-submodules that import no toolbox.
+toolbox-free parts (the text classifier here; :class:`InheritedPath`, which
+they re-export, is a connector) import no toolbox.
 """
-from .inherited_path import InheritedPath, InheritedPathError
+from ..connectors.inherited_path import (InheritedPath,
+                                         InheritedPathError)
 from .text_classifier import CLIP_LOGIT_SCALE, text_logits
 from .text_seg_head import TextSegHead
 from .zero_shot_cls_head import ZeroShotClsHead

@@ -8,7 +8,7 @@ from mmpretrain.models.heads import ClsHead
 from torch import Tensor
 
 from kiv.registry import MODELS
-from .inherited_path import InheritedPath
+from ..connectors.inherited_path import InheritedPath
 from .text_classifier import CLIP_LOGIT_SCALE, load_classes, text_logits
 
 __all__ = ['ZeroShotClsHead']

@@ -48,7 +48,8 @@ from .eval_stages import (stage_agreement, stage_effnet_eval, stage_features,
                           stage_trivial)
 from .presets import get_preset
 from .recipes import (CACHE, CONFIG_DIR, CONFIGS, KB_CACHE, ROWS, VARIANTS,
-                      _config_files, inherit_cfg, probe_backbone_cfg)
+                      _config_files, dense_space, inherit_cfg,
+                      probe_backbone_cfg)
 from .stages import Stage, StageContext, run_stages
 from .train_stages import (stage_inherit, stage_kb_alone,
                            stage_knowledge_base, stage_rival, stage_teacher,
@@ -177,6 +178,7 @@ def _probe_stages(row: str, title: str, preset: dict,
     deps = (row, ) if feature_deps is None else tuple(feature_deps)
     stages = [Stage(f'features_{row}', f'frozen features of: {title}',
                     stage_features(row, preset), deps=('world', *deps),
+                    params=dict(dense=dense_space(row)),
                     files=_config_files(CONFIGS['inherit']),
                     cost=2 + n_img * preset['cost']['features'])
               ] if features else []

@@ -26,7 +26,8 @@ __all__ = ['PROJECT', 'REPO', 'CONFIG_DIR', 'CONFIGS', 'CACHE', 'KB_CACHE',
            'CACHED_TEACHERS', 'ROWS', 'VARIANTS', 'CLASSES', 'RIVAL_SPLITS',
            'world_labels', 'load_cfg',
            'run_runner', 'use_cache', 'knowledge_base_cfg', 'cache_cfg',
-           'inherit_cfg', 'rival_cfg', 'probe_backbone_cfg', 'probe_cfg',
+           'inherit_cfg', 'rival_cfg', 'DENSE_TEACHER', 'dense_space',
+           'probe_backbone_cfg', 'probe_cfg',
            'keep_test_outputs', 'interval_table', 'effnet_teacher']
 
 #: the demo's project folder (``projects/kiv_demo`` of the kiv checkout:
@@ -366,12 +367,29 @@ def inherit_cfg(variant: str, preset: dict) -> Config:
     return cfg
 
 
+#: the teacher whose space an inherited student gives its dense maps in
+#: downstream (``kiv.InheritedBackbone``): the detector's FPN. Chosen on a
+#: world of its own (seed 1000, ``--quick`` student, the default seg
+#: probe): mIoU 24.5 on the student's pyramid, 30.3 on its maps in the
+#: detector's space (docs/demo.md)
+DENSE_TEACHER = 'det'
+
+
+def dense_space(row: str) -> str:
+    """What a row's det / seg probes read: ``'student'`` (the backbone's own
+    pyramid) or, for an inheritance run, the :data:`DENSE_TEACHER`."""
+    return DENSE_TEACHER if row in VARIANTS else 'student'
+
+
 def probe_backbone_cfg(row: str) -> dict:
     """The frozen backbone of a table row, loaded from ``<row>/student.pth``.
 
     The architecture is the one the row was trained with, as recorded in the
     file's ``meta['student']`` (rows differ: e.g. a summary per teacher for
-    the inherited student, one global token for the rivals).
+    the inherited student, one global token for the rivals). An inheritance
+    run's student gives its maps in the :data:`DENSE_TEACHER`'s space
+    (``kiv.InheritedBackbone``: student -> s2t heads -> inverse
+    standardisation, from the heads exported with it), its summary as is.
     """
     from kiv.utils.checkpoint import safe_torch_load
     path = f'{row}/student.pth'
@@ -383,7 +401,13 @@ def probe_backbone_cfg(row: str) -> dict:
     student.update(freeze_base=True, frozen_stages=5, out_type='both',
                    init_cfg=dict(type='Pretrained',
                                  checkpoint=f'{row}/student.pth'))
-    return student
+    space = dense_space(row)
+    if space == 'student':
+        return student
+    levels = load_cfg('inherit').model.latent.teachers[space].student_levels
+    return dict(type='kiv.InheritedBackbone', backbone=student,
+                checkpoint=f'{row}/student.pth', teacher=space,
+                student_levels=list(levels))
 
 
 def rival_cfg(row: str, preset: dict) -> Config:

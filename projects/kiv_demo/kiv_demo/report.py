@@ -484,7 +484,7 @@ def plot_pca(preset: dict, out: str, size: int = 128) -> None:
     import cv2
 
     from kiv.registry import MODELS
-    from .recipes import effnet_teacher, probe_backbone_cfg
+    from .recipes import dense_space, effnet_teacher, probe_backbone_cfg
     from .probes import IMAGENET_MEAN, IMAGENET_STD, world_images
     from .world import HELDOUT_PHOTOS, load_photo
     plt = _pyplot()
@@ -514,7 +514,10 @@ def plot_pca(preset: dict, out: str, size: int = 128) -> None:
         backbone = MODELS.build(probe_backbone_cfg(row))
         backbone.init_weights()
         backbone.eval()
-        columns[f'{title}\n(stride 8)'] = \
+        space = dense_space(row)
+        where = 'stride 8' if space == 'student' else \
+            f'{space} teacher\'s space, stride 8'
+        columns[f'{title}\n({where})'] = \
             backbone.forward_features(norm).features[1]
     maps = {k: pca_rgb(v) for k, v in columns.items()}
     ncol = 1 + len(maps)
@@ -574,6 +577,7 @@ def write_report(results: dict, rows: Sequence[str],
     Returns:
         dict: the tables, the markdown and the verdict.
     """
+    from .recipes import DENSE_TEACHER
     probes = probe_table(results, rows)
     budget = budget_table(results, rows, preset)
     agreement = agreement_table(results, distilled)
@@ -583,7 +587,11 @@ def write_report(results: dict, rows: Sequence[str],
     md = ('Frozen-backbone probes trained on the user\'s labelled split '
           f'({w["train"]["images"]} scenes), scored on the validation '
           f'scenes ({w["val"]["images"]} images; value [95 % bootstrap '
-          'interval]):\n\n' + table_markdown(probes, PROBE_COLUMNS) +
+          'interval]). The det / seg probes of an inheritance run read its '
+          f'maps in the {DENSE_TEACHER!r} teacher\'s space '
+          '(`kiv.InheritedBackbone`), every other row its own pyramid; '
+          'top-1 reads each row\'s summary:\n\n' +
+          table_markdown(probes, PROBE_COLUMNS) +
           '\n\nLabels and compute per row (seconds of this run on this '
           'machine):\n\n' + _budget_markdown(budget) +
           '\n\nInherited heads against the ground truth of the validation '

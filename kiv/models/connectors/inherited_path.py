@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from kiv.utils.state_dict import (first_keys, load_state_dict_checked,
                                   read_checkpoint, select_prefix,
                                   unwrap_state_dict)
-from ..connectors import DenseS2THead, S2THead
-from ..connectors.standardizers import (StatisticsStandardizer,
-                                        build_standardizer)
+from .s2t_heads import DenseS2THead, S2THead
+from .standardizers import StatisticsStandardizer, build_standardizer
 
-__all__ = ['InheritedPathError', 'InheritedPath', 'read_latent_state']
+__all__ = ['InheritedPathError', 'InheritedPath', 'read_latent_state',
+           'dense_levels']
 
 
 class InheritedPathError(ValueError):
@@ -59,6 +59,21 @@ def read_latent_state(path: str) -> dict[str, Tensor]:
     return latent
 
 
+def dense_levels(latent: Mapping[str, Tensor], teacher: str) -> list[int]:
+    """The dense levels of ``teacher`` that have an s2t head, in order.
+
+    Args:
+        latent (Mapping[str, Tensor]): :func:`read_latent_state` output.
+        teacher (str): teacher name.
+
+    Returns:
+        list[int]: e.g. ``[0, 1, 2, 3]``; empty for a summary-only teacher
+        or one not in the file.
+    """
+    return sorted({int(m.group(1)) for k in latent if (m := re.match(
+        rf'feature_heads\.{re.escape(teacher)}\.(\d+)\.', k))})
+
+
 def _standardize_mode(state: Mapping[str, Tensor]) -> str:
     """``'phis'`` / ``'channel'`` / ``'none'`` from a standardiser's
     buffers (PHI-S keeps a full second moment, per channel a diagonal)."""
@@ -82,6 +97,10 @@ class InheritedPath(nn.Module):
         norm_cfg (dict, optional): the heads' norm, as in
             ``SharedLatentSpace``. Defaults to LN.
         act_cfg (dict, optional): the heads' activation. Defaults to GELU.
+        latent (Mapping[str, Tensor], optional): the file's latent state,
+            already read (:func:`read_latent_state`), to build several
+            paths from one read; ``checkpoint`` then only names the file in
+            messages. Defaults to None: read ``checkpoint``.
 
     Raises:
         InheritedPathError: the teacher or level is not in the file, or its
@@ -91,16 +110,17 @@ class InheritedPath(nn.Module):
     def __init__(self, checkpoint: str, teacher: str,
                  level: Optional[int] = None,
                  norm_cfg: Optional[dict] = None,
-                 act_cfg: Optional[dict] = None) -> None:
+                 act_cfg: Optional[dict] = None,
+                 latent: Optional[Mapping[str, Tensor]] = None) -> None:
         super().__init__()
-        latent = read_latent_state(checkpoint)
+        if latent is None:
+            latent = read_latent_state(checkpoint)
         if level is None:
             head_key = f'summary_heads.{teacher}.'
             std_key = f'summary_standardizers.{teacher}.'
             what = f'teacher {teacher!r} summary'
         else:
-            levels = sorted({int(m.group(1)) for k in latent if (m := re.match(
-                rf'feature_heads\.{re.escape(teacher)}\.(\d+)\.', k))})
+            levels = dense_levels(latent, teacher)
             if not -len(levels) <= level < len(levels):
                 raise InheritedPathError(
                     f'{checkpoint}: teacher {teacher!r} has dense levels '

@@ -1,0 +1,135 @@
+"""``kiv.InheritedBackbone``: a student whose maps are given in a teacher's
+space, for downstream necks and heads.
+
+A distilled student learns, through its student-to-teacher heads, to give
+each teacher's outputs. Downstream, a toolbox neck usually reads the
+student's own pyramid; this wrapper gives it the student's prediction of
+one teacher's dense levels instead (student -> s2t head -> inverse
+standardisation, :class:`~kiv.models.connectors.InheritedPath`), like
+RADIO's per-teacher adaptors. For a detector or a segmenter trained on few
+labels that is the purpose-specific teacher's feature space (e.g. its FPN),
+which a small neck trained on those labels need not rediscover from the
+student's maps: the s2t heads are non-linear per position, a neck's lateral
+convs are linear.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from mmengine.model import BaseModule
+from torch import Tensor, nn
+
+from kiv.registry import MODELS
+from kiv.structures import FeatureOutput
+from ..connectors.inherited_path import (InheritedPath, InheritedPathError,
+                                         dense_levels, read_latent_state)
+
+__all__ = ['InheritedBackbone']
+
+
+@MODELS.register_module()
+class InheritedBackbone(BaseModule):
+    """A kiv student's maps in one teacher's raw feature space.
+
+    Level ``l`` of the output is ``InheritedPath(checkpoint, teacher,
+    level=l)`` applied to the student's map ``student_levels[l]`` at that
+    map's own grid (any input size; the teacher's own grid is not needed).
+    The paths' weights are fixed (they are the distillation's); the student
+    is built, loaded and frozen as its own config says.
+
+    Args:
+        backbone (dict): the student, built from ``kiv.MODELS`` (e.g.
+            ``kiv.AdapterViT`` with ``init_cfg=dict(type='Pretrained',
+            checkpoint='student.pth')``); needs ``forward_features``
+            returning a :class:`~kiv.structures.FeatureOutput`.
+        checkpoint (str): the file with the shared latent space: a student
+            exported with ``tools/export_student.py --keep-heads`` or the
+            distillation checkpoint.
+        teacher (str): the teacher whose dense levels are given, e.g.
+            ``'det'``.
+        student_levels (Sequence[int], optional): the student map feeding
+            each of the teacher's levels, as the distillation config's
+            ``latent.teachers[teacher].student_levels``. Defaults to
+            ``0, 1, ...`` (one per level of the teacher in the file).
+        init_cfg (dict, optional): mmengine init config of the wrapper.
+            Defaults to None.
+
+    Raises:
+        InheritedPathError: the teacher is not in the file, it has no
+            dense level, or ``student_levels`` does not give one student map
+            per teacher level.
+    """
+
+    def __init__(self,
+                 backbone: dict,
+                 checkpoint: str,
+                 teacher: str,
+                 student_levels: Optional[Sequence[int]] = None,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.backbone = MODELS.build(backbone)
+        latent = read_latent_state(checkpoint)
+        levels = dense_levels(latent, teacher)
+        if not levels:
+            dense = sorted({k.split('.')[1] for k in latent
+                            if k.startswith('feature_heads.')})
+            raise InheritedPathError(
+                f'InheritedBackbone: {checkpoint}: no dense s2t head for '
+                f'teacher {teacher!r}; teachers with dense heads: {dense}')
+        paths = [InheritedPath(checkpoint, teacher, level=i, latent=latent)
+                 for i in range(len(levels))]
+        if student_levels is None:
+            student_levels = range(len(paths))
+        self.student_levels = tuple(int(i) for i in student_levels)
+        if len(self.student_levels) != len(paths):
+            raise InheritedPathError(
+                f'InheritedBackbone: {checkpoint}: teacher {teacher!r} has '
+                f'{len(paths)} dense levels, student_levels='
+                f'{list(self.student_levels)} gives '
+                f'{len(self.student_levels)}')
+        self.paths = nn.ModuleList(paths)
+        self.teacher = teacher
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        """Channels of each output level (the teacher's)."""
+        return tuple(p.out_dim for p in self.paths)
+
+    def _to_teacher(self, out: FeatureOutput) -> tuple[Tensor, ...]:
+        if max(self.student_levels) >= len(out.features):
+            raise InheritedPathError(
+                f'InheritedBackbone: student_levels='
+                f'{list(self.student_levels)}, but the student gives '
+                f'{len(out.features)} maps')
+        maps = []
+        for path, lv in zip(self.paths, self.student_levels):
+            x = out.features[lv]
+            if x.shape[1] != path.in_dim:
+                raise InheritedPathError(
+                    f'InheritedBackbone: the s2t head of teacher '
+                    f'{self.teacher!r} level {path.level} reads '
+                    f'{path.in_dim} channels, student map {lv} has '
+                    f'{x.shape[1]}')
+            # contiguous NCHW: mmcv's RoI ops read any map as NCHW memory
+            maps.append(path(x).contiguous())
+        return tuple(maps)
+
+    def forward_features(self, x: Tensor) -> FeatureOutput:
+        """The student's summaries and the teacher-space maps.
+
+        Args:
+            x (Tensor): images ``(B, 3, H, W)`` as the student takes them.
+
+        Returns:
+            FeatureOutput: the student's ``summary`` (and ``summaries``);
+            ``features`` = one map per teacher level ``l``, ``(B, D_l,
+            h, w)`` at the grid of student map ``student_levels[l]``.
+        """
+        out = self.backbone.forward_features(x)
+        return FeatureOutput(out.summary, self._to_teacher(out),
+                             out.summaries)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Toolbox interface: the teacher-space maps (see
+        :meth:`forward_features`), for an mmdet / mmseg neck or head."""
+        return self._to_teacher(self.backbone.forward_features(x))
