@@ -873,6 +873,52 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
     assert not changed, changed
 
 
+def test_attached_features_are_standardised_with_train_statistics(
+        tmp_path):
+    """The det / seg probes read every row's maps at one scale: per level
+    and channel, minus the mean and over the standard deviation of the
+    *train* split (images and positions), for train, flipped and val
+    samples alike; without ``standardize`` the maps are the file's."""
+    from mmengine.structures import BaseDataElement
+    from safetensors.torch import save_file
+
+    from kiv_demo.probes import AttachFeatures
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 10.0, 100.0]).view(1, 3, 1, 1)
+    tensors = {f'{split}.level{lv}':
+               (torch.randn(4, 3, 4 >> lv, 4 >> lv, generator=g) * scale +
+                7.0 * (split == 'val')).half()
+               for split in ('train', 'train_flip', 'val')
+               for lv in range(2)}
+    path = str(tmp_path / 'features.safetensors')
+    save_file(tensors, path)
+
+    def attach(split, idx, flip=False, **kwargs):
+        sample = BaseDataElement(metainfo=dict(
+            img_path=f'x/{idx:012d}.jpg', flip=flip))
+        out = AttachFeatures(path, split, levels=2, **kwargs).transform(
+            dict(data_samples=sample))
+        return out['inputs']
+
+    for lv in range(2):
+        train = tensors[f'train.level{lv}'].float()
+        mean = train.mean((0, 2, 3)).view(3, 1, 1)
+        std = train.std((0, 2, 3)).view(3, 1, 1)
+        for split, key, flip in (('train', 'train', False),
+                                 ('train', 'train_flip', True),
+                                 ('val', 'val', False)):
+            raw = tensors[f'{key}.level{lv}'][2].float()
+            got = attach(split, 2, flip, standardize=True)[lv]
+            torch.testing.assert_close(got, (raw - mean) / std)
+            assert torch.equal(attach(split, 2, flip)[lv].float(), raw)
+        stacked = torch.stack([attach('train', i, standardize=True)[lv]
+                               for i in range(4)])
+        torch.testing.assert_close(stacked.mean((0, 2, 3)),
+                                   torch.zeros(3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(stacked.std((0, 2, 3)), torch.ones(3),
+                                   atol=1e-4, rtol=0)
+
+
 def test_load_rgb_gives_contiguous_nchw(tmp_path):
     """The agreement stage feeds these images through convolutions to an
     mmcv RoI head, which misreads channels-last memory (the inherited and

@@ -6,6 +6,10 @@
 # ``kiv_demo.IoUMetricWithSamples`` also keeps the per-image areas for the
 # bootstrap intervals). The same model (minus backbone) is the segmentation
 # head of the inherited student's and the rivals' multi-task training.
+# Every channel of the cached maps is standardised with its statistics on
+# the user's labelled scenes (``standardize=True``): rows' maps differ in
+# scale by an order of magnitude, and the probe's fixed lr and budget must
+# not favour one scale.
 _base_ = ['./_base_/world_fpn-seg.py']
 custom_imports = dict(imports=['kiv', 'kiv_demo'], allow_failed_imports=False)
 features = 'features/features.safetensors'
@@ -19,13 +23,15 @@ train_pipeline = [
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackSegInputs'),
-    dict(type='kiv_demo.AttachFeatures', file=features, split='train'),
+    dict(type='kiv_demo.AttachFeatures', file=features, split='train',
+         standardize=True),
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='PackSegInputs'),
-    dict(type='kiv_demo.AttachFeatures', file=features, split='val'),
+    dict(type='kiv_demo.AttachFeatures', file=features, split='val',
+         standardize=True),
 ]
 train_dataloader = dict(batch_size=16, dataset=dict(pipeline=train_pipeline))
 val_dataloader = dict(batch_size=32, dataset=dict(pipeline=test_pipeline))

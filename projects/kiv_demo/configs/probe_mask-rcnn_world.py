@@ -8,6 +8,10 @@
 # ``test_evaluator.outfile_prefix`` (results kept for the bootstrap
 # intervals). The same model (minus backbone) is the detection
 # head of the inherited student's and the rivals' multi-task training.
+# Every channel of the cached maps is standardised with its statistics on
+# the user's labelled scenes (``standardize=True``): rows' maps differ in
+# scale by an order of magnitude, and the probe's fixed lr and budget must
+# not favour one scale.
 _base_ = ['./_base_/world_mask-rcnn.py']
 custom_imports = dict(imports=['kiv', 'kiv_demo'], allow_failed_imports=False)
 features = 'features/features.safetensors'
@@ -22,7 +26,8 @@ train_pipeline = [
     dict(type='Resize', scale=(64, 64), keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs'),
-    dict(type='kiv_demo.AttachFeatures', file=features, split='train'),
+    dict(type='kiv_demo.AttachFeatures', file=features, split='train',
+         standardize=True),
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
@@ -31,7 +36,8 @@ test_pipeline = [
     dict(type='PackDetInputs',
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
                     'scale_factor')),
-    dict(type='kiv_demo.AttachFeatures', file=features, split='val'),
+    dict(type='kiv_demo.AttachFeatures', file=features, split='val',
+         standardize=True),
 ]
 train_dataloader = dict(batch_size=16, dataset=dict(pipeline=train_pipeline))
 val_dataloader = dict(batch_size=32, dataset=dict(pipeline=test_pipeline))

@@ -148,23 +148,49 @@ class AttachFeatures(BaseTransform):
     (flipped with the image), ``inputs`` becomes the tuple of pyramid maps
     of the same image, flipped or not (``metainfo['flip']``).
 
+    With ``standardize``, every channel of every level is shifted and
+    scaled by its mean and standard deviation over the file's ``train``
+    split (images and positions; the user's labelled scenes, never the
+    validation ones), as the logistic-regression probe does with summaries:
+    a probe then reads any backbone's maps at one scale. Backbones differ by
+    orders of magnitude there (a BN-normalised adapter pyramid, a teacher's
+    raw FPN with a standard deviation of 10-16), and the probes' fixed
+    learning rate and budget would otherwise favour some scales.
+
     Args:
         file (str): safetensors file of :func:`extract_features` outputs
             under ``<split>.level<l>`` / ``<split>_flip.level<l>``.
         split (str): ``'train'`` or ``'val'``.
         levels (int): pyramid levels. Defaults to 4.
+        standardize (bool): per-channel standardisation with the train
+            split's statistics. Defaults to False.
     """
 
-    def __init__(self, file: str, split: str, levels: int = 4) -> None:
+    def __init__(self, file: str, split: str, levels: int = 4,
+                 standardize: bool = False) -> None:
         self.file = file
         self.split = split
         self.levels = levels
+        self.standardize = standardize
         self._cache: dict[str, Tensor] = {}
+        self._stats: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _get(self, key: str) -> Tensor:
         if key not in self._cache:
             self._cache[key] = load_tensor(self.file, key)
         return self._cache[key]
+
+    def _level(self, prefix: str, lv: int, idx: int) -> Tensor:
+        x = self._get(f'{prefix}.level{lv}')[idx]
+        if not self.standardize:
+            return x
+        if lv not in self._stats:
+            train = load_tensor(self.file, f'train.level{lv}').float()
+            self._stats[lv] = (
+                train.mean((0, 2, 3))[:, None, None],
+                train.std((0, 2, 3)).clamp_min(1e-6)[:, None, None])
+        mean, std = self._stats[lv]
+        return (x.float() - mean) / std
 
     def transform(self, results: dict) -> dict:
         """Swap ``inputs`` for the features of the sample's image."""
@@ -172,7 +198,7 @@ class AttachFeatures(BaseTransform):
         idx = image_index(sample.metainfo['img_path'])
         prefix = f'{self.split}_flip' if sample.metainfo.get('flip') \
             else self.split
-        results['inputs'] = tuple(self._get(f'{prefix}.level{lv}')[idx]
+        results['inputs'] = tuple(self._level(prefix, lv, idx)
                                   for lv in range(self.levels))
         return results
 
