@@ -368,10 +368,11 @@ def inherit_cfg(variant: str, preset: dict) -> Config:
 
 
 #: the teacher whose space an inherited student gives its dense maps in
-#: downstream (``kiv.InheritedBackbone``): the detector's FPN. Chosen on a
-#: world of its own (seed 1000, ``--quick`` student, the default seg
-#: probe): mIoU 24.5 on the student's pyramid, 30.3 on its maps in the
-#: detector's space (docs/demo.md)
+#: downstream (``kiv.InheritedBackbone``): the detector's FPN. First
+#: measured on a default run's validation scenes, then checked on a world
+#: of its own before adoption (seed 1000, ``--quick`` student, the default
+#: seg probe: mIoU 24.5 on the student's pyramid, 30.3 on its maps in the
+#: detector's space; docs/demo.md, "Probes")
 DENSE_TEACHER = 'det'
 
 
