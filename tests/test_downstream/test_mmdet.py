@@ -19,6 +19,7 @@ from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 
 from kiv.testing.paths import REAL_DISTILL_CFG as DISTILL_CFG
+from kiv.testing.paths import TINY_DISTILL_CFG as DISTILL_TINY_CFG
 from kiv.testing.paths import REPO
 from kiv.testing.tools import run_tool
 from kiv.utils.checkpoint import safe_torch_load
@@ -285,6 +286,43 @@ def test_tiny_train_and_test_from_exported_student(name, exported_student,
     assert 'Iter(train) [2/2]' in out
     out = _ok(run_tool(['test.py', cfg, osp.join(work, 'iter_2.pth'),
                         '--work-dir', work, *opts], data_dir))
+    _assert_coco_ap(_summary(out))
+
+
+@pytest.mark.slow
+def test_tiny_train_and_test_on_the_inherited_backbone(
+        exported_student, data_dir):
+    """The tiny FPN config with ``kiv.InheritedBackbone`` (the student's
+    maps in the distilled detector teacher's space, its s2t heads read from
+    the distillation checkpoint) trains and tests through the tools: the
+    student loads its export, the neck takes the teacher's channels at the
+    teacher's strides."""
+    from kiv.models.connectors import read_latent_state
+    ckpt = exported_student['path']
+    heads = osp.join(exported_student['root'], 'distill', 'iter_2.pth')
+    latent = read_latent_state(heads)
+    width = latent['feature_heads.detector.0.fc2.weight'].shape[0]
+    levels = Config.fromfile(DISTILL_TINY_CFG).model.latent.teachers[
+        'detector'].student_levels  # strides 8, 16, 32
+    cfg = Config.fromfile(TINY_CFGS['fpn'])
+    student = cfg.model.backbone
+    student.init_cfg.checkpoint = ckpt
+    cfg.model.backbone = dict(type='kiv.InheritedBackbone', backbone=student,
+                              checkpoint=heads, teacher='detector',
+                              student_levels=list(levels))
+    cfg.model.neck.in_channels = [width] * len(levels)
+    cfg.model.rpn_head.anchor_generator.strides = [8, 16, 32, 64, 128]
+    for key in ('bbox_roi_extractor', 'mask_roi_extractor'):
+        cfg.model.roi_head[key].featmap_strides = [8, 16, 32, 64]
+    path = osp.join(data_dir, 'mask-rcnn_inherited-backbone_tiny.py')
+    cfg.dump(path)
+    work = osp.join(data_dir, 'work_mmdet_inherited')
+    out = _ok(run_tool(['train.py', path, '--work-dir', work], data_dir))
+    assert f'load model from: {ckpt}' in out
+    assert NOT_MATCHING not in out
+    assert 'Iter(train) [2/2]' in out
+    out = _ok(run_tool(['test.py', path, osp.join(work, 'iter_2.pth'),
+                        '--work-dir', work], data_dir))
     _assert_coco_ap(_summary(out))
 
 

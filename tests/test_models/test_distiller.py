@@ -97,8 +97,9 @@ def test_inherited_backbone_gives_the_distillers_teacher_space(
         trained, distill_workdir):
     """``kiv.InheritedBackbone`` on an exported student = the distiller's
     own inherited maps (student -> s2t head -> inverse standardisation) of
-    the teacher, at the student maps' grids, contiguous; it builds from an
-    mmdet config and names the file on a bad teacher or level list."""
+    the teacher, at the student maps' grids, contiguous; it builds from
+    mmdet and mmseg configs and names the file on a bad teacher or level
+    list."""
     from mmdet.registry import MODELS as DET_MODELS
     from mmengine.registry import DefaultScope
 
@@ -113,6 +114,10 @@ def test_inherited_backbone_gives_the_distillers_teacher_space(
     levels = trained.cfg.model.latent.teachers.detector.student_levels
     cfg = dict(type='kiv.InheritedBackbone', backbone=student_cfg,
                checkpoint=out, teacher='detector', student_levels=levels)
+    from mmseg.registry import MODELS as SEG_MODELS
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        assert isinstance(SEG_MODELS.build(copy.deepcopy(cfg)),
+                          InheritedBackbone)
     with DefaultScope.overwrite_default_scope('mmdet'):
         backbone = DET_MODELS.build(copy.deepcopy(cfg))
     assert isinstance(backbone, InheritedBackbone)
@@ -136,6 +141,15 @@ def test_inherited_backbone_gives_the_distillers_teacher_space(
     torch.testing.assert_close(got.summary, student.summary)
     # the wrapper's paths are fixed; the student is the exported one
     assert not any(p.requires_grad for p in backbone.paths.parameters())
+    # layer-wise lr decay: the student's depths under the wrapper's prefix
+    block = 'base.model.blocks.0.attn.qkv.weight'
+    depth = backbone.backbone.get_layer_depth(f'backbone.{block}',
+                                              'backbone.')
+    assert depth[0] == 1
+    assert backbone.get_layer_depth(f'backbone.backbone.{block}',
+                                    'backbone.') == depth
+    assert backbone.get_layer_depth('backbone.paths.0.head.fc1.weight',
+                                    'backbone.') == (depth[1] - 1, depth[1])
     kwargs = {k: v for k, v in cfg.items() if k != 'type'}
     with pytest.raises(InheritedPathError, match="'sam'.*'detector'"):
         InheritedBackbone(**dict(kwargs, teacher='sam'))

@@ -95,6 +95,34 @@ class InheritedBackbone(BaseModule):
         """Channels of each output level (the teacher's)."""
         return tuple(p.out_dim for p in self.paths)
 
+    def get_layer_depth(self, param_name: str,
+                        prefix: str = '') -> tuple[int, int]:
+        """Layer id of a parameter for layer-wise learning-rate decay: the
+        student's own (see ``AdapterViT.get_layer_depth``; its parameters
+        are ``<prefix>backbone.*`` here). The fixed paths, like every
+        parameter outside the student, get the last layer (they never
+        train).
+
+        Args:
+            param_name (str): parameter name, e.g.
+                ``'backbone.backbone.base.model.blocks.3.attn.qkv.weight'``.
+            prefix (str): prefix of this module's parameters. Defaults to
+                ``''``.
+
+        Returns:
+            tuple[int, int]: ``(layer_id, num_layers)``.
+
+        Raises:
+            TypeError: the student has no ``get_layer_depth``.
+        """
+        inner = getattr(self.backbone, 'get_layer_depth', None)
+        if inner is None:
+            raise TypeError(
+                f'InheritedBackbone: its student '
+                f'{type(self.backbone).__name__} has no get_layer_depth '
+                '(needed by layer-wise lr decay)')
+        return inner(param_name, prefix + 'backbone.')
+
     def _to_teacher(self, out: FeatureOutput) -> tuple[Tensor, ...]:
         if max(self.student_levels) >= len(out.features):
             raise InheritedPathError(
