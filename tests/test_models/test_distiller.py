@@ -128,7 +128,7 @@ def test_inherited_backbone_gives_the_distillers_teacher_space(
     with torch.no_grad():
         maps = backbone(x)
         student = model.student.forward_features(x)
-        sizes = [student.features[lv].shape[-2:] for lv in levels]
+        sizes = [tuple(student.features[lv].shape[-2:]) for lv in levels]
         ref = model.latent.to_teacher_space(
             model.latent.project(student, 'detector', sizes), 'detector')
         got = backbone.forward_features(x)
@@ -151,10 +151,24 @@ def test_inherited_backbone_gives_the_distillers_teacher_space(
     assert backbone.get_layer_depth('backbone.paths.0.head.fc1.weight',
                                     'backbone.') == (depth[1] - 1, depth[1])
     kwargs = {k: v for k, v in cfg.items() if k != 'type'}
+    # a teacher level at another stride (e.g. P6 from the stride-32 map):
+    # the s2t head reads the student map at that grid, as in distillation
+    halved = InheritedBackbone(**dict(kwargs, scale_factors=[1, 1, 0.5]))
+    halved.init_weights()
+    halved.eval()
+    with torch.no_grad():
+        last = halved(x)[-1]
+        sizes[-1] = tuple((n + 1) // 2 for n in sizes[-1])
+        ref = model.latent.to_teacher_space(
+            model.latent.project(student, 'detector', sizes), 'detector')
+    assert last.shape[-2:] == sizes[-1] != maps[-1].shape[-2:]
+    torch.testing.assert_close(last, ref.features[-1], rtol=1e-5, atol=1e-5)
     with pytest.raises(InheritedPathError, match="'sam'.*'detector'"):
         InheritedBackbone(**dict(kwargs, teacher='sam'))
     with pytest.raises(InheritedPathError, match=r'student_levels=\[0, 1\]'):
         InheritedBackbone(**dict(kwargs, student_levels=[0, 1]))
+    with pytest.raises(InheritedPathError, match=r'scale_factors=\[1.0\]'):
+        InheritedBackbone(**dict(kwargs, scale_factors=[1]))
 
 
 def _grad_shares(distill_workdir, name, standardize, scale):

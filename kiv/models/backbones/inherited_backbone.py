@@ -14,6 +14,7 @@ convs are linear.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 from mmengine.model import BaseModule
@@ -32,8 +33,10 @@ class InheritedBackbone(BaseModule):
     """A kiv student's maps in one teacher's raw feature space.
 
     Level ``l`` of the output is ``InheritedPath(checkpoint, teacher,
-    level=l)`` applied to the student's map ``student_levels[l]`` at that
-    map's own grid (any input size; the teacher's own grid is not needed).
+    level=l)`` applied to the student's map ``student_levels[l]``, at that
+    map's grid scaled by ``scale_factors[l]`` (``ceil(h * f), ceil(w * f)``,
+    any input size; e.g. ``0.5`` for a teacher's stride-64 level read from
+    the student's stride-32 map, as mmdet's FPN makes P6).
     The paths' weights are fixed (they are the distillation's); the student
     is built, loaded and frozen as its own config says.
 
@@ -51,13 +54,16 @@ class InheritedBackbone(BaseModule):
             each of the teacher's levels, as the distillation config's
             ``latent.teachers[teacher].student_levels``. Defaults to
             ``0, 1, ...`` (one per level of the teacher in the file).
+        scale_factors (Sequence[float], optional): grid scale of each
+            output level relative to its student map. Defaults to 1.0 for
+            every level.
         init_cfg (dict, optional): mmengine init config of the wrapper.
             Defaults to None.
 
     Raises:
         InheritedPathError: the teacher is not in the file, it has no
-            dense level, or ``student_levels`` does not give one student map
-            per teacher level.
+            dense level, or ``student_levels`` / ``scale_factors`` do not
+            give one entry per teacher level.
     """
 
     def __init__(self,
@@ -65,6 +71,7 @@ class InheritedBackbone(BaseModule):
                  checkpoint: str,
                  teacher: str,
                  student_levels: Optional[Sequence[int]] = None,
+                 scale_factors: Optional[Sequence[float]] = None,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.backbone = MODELS.build(backbone)
@@ -87,6 +94,16 @@ class InheritedBackbone(BaseModule):
                 f'{len(paths)} dense levels, student_levels='
                 f'{list(self.student_levels)} gives '
                 f'{len(self.student_levels)}')
+        if scale_factors is None:
+            scale_factors = [1.0] * len(paths)
+        self.scale_factors = tuple(float(f) for f in scale_factors)
+        if len(self.scale_factors) != len(paths) or \
+                min(self.scale_factors) <= 0:
+            raise InheritedPathError(
+                f'InheritedBackbone: {checkpoint}: teacher {teacher!r} has '
+                f'{len(paths)} dense levels, scale_factors='
+                f'{list(self.scale_factors)} must give one positive factor '
+                'per level')
         self.paths = nn.ModuleList(paths)
         self.teacher = teacher
 
@@ -130,7 +147,8 @@ class InheritedBackbone(BaseModule):
                 f'{list(self.student_levels)}, but the student gives '
                 f'{len(out.features)} maps')
         maps = []
-        for path, lv in zip(self.paths, self.student_levels):
+        for path, lv, f in zip(self.paths, self.student_levels,
+                               self.scale_factors):
             x = out.features[lv]
             if x.shape[1] != path.in_dim:
                 raise InheritedPathError(
@@ -138,8 +156,10 @@ class InheritedBackbone(BaseModule):
                     f'{self.teacher!r} level {path.level} reads '
                     f'{path.in_dim} channels, student map {lv} has '
                     f'{x.shape[1]}')
+            size = None if f == 1.0 else \
+                tuple(math.ceil(n * f) for n in x.shape[-2:])
             # contiguous NCHW: mmcv's RoI ops read any map as NCHW memory
-            maps.append(path(x).contiguous())
+            maps.append(path(x, size).contiguous())
         return tuple(maps)
 
     def forward_features(self, x: Tensor) -> FeatureOutput:
@@ -151,7 +171,8 @@ class InheritedBackbone(BaseModule):
         Returns:
             FeatureOutput: the student's ``summary`` (and ``summaries``);
             ``features`` = one map per teacher level ``l``, ``(B, D_l,
-            h, w)`` at the grid of student map ``student_levels[l]``.
+            h, w)`` at the grid of student map ``student_levels[l]`` times
+            ``scale_factors[l]``.
         """
         out = self.backbone.forward_features(x)
         return FeatureOutput(out.summary, self._to_teacher(out),
