@@ -37,6 +37,12 @@ TINY_CFGS = {
         CFG_DIR, f'mask-rcnn_kiv-adapter-vit-t14_{neck}_1xb1-2it_tiny-coco.py')
     for neck in ('fpn', 'simple-pyramid')
 }
+#: the same on ``kiv.InheritedBackbone`` (the detector teacher's space)
+INHERITED_CFGS = dict(
+    real=osp.join(CFG_DIR,
+                  'mask-rcnn_kiv-inherited-vit-b14_fpn_8xb2-1x_coco.py'),
+    tiny=osp.join(CFG_DIR,
+                  'mask-rcnn_kiv-inherited-vit-t14_fpn_1xb1-2it_tiny-coco.py'))
 #: Mask R-CNN feature sizes of the tiny models for a 70x70 input.
 TINY_LEVEL_SIZES = {
     'fpn': [18, 9, 5, 3, 2],
@@ -289,40 +295,60 @@ def test_tiny_train_and_test_from_exported_student(name, exported_student,
     _assert_coco_ap(_summary(out))
 
 
+def test_inherited_backbone_config_fits_the_recipe():
+    """The real config on ``kiv.InheritedBackbone`` wraps the FPN config's
+    student unchanged and reads the recipe's detector teacher as it was
+    distilled: its student levels, one scale factor per level (P6 at half
+    the stride-32 grid), the teacher's 5 x 256 channels into the FPN."""
+    cfg = Config.fromfile(INHERITED_CFGS['real'])
+    base = Config.fromfile(REAL_CFGS['fpn'])
+    recipe = Config.fromfile(DISTILL_CFG).model
+    wrapper = cfg.model.backbone
+    assert wrapper.type == 'kiv.InheritedBackbone'
+    assert wrapper.backbone == base.model.backbone
+    assert wrapper.checkpoint == wrapper.backbone.init_cfg.checkpoint
+    assert wrapper.teacher in recipe.teachers
+    assert recipe.teachers[wrapper.teacher].source.config.endswith(
+        'mask-rcnn_r50_fpn_1x_coco.py')
+    levels = recipe.latent.teachers[wrapper.teacher].student_levels
+    assert wrapper.student_levels == levels
+    assert wrapper.scale_factors == [1, 1, 1, 1, 0.5]
+    assert cfg.model.neck.in_channels == [256] * len(levels)
+    assert cfg.model.neck.num_outs == len(levels)
+    assert cfg.optim_wrapper.constructor == \
+        'kiv.BackboneLayerDecayOptimWrapperConstructor'
+
+
 @pytest.mark.slow
 def test_tiny_train_and_test_on_the_inherited_backbone(
         exported_student, data_dir):
-    """The tiny FPN config with ``kiv.InheritedBackbone`` (the student's
-    maps in the distilled detector teacher's space, its s2t heads read from
-    the distillation checkpoint) trains and tests through the tools: the
-    student loads its export, the neck takes the teacher's channels at the
-    teacher's strides."""
+    """The tiny config on ``kiv.InheritedBackbone`` (the student's maps in
+    the tiny recipe's detector teacher's space, its s2t heads read from the
+    distillation checkpoint) trains and tests through the tools, layer-wise
+    lr decay included: the student loads its export, the neck takes the
+    teacher's channels at the teacher's strides."""
     from kiv.models.connectors import read_latent_state
     ckpt = exported_student['path']
     heads = osp.join(exported_student['root'], 'distill', 'iter_2.pth')
     latent = read_latent_state(heads)
-    width = latent['feature_heads.detector.0.fc2.weight'].shape[0]
-    levels = Config.fromfile(DISTILL_TINY_CFG).model.latent.teachers[
-        'detector'].student_levels  # strides 8, 16, 32
-    cfg = Config.fromfile(TINY_CFGS['fpn'])
-    student = cfg.model.backbone
-    student.init_cfg.checkpoint = ckpt
-    cfg.model.backbone = dict(type='kiv.InheritedBackbone', backbone=student,
-                              checkpoint=heads, teacher='detector',
-                              student_levels=list(levels))
-    cfg.model.neck.in_channels = [width] * len(levels)
-    cfg.model.rpn_head.anchor_generator.strides = [8, 16, 32, 64, 128]
-    for key in ('bbox_roi_extractor', 'mask_roi_extractor'):
-        cfg.model.roi_head[key].featmap_strides = [8, 16, 32, 64]
-    path = osp.join(data_dir, 'mask-rcnn_inherited-backbone_tiny.py')
-    cfg.dump(path)
+    cfg = Config.fromfile(INHERITED_CFGS['tiny'])
+    assert cfg.model.neck.in_channels == [
+        latent[f'feature_heads.detector.{lv}.fc2.weight'].shape[0]
+        for lv in range(3)]
+    assert cfg.model.backbone.student_levels == Config.fromfile(
+        DISTILL_TINY_CFG).model.latent.teachers['detector'].student_levels
+    opts = ['--cfg-options',
+            f'model.backbone.backbone.init_cfg.checkpoint={ckpt}',
+            f'model.backbone.checkpoint={heads}']
     work = osp.join(data_dir, 'work_mmdet_inherited')
-    out = _ok(run_tool(['train.py', path, '--work-dir', work], data_dir))
+    out = _ok(run_tool(['train.py', INHERITED_CFGS['tiny'], '--work-dir',
+                        work, *opts], data_dir))
     assert f'load model from: {ckpt}' in out
     assert NOT_MATCHING not in out
     assert 'Iter(train) [2/2]' in out
-    out = _ok(run_tool(['test.py', path, osp.join(work, 'iter_2.pth'),
-                        '--work-dir', work], data_dir))
+    out = _ok(run_tool(['test.py', INHERITED_CFGS['tiny'],
+                        osp.join(work, 'iter_2.pth'), '--work-dir', work,
+                        *opts], data_dir))
     _assert_coco_ap(_summary(out))
 
 
