@@ -1,4 +1,5 @@
-"""The inherited path of one teacher output, for downstream heads.
+"""The inherited path of one teacher output, for downstream heads and
+backbones (``kiv.InheritedBackbone``).
 
 Student -> student-to-teacher head -> inverse standardisation gives the
 student's prediction in the teacher's own raw space (what
