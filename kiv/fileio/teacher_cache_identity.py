@@ -67,14 +67,17 @@ def describe_cache(cache_dir: str, index: Mapping) -> str:
 
 
 def teacher_differences(index: Mapping, teachers: Mapping[str, Mapping],
-                        standardize: str) -> list[str]:
+                        standardize: str | None) -> list[str]:
     """What differs between a cache and a distiller's teachers.
 
     Args:
         index (Mapping): the cache's ``index.json``.
         teachers (Mapping[str, Mapping]): ``model.teachers`` (the real
             teacher configs, as when the cache was written).
-        standardize (str): ``model.latent.standardize``.
+        standardize (str, optional): ``model.latent.standardize``; None
+            when the run does not take its statistics from the cache (e.g.
+            ``kiv.StatisticsWarmupHook`` over the cached targets): not
+            compared.
 
     Returns:
         list[str]: one sentence per difference; empty if the cache belongs
@@ -93,7 +96,7 @@ def teacher_differences(index: Mapping, teachers: Mapping[str, Mapping],
         elif teacher_fingerprint(tcfg) != cached[name]['fingerprint']:
             diffs.append(f'teacher {name!r} config differs from the cached '
                          'one')
-    if standardize != index['standardize']:
+    if standardize is not None and standardize != index['standardize']:
         diffs.append(f'latent.standardize={standardize!r}, the cache '
                      f'statistics are for {index["standardize"]!r}')
     return diffs

@@ -102,6 +102,7 @@ def test_inherited_backbone_gives_the_distillers_teacher_space(
     list."""
     from mmdet.registry import MODELS as DET_MODELS
     from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS as SEG_MODELS
 
     from kiv.apis.export import export_student
     from kiv.models import InheritedBackbone, InheritedPathError
@@ -114,7 +115,6 @@ def test_inherited_backbone_gives_the_distillers_teacher_space(
     levels = trained.cfg.model.latent.teachers.detector.student_levels
     cfg = dict(type='kiv.InheritedBackbone', backbone=student_cfg,
                checkpoint=out, teacher='detector', student_levels=levels)
-    from mmseg.registry import MODELS as SEG_MODELS
     with DefaultScope.overwrite_default_scope('mmseg'):
         assert isinstance(SEG_MODELS.build(copy.deepcopy(cfg)),
                           InheritedBackbone)
@@ -125,8 +125,15 @@ def test_inherited_backbone_gives_the_distillers_teacher_space(
     backbone.eval()
     model = trained.model.eval()
     x = torch.rand(2, 3, 56, 70) * 255
+    # in a detector the student runs its pyramid only (no summaries)
+    assert backbone.backbone.out_type == 'pyramid'
+    full = []
+    forward_features = backbone.backbone.forward_features
+    backbone.backbone.forward_features = \
+        lambda *a: full.append(1) or forward_features(*a)
     with torch.no_grad():
         maps = backbone(x)
+        assert not full
         student = model.student.forward_features(x)
         sizes = [tuple(student.features[lv].shape[-2:]) for lv in levels]
         ref = model.latent.to_teacher_space(

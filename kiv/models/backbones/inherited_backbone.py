@@ -15,6 +15,7 @@ convs are linear.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Optional, Sequence
 
 from mmengine.model import BaseModule
@@ -140,16 +141,18 @@ class InheritedBackbone(BaseModule):
                 '(needed by layer-wise lr decay)')
         return inner(param_name, prefix + 'backbone.')
 
-    def _to_teacher(self, out: FeatureOutput) -> tuple[Tensor, ...]:
-        if max(self.student_levels) >= len(out.features):
+    def _to_teacher(self, maps: Mapping[int, Tensor]) -> tuple[Tensor, ...]:
+        """Teacher-space maps from the student maps, ``{index: map}``."""
+        missing = sorted(set(self.student_levels) - set(maps))
+        if missing:
             raise InheritedPathError(
                 f'InheritedBackbone: student_levels='
-                f'{list(self.student_levels)}, but the student gives '
-                f'{len(out.features)} maps')
-        maps = []
+                f'{list(self.student_levels)}, but the student gives maps '
+                f'{sorted(maps)}')
+        out = []
         for path, lv, f in zip(self.paths, self.student_levels,
                                self.scale_factors):
-            x = out.features[lv]
+            x = maps[lv]
             if x.shape[1] != path.in_dim:
                 raise InheritedPathError(
                     f'InheritedBackbone: the s2t head of teacher '
@@ -159,8 +162,8 @@ class InheritedBackbone(BaseModule):
             size = None if f == 1.0 else \
                 tuple(math.ceil(n * f) for n in x.shape[-2:])
             # contiguous NCHW: mmcv's RoI ops read any map as NCHW memory
-            maps.append(path(x, size).contiguous())
-        return tuple(maps)
+            out.append(path(x, size).contiguous())
+        return tuple(out)
 
     def forward_features(self, x: Tensor) -> FeatureOutput:
         """The student's summaries and the teacher-space maps.
@@ -175,10 +178,23 @@ class InheritedBackbone(BaseModule):
             ``scale_factors[l]``.
         """
         out = self.backbone.forward_features(x)
-        return FeatureOutput(out.summary, self._to_teacher(out),
+        return FeatureOutput(out.summary,
+                             self._to_teacher(dict(enumerate(out.features))),
                              out.summaries)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Toolbox interface: the teacher-space maps (see
-        :meth:`forward_features`), for an mmdet / mmseg neck or head."""
-        return self._to_teacher(self.backbone.forward_features(x))
+        :meth:`forward_features`), for an mmdet / mmseg neck or head.
+
+        A student whose own ``forward`` gives its pyramid
+        (``out_type='pyramid'``, ``out_indices`` holding every level in
+        ``student_levels``) runs only that, as in any detector: no
+        summaries, no patch-grid level. Any other runs
+        :meth:`forward_features`.
+        """
+        indices = getattr(self.backbone, 'out_indices', ())
+        if getattr(self.backbone, 'out_type', None) == 'pyramid' and \
+                set(self.student_levels) <= set(indices):
+            return self._to_teacher(dict(zip(indices, self.backbone(x))))
+        return self._to_teacher(
+            dict(enumerate(self.backbone.forward_features(x).features)))

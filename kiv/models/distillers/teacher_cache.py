@@ -26,7 +26,7 @@ __all__ = ['cached_teachers', 'fix_cache_statistics']
 
 
 def cached_teachers(teachers: Mapping[str, Mapping], cache_dir: str,
-                    standardize: str = 'phis',
+                    standardize: str | None = 'phis',
                     task_heads: Mapping | None = None,
                     keep_heads: Sequence[str] = ()) -> dict[str, dict]:
     """``kiv.CachedTeacher`` configs in place of a distiller's teachers.
@@ -41,8 +41,10 @@ def cached_teachers(teachers: Mapping[str, Mapping], cache_dir: str,
         teachers (Mapping[str, Mapping]): ``model.teachers``, the real
             teacher configs (checked against the cache's fingerprints).
         cache_dir (str): the cache directory.
-        standardize (str): ``model.latent.standardize``. Defaults to
-            ``'phis'`` (``kiv.SharedLatentSpace``'s default).
+        standardize (str, optional): ``model.latent.standardize``, checked
+            against the cache's statistics; None if the run estimates its
+            own (not checked). Defaults to ``'phis'``
+            (``kiv.SharedLatentSpace``'s default).
         task_heads (Mapping, optional): ``model.task_heads``; must be empty
             (the cache stores teacher targets, not labels).
         keep_heads (Sequence[str]): teachers whose stand-in keeps the real

@@ -173,24 +173,21 @@ class AttachFeatures(BaseTransform):
         self.levels = levels
         self.standardize = standardize
         self._cache: dict[str, Tensor] = {}
-        self._stats: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _get(self, key: str) -> Tensor:
+        """The file's tensor ``key``, standardised once if asked (with the
+        train split's statistics of its level)."""
         if key not in self._cache:
-            self._cache[key] = load_tensor(self.file, key)
+            x = load_tensor(self.file, key)
+            if self.standardize:
+                lv = key.rsplit('.level', 1)[1]
+                train = x if key == f'train.level{lv}' else load_tensor(
+                    self.file, f'train.level{lv}')
+                train = train.float()
+                x = (x.float() - train.mean((0, 2, 3), keepdim=True)) / \
+                    train.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+            self._cache[key] = x
         return self._cache[key]
-
-    def _level(self, prefix: str, lv: int, idx: int) -> Tensor:
-        x = self._get(f'{prefix}.level{lv}')[idx]
-        if not self.standardize:
-            return x
-        if lv not in self._stats:
-            train = load_tensor(self.file, f'train.level{lv}').float()
-            self._stats[lv] = (
-                train.mean((0, 2, 3))[:, None, None],
-                train.std((0, 2, 3)).clamp_min(1e-6)[:, None, None])
-        mean, std = self._stats[lv]
-        return (x.float() - mean) / std
 
     def transform(self, results: dict) -> dict:
         """Swap ``inputs`` for the features of the sample's image."""
@@ -198,7 +195,7 @@ class AttachFeatures(BaseTransform):
         idx = image_index(sample.metainfo['img_path'])
         prefix = f'{self.split}_flip' if sample.metainfo.get('flip') \
             else self.split
-        results['inputs'] = tuple(self._level(prefix, lv, idx)
+        results['inputs'] = tuple(self._get(f'{prefix}.level{lv}')[idx]
                                   for lv in range(self.levels))
         return results
 

@@ -228,9 +228,10 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
               labels: bool, labelled_per_batch: int = 0) -> None:
     """Train ``cfg`` from the teacher-feature cache, in place.
 
-    The ``cached`` teachers become ``kiv.CachedTeacher`` (after checking that
-    their configs are the cached ones; those distilled through their head
-    as well keep it, ``head_from``); the others stay online (the
+    The ``cached`` teachers become ``kiv.CachedTeacher`` (kiv's
+    ``cached_teachers``: their configs checked against the cache's; those
+    distilled through their head as well keep it); the others stay online
+    (the
     distiller runs them on the replayed views). The training set becomes
     ``kiv.TeacherCacheDataset`` over every cached view (loader + the
     cache's ``kiv.ReplayView``, then the world's labels for that view if
@@ -246,23 +247,20 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
         labelled_per_batch (int): if > 0, every batch holds this many
             views of labelled images (``kiv_demo.LabelledShareSampler``).
     """
-    from kiv.datasets.teacher_cache import TeacherCacheError, read_index
-    from kiv.fileio import teacher_fingerprint
+    from kiv.datasets.teacher_cache import read_index
     from kiv.models.distillers import KnowledgeInheritance
+    from kiv.models.distillers.teacher_cache import cached_teachers
     index = read_index(cache_dir)
     logit_teachers = KnowledgeInheritance.logit_teachers(
         cfg.model.teachers, cfg.model.get('losses'),
         cfg.model.get('teacher_losses'))
-    for name in cached:
-        tcfg = cfg.model.teachers[name]
-        if teacher_fingerprint(tcfg) != index['teachers'][name][
-                'fingerprint']:
-            raise TeacherCacheError(f'demo: teacher {name!r} differs from '
-                                    f'the one cached in {cache_dir}')
-        cfg.model.teachers[name] = dict(type='kiv.CachedTeacher',
-                                        cache_dir=cache_dir, name=name)
-        if name in logit_teachers:  # logit distillation: keep its head
-            cfg.model.teachers[name]['head_from'] = tcfg
+    # the statistics come from the warm-up hook, not the cache's file
+    stand_ins = cached_teachers(
+        {name: cfg.model.teachers[name] for name in cached}, cache_dir,
+        standardize=None,
+        keep_heads=[n for n in logit_teachers if n in cached])
+    for name, stand_in in stand_ins.items():  # replaced, not merged
+        cfg.model.teachers[name] = stand_in
     pipeline = [index['loader'], index['view']]
     if labels:
         pipeline += [dict(type='kiv_demo.WorldViewLabels'),
