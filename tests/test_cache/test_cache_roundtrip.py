@@ -170,6 +170,16 @@ def test_cache_of_other_teachers_is_refused(cache):
     cfg.model.latent.standardize = 'channel'
     with pytest.raises(TeacherCacheError, match="standardize='channel'"):
         use_teacher_cache(cfg, cache['dir'])
+    # a run that estimates its own statistics (standardize=None): only the
+    # teachers are checked
+    from kiv.models.distillers.teacher_cache import cached_teachers
+    teachers = tiny_cfg().model.teachers
+    assert set(cached_teachers(teachers, cache['dir'],
+                               standardize=None)) == set(teachers)
+    teachers.clip.input_size = 48
+    with pytest.raises(TeacherCacheError,
+                       match="teacher 'clip' config differs"):
+        cached_teachers(teachers, cache['dir'], standardize=None)
     cfg = tiny_cfg()
     cfg.train_pipeline[1]['scale'] = (64, 64)
     cfg.train_dataloader.dataset.pipeline[1]['scale'] = (64, 64)
