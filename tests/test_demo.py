@@ -962,28 +962,3 @@ def test_ready_stages_start_by_their_critical_path(tmp_path):
         started = f.read().split()
     assert set(started[:2]) == {'feeds_long', 'mid'}
     assert started.index('short') > started.index('feeds_long')
-
-
-def test_calibration_matches_teacher_statistics_per_channel():
-    """The label-free calibration of inherited outputs gives, on the
-    images it was fitted on, the teacher's per-channel mean and spread (over
-    images and positions for maps, images for summaries); it is an affine
-    map per channel, so other images keep their order along each channel."""
-    from kiv_demo.agreement import Calibration
-    g = torch.Generator().manual_seed(0)
-    teacher = [torch.randn(50, 3, 4, 4, generator=g) * 5 + 2,
-               torch.randn(50, 6, generator=g) * 3 - 1]
-    inherited = [0.3 * t + 0.1 * torch.randn(t.shape, generator=g) + 0.5
-                 for t in teacher]
-    cal = Calibration(inherited, teacher)
-    out = cal(inherited)
-    for o, t in zip(out, teacher):
-        dims = (0, 2, 3) if t.dim() == 4 else (0, )
-        torch.testing.assert_close(o.mean(dims), t.mean(dims))
-        torch.testing.assert_close(o.std(dims), t.std(dims))
-        assert o.is_contiguous()
-    new = inherited[1][:5].clone()
-    new[:, 0] = torch.arange(5.0)
-    assert torch.all(cal([inherited[0][:5], new])[1][:, 0].diff() > 0)
-    with pytest.raises(ValueError, match='differ in shape'):
-        Calibration([inherited[0]], [teacher[0][:, :2]])

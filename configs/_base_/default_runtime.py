@@ -20,6 +20,9 @@ custom_hooks = [
     # fix the latent space's statistics from a teacher-only pass (at most one
     # epoch) before the first step; skipped on resume and with a cache
     dict(type='kiv.StatisticsWarmupHook', num_batches=50),
+    # after the last step: the inherited outputs' per-channel statistics for
+    # the label-free calibration of the inherited heads (calibrate=True)
+    dict(type='kiv.InheritedCalibrationHook', num_batches=50),
 ]
 env_cfg = dict(
     cudnn_benchmark=True,

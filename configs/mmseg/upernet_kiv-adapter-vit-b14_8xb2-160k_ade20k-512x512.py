@@ -99,3 +99,8 @@ auto_scale_lr = dict(enable=False, base_batch_size=16)
 # a NaN/Inf loss never reaches the weights, under any training script
 # (docs/reliability.md); the tiny variants inherit it
 custom_hooks = [dict(type='kiv.NonFiniteLossHook')]
+# The pyramid reaches the heads without the base ViT's final norm (only the
+# student's summaries read it), so that norm gets no gradient: DDP must be
+# told, or the 2nd iteration of a multi-process run fails. The tiny and the
+# kiv.InheritedBackbone variants inherit it.
+find_unused_parameters = True

@@ -178,6 +178,62 @@ def test_inherited_backbone_gives_the_distillers_teacher_space(
         InheritedBackbone(**dict(kwargs, scale_factors=[1]))
 
 
+@pytest.mark.slow
+def test_inherited_heads_are_calibrated_from_the_end_of_distillation(
+        trained, distill_workdir):
+    """``kiv.InheritedCalibrationHook`` (base runtime) measures the
+    inherited outputs after the last step, before that step's checkpoint:
+    the checkpoint and a ``--keep-heads`` export carry the statistics, and
+    ``kiv.InheritedBackbone(calibrate=True)`` gives the distiller's own
+    calibrated path. A file without them is refused, naming it."""
+    from kiv.apis.export import export_student
+    from kiv.models import InheritedBackbone, InheritedPathError
+    assert 'InheritedCalibrationHook' in {
+        type(h).__name__ for h in trained.hooks}
+    model = trained.model.eval()
+    assert model.latent.calibration_ready
+    ckpt = osp.join(trained.work_dir, 'iter_20.pth')
+    state = safe_torch_load(ckpt)['state_dict']
+    for key in model.latent.state_dict():
+        if 'calibrations' in key:
+            torch.testing.assert_close(state[f'latent.{key}'],
+                                       model.latent.state_dict()[key])
+    assert int(state['latent.feature_calibrations.detector.0.num_updates'])
+    out = osp.join(distill_workdir, 'student_calibrated.pth')
+    export_student(ckpt, out, keep_heads=True)
+    student_cfg = copy.deepcopy(trained.cfg.model.student).to_dict()
+    student_cfg['base']['checkpoint'] = None
+    student_cfg['init_cfg'] = dict(type='Pretrained', checkpoint=out)
+    levels = trained.cfg.model.latent.teachers.detector.student_levels
+    kwargs = dict(backbone=student_cfg, checkpoint=out, teacher='detector',
+                  student_levels=levels)
+    backbone = InheritedBackbone(**kwargs, calibrate=True)
+    backbone.init_weights()
+    backbone.eval()
+    x = torch.rand(2, 3, 56, 70) * 255
+    with torch.no_grad():
+        maps = backbone(x)
+        student = model.student.forward_features(x)
+        sizes = [tuple(student.features[lv].shape[-2:]) for lv in levels]
+        pred = model.latent.project(student, 'detector', sizes)
+        ref = model.latent.to_teacher_space(pred, 'detector', calibrated=True)
+        plain = model.latent.to_teacher_space(pred, 'detector')
+    for a, b, c in zip(maps, ref.features, plain.features):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(a, c, rtol=1e-3, atol=1e-3)
+    # the same heads without calibration statistics: refused
+    exported = safe_torch_load(out)
+    exported['inherited_heads'] = {
+        k: v for k, v in exported['inherited_heads'].items()
+        if 'calibrations' not in k}
+    bare = osp.join(distill_workdir, 'student_uncalibrated.pth')
+    torch.save(exported, bare)
+    with pytest.raises(InheritedPathError,
+                       match='student_uncalibrated.pth.*calibration'):
+        InheritedBackbone(**dict(kwargs, checkpoint=bare), calibrate=True)
+    InheritedBackbone(**dict(kwargs, checkpoint=bare))  # plain: fine
+
+
 def _grad_shares(distill_workdir, name, standardize, scale):
     """Train 6 iterations with the shipped default losses (MSE), one
     teacher's outputs x scale."""

@@ -1,20 +1,16 @@
 """Estimate the shared latent space's statistics before distillation."""
 from __future__ import annotations
 
-import itertools
 import time
-from typing import Optional
 
-import torch
-from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
-from torch.utils.data import DataLoader
 
 from kiv.models.connectors.shared_latent_space import all_reduce_sums
 from kiv.registry import HOOKS
 from ..random_state import preserved_random_state
+from .data_pass import sum_over_batches
 
 
 @HOOKS.register_module()
@@ -58,72 +54,6 @@ class StatisticsWarmupHook(Hook):
                              f'>= 1, got {num_batches}')
         self.num_batches = int(num_batches)
 
-    def _warmup_loader(self, train_loader: DataLoader) -> DataLoader:
-        """A loader of the training data for the warm-up pass.
-
-        A separate, finite loader over the same dataset, pipeline, batch
-        size, collate function, workers and worker seeding, sharded across
-        ranks by mmengine's ``DefaultSampler`` (shuffled with the run's
-        seed). Iterating the training loader itself would consume (and,
-        when abandoned, close) the shared index stream of its
-        ``InfiniteSampler``. Its iterator's base seed (which torch draws
-        from the global generator unless the loader has its own) comes from
-        a ``torch.Generator`` seeded with the same seed.
-
-        Args:
-            train_loader (DataLoader): the run's training dataloader.
-
-        Returns:
-            DataLoader: one epoch of the training data, in the warm-up's own
-            order.
-        """
-        dataset = train_loader.dataset
-        seed = getattr(train_loader.sampler, 'seed', None)
-        sampler = DefaultSampler(dataset, shuffle=True, seed=seed)
-        generator = torch.Generator()
-        generator.manual_seed(int(sampler.seed))
-        return DataLoader(
-            dataset,
-            batch_size=train_loader.batch_size,
-            sampler=sampler,
-            num_workers=train_loader.num_workers,
-            collate_fn=train_loader.collate_fn,
-            worker_init_fn=train_loader.worker_init_fn,
-            multiprocessing_context=train_loader.multiprocessing_context,
-            generator=generator)
-
-    def _sum_statistics(self, model: torch.nn.Module,
-                        train_loader: DataLoader
-                        ) -> tuple[Optional[dict[str, torch.Tensor]], int]:
-        """This rank's summed statistics over the warm-up batches.
-
-        Args:
-            model (torch.nn.Module): the ``kiv.KnowledgeInheritance`` model
-                (unwrapped).
-            train_loader (DataLoader): the run's training dataloader.
-
-        Returns:
-            tuple: the packed sums per statistic key (None if the loader
-            gave no batch) and the number of images they cover.
-        """
-        totals: Optional[dict[str, torch.Tensor]] = None
-        images = 0
-        batches = iter(self._warmup_loader(train_loader))
-        try:
-            for batch in itertools.islice(batches, self.num_batches):
-                data = model.data_preprocessor(batch, False)
-                sums = model.statistic_sums(data['inputs'],
-                                            data.get('data_samples'))
-                images += data['inputs'].shape[0]
-                if totals is None:
-                    totals = {k: v.clone() for k, v in sums.items()}
-                else:
-                    for key, value in sums.items():
-                        totals[key] += value
-        finally:
-            del batches  # stops the workers of an abandoned epoch now
-        return totals, images
-
     def before_train(self, runner) -> None:
         """Run the warm-up pass if the model's statistics are not fixed.
 
@@ -141,8 +71,9 @@ class StatisticsWarmupHook(Hook):
             return
         start = time.perf_counter()
         with preserved_random_state():
-            totals, images = self._sum_statistics(model,
-                                                  runner.train_dataloader)
+            totals, images = sum_over_batches(
+                model, runner.train_dataloader, self.num_batches,
+                model.statistic_sums)
         if totals is None:
             raise RuntimeError('StatisticsWarmupHook: the training '
                                'dataloader gave no batch')

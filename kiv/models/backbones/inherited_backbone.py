@@ -58,13 +58,18 @@ class InheritedBackbone(BaseModule):
         scale_factors (Sequence[float], optional): grid scale of each
             output level relative to its student map. Defaults to 1.0 for
             every level.
+        calibrate (bool): apply the label-free calibration stored with the
+            heads (each channel at the teacher's mean and standard
+            deviation; measured by ``kiv.InheritedCalibrationHook`` at the
+            end of distillation). Defaults to False.
         init_cfg (dict, optional): mmengine init config of the wrapper.
             Defaults to None.
 
     Raises:
         InheritedPathError: the teacher is not in the file, it has no
             dense level, or ``student_levels`` / ``scale_factors`` do not
-            give one entry per teacher level.
+            give one entry per teacher level, or ``calibrate`` is set and
+            the file has no calibration.
     """
 
     def __init__(self,
@@ -73,6 +78,7 @@ class InheritedBackbone(BaseModule):
                  teacher: str,
                  student_levels: Optional[Sequence[int]] = None,
                  scale_factors: Optional[Sequence[float]] = None,
+                 calibrate: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.backbone = MODELS.build(backbone)
@@ -84,7 +90,8 @@ class InheritedBackbone(BaseModule):
             raise InheritedPathError(
                 f'InheritedBackbone: {checkpoint}: no dense s2t head for '
                 f'teacher {teacher!r}; teachers with dense heads: {dense}')
-        paths = [InheritedPath(checkpoint, teacher, level=i, latent=latent)
+        paths = [InheritedPath(checkpoint, teacher, level=i, latent=latent,
+                               calibrate=calibrate)
                  for i in range(len(levels))]
         if student_levels is None:
             student_levels = range(len(paths))

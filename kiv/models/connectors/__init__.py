@@ -1,8 +1,10 @@
 """Connectors: the shared latent space between the student and its
 teachers (mmrazor's name for what sits between them): target
-standardisers, student-to-teacher heads, the rotations of PHI-S, and the
-fixed inherited path of one teacher output (s2t head + inverse
-standardisation) that downstream modules read."""
+standardisers, student-to-teacher heads, the rotations of PHI-S, the
+label-free calibration of inherited outputs, and the fixed inherited path of
+one teacher output (s2t head + inverse standardisation) that downstream
+modules read."""
+from .calibration import InheritedStatistics, calibrate
 from .inherited_path import (InheritedPath, InheritedPathError,
                              read_latent_state)
 from .rotations import equalizing_rotation, hadamard_matrix
@@ -18,5 +20,6 @@ __all__ = [
     'StatisticsStandardizer', 'IdentityStandardizer', 'ChannelStandardizer',
     'PHISStandardizer', 'STANDARDIZE_MODES', 'build_standardizer',
     'hadamard_matrix', 'equalizing_rotation', 'all_reduce_sums',
-    'InheritedPath', 'InheritedPathError', 'read_latent_state'
+    'InheritedPath', 'InheritedPathError', 'read_latent_state',
+    'InheritedStatistics', 'calibrate'
 ]

@@ -8,7 +8,10 @@ that path for one output of one teacher (its summary, or one dense level)
 from the file that holds the shared latent space: an exported student
 written with ``tools/export_student.py --keep-heads`` (entry
 ``inherited_heads``) or the distillation checkpoint itself (``latent.*``).
-Its weights are fixed and never re-initialised.
+Its weights are fixed and never re-initialised. With ``calibrate=True`` it
+also applies the label-free calibration stored with the heads
+(:mod:`kiv.models.connectors.calibration`, filled by
+``kiv.InheritedCalibrationHook`` at the end of distillation).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch import Tensor, nn
 from kiv.utils.state_dict import (first_keys, load_state_dict_checked,
                                   read_checkpoint, select_prefix,
                                   unwrap_state_dict)
+from .calibration import InheritedStatistics, calibrate
 from .s2t_heads import DenseS2THead, S2THead
 from .standardizers import StatisticsStandardizer, build_standardizer
 
@@ -102,23 +106,29 @@ class InheritedPath(nn.Module):
             already read (:func:`read_latent_state`), to build several
             paths from one read; ``checkpoint`` then only names the file in
             messages. Defaults to None: read ``checkpoint``.
+        calibrate (bool): map each output channel onto the teacher's mean
+            and standard deviation with the calibration statistics stored
+            in the file. Defaults to False.
 
     Raises:
-        InheritedPathError: the teacher or level is not in the file, or its
-            standardiser has no statistics.
+        InheritedPathError: the teacher or level is not in the file, its
+            standardiser has no statistics, or ``calibrate`` is set and the
+            file has no calibration for it.
     """
 
     def __init__(self, checkpoint: str, teacher: str,
                  level: Optional[int] = None,
                  norm_cfg: Optional[dict] = None,
                  act_cfg: Optional[dict] = None,
-                 latent: Optional[Mapping[str, Tensor]] = None) -> None:
+                 latent: Optional[Mapping[str, Tensor]] = None,
+                 calibrate: bool = False) -> None:
         super().__init__()
         if latent is None:
             latent = read_latent_state(checkpoint)
         if level is None:
             head_key = f'summary_heads.{teacher}.'
             std_key = f'summary_standardizers.{teacher}.'
+            cal_key = f'summary_calibrations.{teacher}.'
             what = f'teacher {teacher!r} summary'
         else:
             levels = dense_levels(latent, teacher)
@@ -129,6 +139,7 @@ class InheritedPath(nn.Module):
             level = levels[level]
             head_key = f'feature_heads.{teacher}.{level}.'
             std_key = f'feature_standardizers.{teacher}.{level}.'
+            cal_key = f'feature_calibrations.{teacher}.{level}.'
             what = f'teacher {teacher!r} level {level}'
         head_state = select_prefix(latent, head_key)
         std_state = select_prefix(latent, std_key)
@@ -159,10 +170,33 @@ class InheritedPath(nn.Module):
             raise InheritedPathError(
                 f'{checkpoint}: the standardiser of the {what} has no '
                 'statistics (the checkpoint was saved before the warm-up)')
+        self.calibration = None
+        if calibrate:
+            self.calibration = self._read_calibration(
+                select_prefix(latent, cal_key), checkpoint, what, out_dim)
         self.teacher, self.level = teacher, level
         self.in_dim, self.out_dim = in_dim, out_dim
         self.requires_grad_(False)
         self.head._is_init = True  # parents' init_weights() keep the file's
+
+    def _read_calibration(self, state: Mapping[str, Tensor], checkpoint: str,
+                          what: str, dim: int) -> InheritedStatistics:
+        """The stored calibration statistics of this output."""
+        if not isinstance(self.standardizer, StatisticsStandardizer):
+            raise InheritedPathError(
+                f'{checkpoint}: the {what} has no teacher statistics '
+                "(standardize='none'), so it cannot be calibrated")
+        stats = InheritedStatistics(dim)
+        if state:
+            load_state_dict_checked(stats, state, checkpoint,
+                                    f'calibration of the {what}',
+                                    error=InheritedPathError)
+        if not stats.initialized:
+            raise InheritedPathError(
+                f'{checkpoint}: no calibration statistics for the {what}: '
+                'distil with kiv.InheritedCalibrationHook (it measures them '
+                'after the last step), or set calibrate=False')
+        return stats
 
     def forward(self, x: Tensor,
                 size: Optional[Sequence[int]] = None) -> Tensor:
@@ -175,9 +209,14 @@ class InheritedPath(nn.Module):
                 Defaults to the input's.
 
         Returns:
-            Tensor: ``(B, out_dim)`` or ``(B, out_dim, h, w)``.
+            Tensor: ``(B, out_dim)`` or ``(B, out_dim, h, w)`` (calibrated
+            if built with ``calibrate=True``).
         """
         if self.level is None:
-            return self.standardizer.inverse(self.head(x))
-        return self.standardizer.inverse(
-            self.head(x, x.shape[-2:] if size is None else size))
+            out = self.standardizer.inverse(self.head(x))
+        else:
+            out = self.standardizer.inverse(
+                self.head(x, x.shape[-2:] if size is None else size))
+        if self.calibration is not None:
+            out = calibrate(out, self.calibration, self.standardizer)
+        return out

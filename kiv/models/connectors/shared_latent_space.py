@@ -12,9 +12,10 @@ from torch import Tensor
 
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
+from .calibration import InheritedStatistics, calibrate
 from .s2t_heads import DenseS2THead, S2THead
-from .standardizers import (BaseStandardizer, StatisticsStandardizer,
-                            build_standardizer)
+from .standardizers import (STANDARDIZE_MODES, BaseStandardizer,
+                            StatisticsStandardizer, build_standardizer)
 
 __all__ = ['SharedLatentSpace', 'all_reduce_sums']
 
@@ -80,6 +81,14 @@ class SharedLatentSpace(BaseModule):
 
     Evaluating (``predict``, agreement metrics, inherited heads) before any
     statistics exist would compare raw-space numbers: it warns once.
+
+    Calibration (label-free, :mod:`kiv.models.connectors.calibration`):
+    every output with statistics also has the per-channel statistics of the
+    student's inherited output (``summary_calibrations[t]``,
+    ``feature_calibrations[t][l]``), empty until :meth:`load_calibration`
+    (``kiv.InheritedCalibrationHook``, at the end of distillation) fills
+    them; ``to_teacher_space(..., calibrated=True)`` then maps each channel
+    onto the teacher's mean and standard deviation.
 
     Knowledge preservation (``preserve=True`` for a teacher, set by
     ``kiv.KnowledgeInheritance`` for its ``base_teacher``): the teacher's
@@ -160,6 +169,8 @@ class SharedLatentSpace(BaseModule):
         self.summary_standardizers = ModuleDict()
         self.feature_heads = ModuleDict()
         self.feature_standardizers = ModuleDict()
+        self.summary_calibrations = ModuleDict()
+        self.feature_calibrations = ModuleDict()
         #: teacher name -> student level feeding each teacher level.
         self.student_levels: dict[str, list[int]] = {}
         #: teacher name -> teacher summary dim (None: no summary).
@@ -223,6 +234,14 @@ class SharedLatentSpace(BaseModule):
                 build_standardizer(standardize, dim, **std_kwargs)
                 for dim in feature_dims
             ])
+            # calibration needs the teacher's statistics
+            if STANDARDIZE_MODES[standardize].tracks_statistics:
+                if summary_dim is not None:
+                    self.summary_calibrations[teacher] = InheritedStatistics(
+                        int(summary_dim), eps=eps)
+                self.feature_calibrations[teacher] = ModuleList(
+                    [InheritedStatistics(dim, eps=eps)
+                     for dim in feature_dims])
 
     @property
     def teacher_names(self) -> list[str]:
@@ -379,6 +398,119 @@ class SharedLatentSpace(BaseModule):
                     std.load_sums(sums[key].double(), freeze=freeze)
         self.init_preservation_heads()
 
+    # ----------------------------------------------------------- calibration
+    def _named_calibrations(self, teacher: str) -> list[
+            tuple[str, InheritedStatistics, StatisticsStandardizer]]:
+        """``(key, inherited statistics, standardiser)`` of one teacher's
+        calibrated outputs, summary first (keys as
+        :meth:`_named_standardizers`)."""
+        stds = dict(self._named_standardizers(teacher))
+        named = [(f'{teacher}.features.{i}', cal)
+                 for i, cal in enumerate(self.feature_calibrations[teacher])
+                 ] if teacher in self.feature_calibrations else []
+        if teacher in self.summary_calibrations:
+            named.insert(0, (f'{teacher}.summary',
+                             self.summary_calibrations[teacher]))
+        return [(key, cal, stds[key]) for key, cal in named]
+
+    def calibration_keys(self) -> list[str]:
+        """Keys of every output that can be calibrated, in a fixed order
+        (none with ``standardize='none'``: no teacher statistics)."""
+        return [key for t in self.teacher_names
+                for key, _, _ in self._named_calibrations(t)]
+
+    @property
+    def calibration_ready(self) -> bool:
+        """Whether every calibratable output has its inherited statistics
+        (False when there is none)."""
+        keys = self.calibration_keys()
+        return bool(keys) and all(
+            cal.initialized for t in self.teacher_names
+            for _, cal, _ in self._named_calibrations(t))
+
+    @torch.no_grad()
+    def calibration_sums(self, inherited: Mapping[str, FeatureOutput]
+                         ) -> dict[str, Tensor]:
+        """This rank's packed per-channel sums of a batch of inherited
+        outputs (raw space, uncalibrated), for :meth:`load_calibration`.
+
+        Args:
+            inherited (dict[str, FeatureOutput]): per teacher, the output of
+                :meth:`to_teacher_space`.
+
+        Returns:
+            dict[str, Tensor]: float64 ``[count, sum x, sum x^2]`` per key
+            of :meth:`calibration_keys` of the given teachers.
+        """
+        sums = {}
+        for teacher, out in inherited.items():
+            self._check_teacher_output(out, teacher)
+            outputs = dict(zip((k for k, _ in
+                                self._named_standardizers(teacher)),
+                               self._outputs(out)))
+            for key, cal, _ in self._named_calibrations(teacher):
+                sums[key] = cal.batch_sums(outputs[key])
+        return sums
+
+    @torch.no_grad()
+    def load_calibration(self, sums: Mapping[str, Tensor]) -> None:
+        """Set the inherited outputs' statistics from summed sums.
+
+        Args:
+            sums (dict[str, Tensor]): a packed sum per key of
+                :meth:`calibration_keys` (all of them).
+
+        Raises:
+            KeyError: keys missing or unknown (both named).
+            RuntimeError: the teachers' statistics are not fixed yet.
+        """
+        keys = self.calibration_keys()
+        missing, unknown = sorted(set(keys) - set(sums)), sorted(
+            set(sums) - set(keys))
+        if missing or unknown:
+            raise KeyError(f'{type(self).__name__}.load_calibration: missing '
+                           f'keys {missing}, unknown keys {unknown}; '
+                           f'expected {keys}')
+        if not self.statistics_exist:
+            raise RuntimeError(f'{type(self).__name__}.load_calibration: '
+                               'the teachers\' statistics do not exist yet')
+        for teacher in self.teacher_names:
+            for key, cal, _ in self._named_calibrations(teacher):
+                cal.load_sums(sums[key].double())
+
+    def calibrate(self, out: FeatureOutput, teacher: str) -> FeatureOutput:
+        """Map inherited outputs onto the teacher's per-channel statistics.
+
+        Args:
+            out (FeatureOutput): :meth:`to_teacher_space` output of
+                ``teacher``.
+            teacher (str): teacher name.
+
+        Returns:
+            FeatureOutput: same shapes, each channel at the teacher's mean
+            and standard deviation (see
+            :func:`~kiv.models.connectors.calibration.calibrate`).
+
+        Raises:
+            RuntimeError: no calibration statistics (named).
+        """
+        self._check_teacher_output(out, teacher)
+        named = self._named_calibrations(teacher)
+        if not named or not all(cal.initialized for _, cal, _ in named):
+            raise RuntimeError(
+                f'{type(self).__name__}: no calibration statistics for '
+                f'teacher {teacher!r} (standardize={self.standardize!r}; '
+                'they are set by kiv.InheritedCalibrationHook at the end of '
+                'distillation)')
+        done = {key: calibrate(x, cal, std) for (key, cal, std), x in zip(
+            named, self._outputs(out))}
+        summary = None if out.summary is None else \
+            done[f'{teacher}.summary']
+        features = tuple(
+            done[f'{teacher}.features.{i}'].contiguous()
+            for i in range(len(out.features)))
+        return FeatureOutput(summary, features)
+
     def _preserved_state(self, attr: str) -> dict[str, bool]:
         """Per preserved teacher: whether every standardiser with
         statistics has ``attr`` (``'frozen'`` / ``'initialized'``)."""
@@ -500,8 +632,8 @@ class SharedLatentSpace(BaseModule):
                     self.feature_standardizers[teacher], target.features))
         return FeatureOutput(summary, features)
 
-    def to_teacher_space(self, pred: FeatureOutput,
-                         teacher: str) -> FeatureOutput:
+    def to_teacher_space(self, pred: FeatureOutput, teacher: str,
+                         calibrated: bool = False) -> FeatureOutput:
         """Map projections back to the teacher's raw space (``inverse``).
 
         Used by inherited heads: student + s2t head + the teacher's own head.
@@ -511,6 +643,8 @@ class SharedLatentSpace(BaseModule):
             pred (FeatureOutput): standardised-space output of
                 :meth:`project` for ``teacher``.
             teacher (str): teacher name.
+            calibrated (bool): then also :meth:`calibrate`. Defaults to
+                False.
 
         Returns:
             FeatureOutput: same shapes, in the teacher's raw feature space
@@ -526,7 +660,8 @@ class SharedLatentSpace(BaseModule):
             std.inverse(x).contiguous()
             for std, x in zip(self.feature_standardizers[teacher],
                               pred.features))
-        return FeatureOutput(summary, features)
+        out = FeatureOutput(summary, features)
+        return self.calibrate(out, teacher) if calibrated else out
 
     # ------------------------------------------------------------ projection
     def project(self, student: FeatureOutput, teacher: str,

@@ -526,6 +526,42 @@ class KnowledgeInheritance(BaseModel):
         """
         self.latent.load_statistics(sums, freeze=True)
 
+    @torch.no_grad()
+    def calibration_sums(self, inputs: Tensor,
+                         data_samples: Optional[list] = None
+                         ) -> dict[str, Tensor]:
+        """This rank's packed per-channel sums of the inherited outputs of
+        one batch of images (every teacher; raw space, uncalibrated).
+
+        Args:
+            inputs (Tensor): ``(B, 3, H, W)`` float RGB in [0, 255] (after
+                the data preprocessor).
+            data_samples (list, optional): for cached teachers.
+
+        Returns:
+            dict[str, Tensor]: see
+            :meth:`kiv.SharedLatentSpace.calibration_sums`.
+        """
+        student = self.extract_student(inputs)
+        inherited = {}
+        for name, target in self.extract_teachers(inputs,
+                                                  data_samples).items():
+            sizes = [tuple(f.shape[-2:]) for f in target.features]
+            inherited[name] = self.latent.to_teacher_space(
+                self.latent.project(student, name, sizes), name)
+        return self.latent.calibration_sums(inherited)
+
+    @torch.no_grad()
+    def load_calibration(self, sums: dict[str, Tensor]) -> None:
+        """Set the inherited outputs' statistics of the label-free
+        calibration from summed packed sums (``kiv.InheritedCalibrationHook``).
+
+        Args:
+            sums (dict[str, Tensor]): see
+                :meth:`kiv.SharedLatentSpace.load_calibration`.
+        """
+        self.latent.load_calibration(sums)
+
     def gradient_shares(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
         """Share of the shared-parameter gradient norm per teacher.
 
@@ -649,7 +685,8 @@ class KnowledgeInheritance(BaseModel):
     @torch.no_grad()
     def inherit(self, images: Tensor, teacher: str,
                 student: Optional[FeatureOutput] = None,
-                data_samples: Optional[list] = None
+                data_samples: Optional[list] = None,
+                calibrated: bool = False
                 ) -> tuple[FeatureOutput, FeatureOutput]:
         """The inherited model of one teacher next to the teacher itself.
 
@@ -664,6 +701,10 @@ class KnowledgeInheritance(BaseModel):
             student (FeatureOutput, optional): the student's output for
                 ``images`` if already computed (shared across teachers).
             data_samples (list, optional): for cached teachers.
+            calibrated (bool): apply the label-free calibration
+                (:meth:`kiv.SharedLatentSpace.calibrate`; its statistics
+                come from ``kiv.InheritedCalibrationHook``). Defaults to
+                False.
 
         Returns:
             tuple[FeatureOutput, FeatureOutput]: (inherited, teacher) outputs
@@ -679,7 +720,8 @@ class KnowledgeInheritance(BaseModel):
             student = self.extract_student(images)
         sizes = [tuple(f.shape[-2:]) for f in target.features]
         pred = self.latent.project(student, teacher, sizes)
-        return self.latent.to_teacher_space(pred, teacher), target
+        return self.latent.to_teacher_space(pred, teacher,
+                                            calibrated=calibrated), target
 
     @torch.no_grad()
     def predict(self, inputs: Tensor,

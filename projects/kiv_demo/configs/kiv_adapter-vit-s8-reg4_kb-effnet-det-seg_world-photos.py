@@ -85,6 +85,10 @@ model = dict(
 # multi-task heads read them; the teachers see the same views)
 train_dataloader = dict(dataset=dict(
     pipeline={{_base_.labelled_view_pipeline}}))
+# after the last step, the inherited outputs' statistics on 8 x 32 views of
+# the user's images (no labels): the inherited heads' label-free
+# calibration, saved with the heads
 custom_hooks = [dict(type='kiv.SafeCheckpointHook'),
                 dict(type='kiv.NonFiniteLossHook'),
-                dict(type='kiv.StatisticsWarmupHook', num_batches=10**6)]
+                dict(type='kiv.StatisticsWarmupHook', num_batches=10**6),
+                dict(type='kiv.InheritedCalibrationHook', num_batches=8)]

@@ -43,7 +43,7 @@ from kiv.structures import FeatureOutput
 from .probes import bootstrap_ci, coco_bootstrap
 
 __all__ = ['load_distiller', 'teacher_sizes', 'inherited_outputs',
-           'Calibration', 'cls_agreement', 'trivial_cls_agreement',
+           'cls_agreement', 'trivial_cls_agreement',
            'seg_agreement', 'seg_vs_ground_truth', 'det_agreement']
 
 
@@ -81,8 +81,8 @@ def teacher_sizes(teacher: torch.nn.Module,
 
 @torch.no_grad()
 def inherited_outputs(model: torch.nn.Module, images: Tensor,
-                      teachers: Sequence[str],
-                      sizes: dict[str, list]) -> dict[str, FeatureOutput]:
+                      teachers: Sequence[str], sizes: dict[str, list],
+                      calibrated: bool = False) -> dict[str, FeatureOutput]:
     """The inherited models' outputs in each teacher's raw space.
 
     Args:
@@ -90,54 +90,17 @@ def inherited_outputs(model: torch.nn.Module, images: Tensor,
         images (Tensor): ``(B, 3, H, W)`` RGB in [0, 255].
         teachers (Sequence[str]): teacher names.
         sizes (dict[str, list]): per teacher the grid of each level.
+        calibrated (bool): with kiv's label-free calibration (statistics
+            from ``kiv.InheritedCalibrationHook``). Defaults to False.
 
     Returns:
         dict[str, FeatureOutput]: per teacher, student -> s2t head ->
-        inverse standardisation.
+        inverse standardisation (-> calibration).
     """
     student = model.extract_student(images)
     return {t: model.latent.to_teacher_space(
-        model.latent.project(student, t, sizes[t]), t) for t in teachers}
-
-
-class Calibration:
-    """Label-free per-channel calibration of inherited outputs.
-
-    An MSE-trained student predicts the conditional mean of each target
-    channel: its outputs are shrunk towards the mean, with less spread than
-    the teacher's, and a head trained on the teacher's exact outputs (an RPN
-    objectness, a classifier's margins) reads them at the wrong scale. On
-    unlabelled images, per output and channel, the inherited outputs are
-    shifted and scaled to the teacher's mean and standard deviation there
-    (over images and positions): ``(x - mu_s) * sigma_t / sigma_s + mu_t``.
-    No label is used.
-
-    Args:
-        inherited (Sequence[Tensor]): inherited outputs on the unlabelled
-            images, ``(N, C)`` summaries or ``(N, C, h, w)`` maps.
-        teacher (Sequence[Tensor]): the teacher's outputs there, same
-            shapes.
-    """
-
-    def __init__(self, inherited: Sequence[Tensor],
-                 teacher: Sequence[Tensor]) -> None:
-        self.stats = []
-        for a, b in zip(inherited, teacher):
-            if a.shape != b.shape:
-                raise ValueError(f'Calibration: inherited {tuple(a.shape)} '
-                                 f'and teacher {tuple(b.shape)} outputs '
-                                 'differ in shape')
-            dims = (0, 2, 3) if a.dim() == 4 else (0, )
-            self.stats.append((a.mean(dims, keepdim=True),
-                               a.std(dims, keepdim=True).clamp_min(1e-6),
-                               b.mean(dims, keepdim=True),
-                               b.std(dims, keepdim=True)))
-
-    def __call__(self, outputs: Sequence[Tensor]) -> list[Tensor]:
-        """Calibrated ``outputs`` (same shapes, one per calibrated output).
-        """
-        return [((x - mu_s) * (sd_t / sd_s) + mu_t).contiguous()
-                for x, (mu_s, sd_s, mu_t, sd_t) in zip(outputs, self.stats)]
+        model.latent.project(student, t, sizes[t]), t, calibrated=calibrated)
+        for t in teachers}
 
 
 def _agreement(ref_top1: Tensor, ranked: Tensor, seed: int) -> dict:
@@ -312,7 +275,7 @@ def det_agreement(model: torch.nn.Module, detector: torch.nn.Module,
                   seed: int = 0,
                   progress: Optional[Callable[[int, int], None]] = None,
                   gt_file: Optional[str] = None,
-                  calibration: Optional[Calibration] = None) -> dict:
+                  calibrated: bool = False) -> dict:
     """Box AP of the teacher's heads on inherited FPN maps, scored against
     the teacher's own detections (score >= ``score_thr``) as ground truth
     and, with ``gt_file``, box and mask AP against the real annotations.
@@ -330,15 +293,16 @@ def det_agreement(model: torch.nn.Module, detector: torch.nn.Module,
         progress (callable, optional): ``progress(done, total)``.
         gt_file (str, optional): COCO annotations of ``images`` (image ids
             ``1..N`` in order).
-        calibration (Calibration, optional): with ``gt_file``, also score
-            the calibrated inherited FPN maps against the annotations.
+        calibrated (bool): with ``gt_file``, also score the inherited FPN
+            maps with kiv's label-free calibration
+            (``SharedLatentSpace.calibrate``) against the annotations.
 
     Returns:
         dict: ``box_ap`` ``(value, low, high)`` against the teacher,
         ``teacher_boxes``, and with ``gt_file`` ``gt`` =
         ``{'box_ap', 'mask_ap'}`` of the inherited detector against the
         annotations (and ``calibrated_box_ap`` / ``calibrated_mask_ap``
-        with ``calibration``).
+        with ``calibrated``).
     """
     teacher = model.teachers['det']
     h, w = images.shape[-2:]
@@ -352,9 +316,9 @@ def det_agreement(model: torch.nn.Module, detector: torch.nn.Module,
         ref_all += _det_results(detector, teacher(x).features, metas)
         inh = inherited_outputs(model, x, ['det'], {'det': sizes})['det']
         inh_all += _det_results(detector, inh.features, metas)
-        if calibration is not None:
-            cal_all += _det_results(detector, calibration(inh.features),
-                                    metas)
+        if calibrated:
+            cal_all += _det_results(
+                detector, model.latent.calibrate(inh, 'det').features, metas)
         if progress is not None:
             progress(min(start + batch_size, len(images)), len(images))
     ids = list(range(1, len(images) + 1))
@@ -374,7 +338,7 @@ def det_agreement(model: torch.nn.Module, detector: torch.nn.Module,
     if gt_file is not None:
         scores = {}
         runs = [('', 'inherited', inh_all)]
-        if calibration is not None:
+        if calibrated:
             runs.append(('calibrated_', 'calibrated', cal_all))
         for prefix, name, results in runs:
             res = _to_coco(results, ids, masks=True)

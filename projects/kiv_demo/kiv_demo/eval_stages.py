@@ -230,24 +230,14 @@ def _outputs(out: FeatureOutput) -> list[torch.Tensor]:
     return ([] if out.summary is None else [out.summary]) + list(out.features)
 
 
-def _calibration_images(seed: int, num: int = 256) -> list[str]:
-    """A seeded sample of the user's images (``world/distill.txt``, no
-    labels read) for :class:`~kiv_demo.agreement.Calibration`."""
-    import random
-    with open('world/distill.txt', encoding='utf-8') as f:
-        paths = [osp.join('world', p.strip()) for p in f if p.strip()]
-    return sorted(random.Random(seed).sample(paths, min(num, len(paths))))
-
-
 def stage_agreement(row: str,
                     preset: dict) -> Callable[[StageContext], dict]:
     """The inherited heads of a distilled row against their teachers and
-    the ground truth, plain and with the label-free calibration
-    (:class:`~kiv_demo.agreement.Calibration` on a seeded sample of the
-    user's images)."""
+    the ground truth, plain and, for a run with kiv's label-free
+    calibration (``kiv.InheritedCalibrationHook``), calibrated."""
 
     def run(ctx: StageContext) -> dict:
-        from .agreement import (Calibration, cls_agreement, det_agreement,
+        from .agreement import (cls_agreement, det_agreement,
                                 inherited_outputs, load_distiller,
                                 seg_agreement, seg_vs_ground_truth,
                                 teacher_sizes, trivial_cls_agreement)
@@ -280,13 +270,8 @@ def stage_agreement(row: str,
         world_head = (effnet_teacher(preset) if row == 'knowledge_base'
                       else effnet).forward_head
         mean_logits = load_tensor(outputs, 'mean.logits')[0]
-        # the label-free calibration: one student pass over a seeded sample
-        # of the user's images, every teacher's outputs there
-        unlabelled = load_rgb(_calibration_images(ctx.seed), 64)
-        on_unlabelled = inherited(unlabelled, names)
-        calibration = {n: Calibration(
-            on_unlabelled[n], _outputs(model.teachers[n](unlabelled)))
-            for n in names}
+        # kiv's label-free calibration, measured after the run's last step
+        calibrated = model.latent.calibration_ready
         images = {name: load_rgb(sets[name], 64)
                   for name in ('views', 'val', 'photos')}
         val = images['val']
@@ -308,15 +293,17 @@ def stage_agreement(row: str,
         # against the ground truth: the inherited classifier (plain and
         # calibrated) and its teacher
         labels = world_labels('val')
-        calibrated = world_head(calibration['effnet'](
-            [val_out['effnet'][0]])[0])
+        heads = [('inherited', got['val']), ('teacher', refs['val'])]
+        if calibrated:
+            heads.append(('inherited_calibrated', world_head(
+                model.latent.calibrate(FeatureOutput(
+                    val_out['effnet'][0], tuple(val_out['effnet'][1:])),
+                    'effnet').summary)))
         result['gt'] = {
             f'{who}_top1': bootstrap_ci(
                 [100.0 * (int(p) == y)
                  for p, y in zip(logits.argmax(1), labels)], seed=ctx.seed)
-            for who, logits in (('inherited', got['val']),
-                                ('inherited_calibrated', calibrated),
-                                ('teacher', refs['val']))}
+            for who, logits in heads}
         if 'seg' in model.teachers:
             seg = model.teachers['seg']
             ref = torch.cat([seg(val[s:s + 64]).features[0]
@@ -326,9 +313,11 @@ def stage_agreement(row: str,
                 ref, inh, osp.join(ctx.dir, 'seg_samples.npz'), ctx.seed)
             maps = sorted(glob.glob('world/ade/ADEChallengeData2016/'
                                     'annotations/validation/*.png'))
-            for who, logits in (('inherited', inh), ('teacher', ref),
-                                ('inherited_calibrated',
-                                 calibration['seg']([inh])[0])):
+            runs = [('inherited', inh), ('teacher', ref)]
+            if calibrated:
+                runs.append(('inherited_calibrated', model.latent.calibrate(
+                    FeatureOutput(None, (inh, )), 'seg').features[0]))
+            for who, logits in runs:
                 result['gt'][f'{who}_miou'] = seg_vs_ground_truth(
                     logits, maps, osp.join(ctx.dir, f'seg_gt_{who}.npz'),
                     ctx.seed)['miou']
@@ -349,7 +338,7 @@ def stage_agreement(row: str,
                 progress=lambda d, t: ctx.progress.update(
                     0.7 + 0.3 * d / t, f'detector agreement {d}/{t}'),
                 gt_file='world/coco/annotations/instances_val2017.json',
-                calibration=calibration['det'])
+                calibrated=calibrated)
             for key, value in result['det'].pop('gt').items():
                 result['gt'][f'inherited_{key}'] = value
         return result

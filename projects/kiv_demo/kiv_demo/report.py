@@ -195,8 +195,9 @@ def inherited_gt_table(results: dict, distilled: Sequence[str]
         if row != 'knowledge_base' and 'inherited_calibrated_top1' in gt:
             table.append(dict(
                 row=f'{row}_calibrated', label=f'{ROWS[row]}, label-free '
-                'calibration (per channel, mean and spread matched to the '
-                "teacher's on 256 of the user's images)",
+                "calibration (per channel, the teacher's mean and spread; "
+                "kiv.InheritedCalibrationHook on 256 views of the user's "
+                'images)',
                 top1=gt['inherited_calibrated_top1'],
                 box_ap=gt.get('inherited_calibrated_box_ap'),
                 mask_ap=gt.get('inherited_calibrated_mask_ap'),
