@@ -962,3 +962,18 @@ def test_ready_stages_start_by_their_critical_path(tmp_path):
         started = f.read().split()
     assert set(started[:2]) == {'feeds_long', 'mid'}
     assert started.index('short') > started.index('feeds_long')
+
+
+def test_sweep_runs_are_probed_as_their_rows():
+    """The learning-rate sweep's runs are probed as the rows they tune: an
+    inheritance run in the detection teacher's space, the rival on its own
+    pyramid (else the sweep would choose on another probe than the
+    table's)."""
+    from kiv_demo.pipeline import TUNE_LRS
+    from kiv_demo.recipes import DENSE_TEACHER, dense_space
+    for lr in TUNE_LRS:
+        assert dense_space(f'inherit_lr{lr:g}') == DENSE_TEACHER
+        assert dense_space(f'rival_lr{lr:g}') == 'student'
+    assert dense_space('inherit') == DENSE_TEACHER
+    assert dense_space('inherit_nokb') == DENSE_TEACHER
+    assert dense_space('rival_user') == dense_space('kb_alone') == 'student'

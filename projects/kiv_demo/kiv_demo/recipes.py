@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import os.path as osp
+import re
 
 import torch
 from mmengine.config import Config, ConfigDict
@@ -376,8 +377,12 @@ DENSE_TEACHER = 'det'
 
 def dense_space(row: str) -> str:
     """What a row's det / seg probes read: ``'student'`` (the backbone's own
-    pyramid) or, for an inheritance run, the :data:`DENSE_TEACHER`."""
-    return DENSE_TEACHER if row in VARIANTS else 'student'
+    pyramid) or, for an inheritance run (a :data:`VARIANTS` row, or a run of
+    the learning-rate sweep of one, ``<variant>_lr<lr>``), the
+    :data:`DENSE_TEACHER`."""
+    variant = row.rsplit('_lr', 1)[0] if re.fullmatch(
+        r'.+_lr[0-9.e-]+', row) else row
+    return DENSE_TEACHER if variant in VARIANTS else 'student'
 
 
 def probe_backbone_cfg(row: str) -> dict:
