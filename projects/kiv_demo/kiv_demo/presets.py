@@ -33,9 +33,9 @@ _DEFAULT = dict(
     # data-centric rows get the same steps and the same labelled views per
     # step. Learning rates: the best of the same grid for the inherited
     # student and the rival on the user's data, chosen on a world of its
-    # own (tools/demo.py --quick --tune, docs/demo.md)
+    # own at this preset's budgets (tools/demo.py --tune, docs/demo.md)
     inherit=dict(iters=250, batch=32, labelled=4, lr=1e-3),
-    rival=dict(lr=4e-3),
+    rival=dict(lr=1e-3),
     # det / seg heads on the frozen features, trained on the user's
     # labelled split (same budget for every row)
     probe_det=dict(iters=170, batch=8),
