@@ -969,11 +969,11 @@ def test_sweep_runs_are_probed_as_their_rows():
     inheritance run in the detection teacher's space, the rival on its own
     pyramid (else the sweep would choose on another probe than the
     table's)."""
-    from kiv_demo.pipeline import TUNE_LRS
+    from kiv_demo.pipeline import TUNE_LRS, build_tuning_stages
     from kiv_demo.recipes import DENSE_TEACHER, dense_space
+    stages = {s.name: s for s in build_tuning_stages('toy')}
     for lr in TUNE_LRS:
-        assert dense_space(f'inherit_lr{lr:g}') == DENSE_TEACHER
-        assert dense_space(f'rival_lr{lr:g}') == 'student'
-    assert dense_space('inherit') == DENSE_TEACHER
-    assert dense_space('inherit_nokb') == DENSE_TEACHER
-    assert dense_space('rival_user') == dense_space('kb_alone') == 'student'
+        assert stages[f'features_inherit_lr{lr:g}'].params['dense'] == \
+            DENSE_TEACHER == dense_space('inherit')
+        assert stages[f'features_rival_lr{lr:g}'].params['dense'] == \
+            'student' == dense_space('rival_user')

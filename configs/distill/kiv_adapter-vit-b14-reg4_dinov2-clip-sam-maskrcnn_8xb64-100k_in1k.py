@@ -25,6 +25,7 @@ _base_ = [
     '../_base_/datasets/imagenet_unlabeled_224.py',
     '../_base_/schedules/adamw_100k.py',
     '../_base_/models/kiv_adapter-vit-b14-reg4.py',  # the student
+    '../_base_/models/kiv_detector-space.py',  # detector levels
 ]
 ckpt_dir = 'checkpoints/teachers/'
 imagenet_norm = dict(mean=[123.675, 116.28, 103.53],
@@ -124,7 +125,8 @@ model = dict(
             # dinov2 (base_teacher): its own patch grid, preserved heads
             clip=dict(student_levels=[2, 2]),  # ln_post, text space
             sam=dict(student_levels=[1]),
-            detector=dict(student_levels=[0, 1, 2, 3, 3]))),
+            detector=dict(student_levels=_base_.kiv_detector_space_b14[
+                'student_levels']))),
     teacher_weights=dict(dinov2=1.0, clip=1.0, sam=1.0, detector=0.5),
     grad_share_interval=100,
 )

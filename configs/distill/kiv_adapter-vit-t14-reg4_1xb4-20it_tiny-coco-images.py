@@ -8,6 +8,7 @@ _base_ = [
     '../_base_/default_runtime.py',
     '../_base_/datasets/tiny_coco_images.py',
     '../_base_/models/kiv_adapter-vit-t14-reg4.py',  # the student
+    '../_base_/models/kiv_detector-space.py',  # detector levels
 ]
 teacher_dir = 'data/tiny_teachers/'
 imagenet_norm = dict(mean=[123.675, 116.28, 103.53],
@@ -62,7 +63,8 @@ model = dict(
         type='kiv.SharedLatentSpace',
         standardize='phis',
         hidden_dim=64,
-        teachers=dict(detector=dict(student_levels=[1, 2, 3]))),
+        teachers=dict(detector=dict(
+            student_levels=_base_.kiv_detector_space_t14['student_levels']))),
     grad_share_interval=5,
 )
 

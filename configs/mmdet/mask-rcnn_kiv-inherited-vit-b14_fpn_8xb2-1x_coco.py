@@ -10,18 +10,19 @@
 # The student must be exported with its s2t heads:
 #   tools/export_student.py <distillation checkpoint> \
 #       checkpoints/kiv_vit-b14_student.pth --keep-heads
-_base_ = './mask-rcnn_kiv-adapter-vit-b14_fpn_8xb2-1x_coco.py'
+_base_ = [
+    './mask-rcnn_kiv-adapter-vit-b14_fpn_8xb2-1x_coco.py',
+    '../_base_/models/kiv_detector-space.py',  # the recipe's detector
+]
 
 student_checkpoint = 'checkpoints/kiv_vit-b14_student.pth'
 model = dict(
     backbone=dict(
+        # the recipe's detector (teacher, student_levels, scale_factors;
+        # configs/_base_/models/kiv_detector-space.py): P2-P6
+        _base_.kiv_detector_space_b14,
         _delete_=True,
         type='kiv.InheritedBackbone',
         backbone=_base_.model.backbone,
-        checkpoint=student_checkpoint,
-        # the recipe's teacher name and its latent.teachers.detector
-        # .student_levels; P6 (stride 64) from the stride-32 map
-        teacher='detector',
-        student_levels=[0, 1, 2, 3, 3],
-        scale_factors=[1, 1, 1, 1, 0.5]),
+        checkpoint=student_checkpoint),
     neck=dict(in_channels=[256] * 5, num_outs=5))

@@ -6,16 +6,18 @@
 # --keep-heads, or the distillation checkpoint) with
 #   --cfg-options model.backbone.backbone.init_cfg.checkpoint=<student.pth> \
 #       model.backbone.checkpoint=<student.pth or iter_N.pth>
-_base_ = './mask-rcnn_kiv-adapter-vit-t14_fpn_1xb1-2it_tiny-coco.py'
+_base_ = [
+    './mask-rcnn_kiv-adapter-vit-t14_fpn_1xb1-2it_tiny-coco.py',
+    '../_base_/models/kiv_detector-space.py',  # the recipe's detector
+]
 
 model = dict(
     backbone=dict(
+        _base_.kiv_detector_space_t14,  # the tiny recipe's detector
         _delete_=True,
         type='kiv.InheritedBackbone',
         backbone=_base_.model.backbone,
-        checkpoint=_base_.student_checkpoint,
-        teacher='detector',
-        student_levels=[1, 2, 3]),  # the tiny recipe's
+        checkpoint=_base_.student_checkpoint),
     neck=dict(in_channels=[32] * 3),
     # the teacher's strides: 8, 16, 32 (+ 2 extra levels from the FPN)
     rpn_head=dict(anchor_generator=dict(strides=[8, 16, 32, 64, 128])),

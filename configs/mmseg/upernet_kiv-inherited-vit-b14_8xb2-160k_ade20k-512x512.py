@@ -13,22 +13,23 @@
 # The student must be exported with its s2t heads:
 #   tools/export_student.py <distillation checkpoint> \
 #       checkpoints/kiv_vit-b14_student.pth --keep-heads
-_base_ = './upernet_kiv-adapter-vit-b14_8xb2-160k_ade20k-512x512.py'
+_base_ = [
+    './upernet_kiv-adapter-vit-b14_8xb2-160k_ade20k-512x512.py',
+    '../_base_/models/kiv_detector-space.py',  # the recipe's detector
+]
 
 teacher_channels = 256  # Mask R-CNN's FPN
 model = dict(
     backbone=dict(
+        # the recipe's detector (teacher, student_levels, scale_factors;
+        # configs/_base_/models/kiv_detector-space.py); P2-P5 only
+        # (P6 is neither built nor run)
+        _base_.kiv_detector_space_b14,
         _delete_=True,
         type='kiv.InheritedBackbone',
         backbone=_base_.model.backbone,
         checkpoint=_base_.student,
-        # the recipe's teacher name and its latent.teachers.detector
-        # .student_levels. The wrapper gives every level of the teacher in
-        # the file (P2-P6; P6, stride 64, from the stride-32 map at half its
-        # grid); the heads' in_index take P2-P5 and leave P6 unread.
-        teacher='detector',
-        student_levels=[0, 1, 2, 3, 3],
-        scale_factors=[1, 1, 1, 1, 0.5]),
+        out_indices=[0, 1, 2, 3]),
     decode_head=dict(
         in_channels=[teacher_channels] * 4, in_index=[0, 1, 2, 3]),
     auxiliary_head=dict(

@@ -12,17 +12,19 @@
 # with --keep-heads, or the distillation checkpoint) with
 #   --cfg-options model.backbone.backbone.init_cfg.checkpoint=<student.pth> \
 #       model.backbone.checkpoint=<student.pth or iter_N.pth>
-_base_ = './upernet_kiv-adapter-vit-t14_1xb2-2it_tiny-ade20k-48x48.py'
+_base_ = [
+    './upernet_kiv-adapter-vit-t14_1xb2-2it_tiny-ade20k-48x48.py',
+    '../_base_/models/kiv_detector-space.py',  # the recipe's detector
+]
 
 teacher_channels = 32  # the tiny RetinaNet's FPN
 model = dict(
     backbone=dict(
+        _base_.kiv_detector_space_t14,  # the tiny recipe's: strides 8-32
         _delete_=True,
         type='kiv.InheritedBackbone',
         backbone=_base_.model.backbone,
-        checkpoint=_base_.model.backbone.init_cfg.checkpoint,
-        teacher='detector',
-        student_levels=[1, 2, 3]),  # the tiny recipe's: strides 8/16/32
+        checkpoint=_base_.model.backbone.init_cfg.checkpoint),
     decode_head=dict(
         in_channels=[teacher_channels] * 3, in_index=[0, 1, 2]),
     auxiliary_head=dict(

@@ -255,19 +255,21 @@ def test_inherited_backbone_config_fits_the_recipe():
     assert wrapper.teacher in recipe.teachers
     assert recipe.teachers[wrapper.teacher].source.part == 'backbone+neck'
     levels = recipe.latent.teachers[wrapper.teacher].student_levels
-    # the wrapper gives every level of the teacher in the file
+    # the recipe's levels as distilled (P6 at half the stride-32 grid);
+    # only P2-P5 are built and given (out_indices)
     assert wrapper.student_levels == levels
     assert len(levels) == neck.num_outs
     assert wrapper.scale_factors == [1] * (len(levels) - 1) + [0.5]
+    assert wrapper.out_indices == [0, 1, 2, 3]
+    given = [levels[i] for i in wrapper.out_indices]
+    assert given == list(base.model.backbone.out_indices)
+    assert all(wrapper.scale_factors[i] == 1 for i in wrapper.out_indices)
     decode, aux = cfg.model.decode_head, cfg.model.auxiliary_head
     assert decode.type == 'UPerHead'
-    assert [levels[i] for i in decode.in_index] == levels[:4] == \
-        list(base.model.backbone.out_indices)
-    assert all(wrapper.scale_factors[i] == 1 for i in decode.in_index)
+    assert decode.in_index == list(range(len(given)))
     assert decode.in_channels == [neck.out_channels] * 4 == [256] * 4
-    assert levels[aux.in_index] == \
+    assert given[aux.in_index] == \
         base.model.backbone.out_indices[base.model.auxiliary_head.in_index]
-    assert wrapper.scale_factors[aux.in_index] == 1
     assert aux.in_channels == neck.out_channels
     # the student trains as its config says, with layer-wise lr decay; the
     # base ViT's final norm gets no gradient from the pyramid (DDP)
@@ -316,8 +318,8 @@ def test_inherited_real_config_builds_and_decays(tmp_path):
     with torch.no_grad():
         feats = model.extract_feat(torch.rand(1, 3, 64, 64) * 255)
         assert [tuple(f.shape[1:]) for f in feats] == [
-            (256, 16, 16), (256, 8, 8), (256, 4, 4), (256, 2, 2),
-            (256, 1, 1)]
+            (256, 16, 16), (256, 8, 8), (256, 4, 4), (256, 2, 2)]
+        assert len(model.backbone.paths) == 4  # P6 is not built
         assert model.decode_head(feats).shape == (1, 150, 16, 16)
         assert model.auxiliary_head(feats).shape == (1, 150, 4, 4)
     # what UperNet reads trains the whole student but the base ViT's final

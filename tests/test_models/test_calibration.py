@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kiv.models.connectors import (InheritedStatistics, SharedLatentSpace,
-                                   calibrate)
+                                   calibrate, calibration_affine)
 from kiv.structures import FeatureOutput
 
 TEACHERS = dict(
@@ -138,17 +138,18 @@ def test_calibration_needs_keys_and_teacher_statistics():
         none.calibrate(teachers['det'], 'det')
 
 
-def test_calibrate_function_checks_both_sides():
+def test_calibration_affine_checks_both_sides():
     from kiv.models.connectors import ChannelStandardizer
     student, teacher = InheritedStatistics(3), ChannelStandardizer(3)
     x = torch.randn(4, 3)
     with pytest.raises(RuntimeError, match='inherited output'):
-        calibrate(x, student, teacher)
+        calibration_affine(student, teacher)
     student.load_sums(student.batch_sums(x))
     with pytest.raises(RuntimeError, match='teacher'):
-        calibrate(x, student, teacher)
+        calibration_affine(student, teacher)
     teacher.load_sums(teacher.batch_sums(x * 2 + 1))
-    torch.testing.assert_close(calibrate(x, student, teacher), x * 2 + 1,
+    scale, shift = calibration_affine(student, teacher)
+    torch.testing.assert_close(calibrate(x, scale, shift), x * 2 + 1,
                                rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match='3 channels'):
-        calibrate(torch.randn(4, 5), student, teacher)
+        calibrate(torch.randn(4, 5), scale, shift)

@@ -170,6 +170,20 @@ def test_inherited_backbone_gives_the_distillers_teacher_space(
             model.latent.project(student, 'detector', sizes), 'detector')
     assert last.shape[-2:] == sizes[-1] != maps[-1].shape[-2:]
     torch.testing.assert_close(last, ref.features[-1], rtol=1e-5, atol=1e-5)
+    # out_indices: only those levels are built and given
+    some = InheritedBackbone(**dict(kwargs, out_indices=[0, -1]))
+    some.init_weights()
+    some.eval()
+    assert len(some.paths) == 2 and some.student_levels == (
+        levels[0], levels[-1])
+    with torch.no_grad():
+        got = some(x)
+    assert len(got) == 2
+    torch.testing.assert_close(got[0], maps[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], maps[-1], rtol=1e-5, atol=1e-5)
+    assert some.out_channels == (maps[0].shape[1], maps[-1].shape[1])
+    with pytest.raises(InheritedPathError, match=r'out_indices=\[3\]'):
+        InheritedBackbone(**dict(kwargs, out_indices=[3]))
     with pytest.raises(InheritedPathError, match="'sam'.*'detector'"):
         InheritedBackbone(**dict(kwargs, teacher='sam'))
     with pytest.raises(InheritedPathError, match=r'student_levels=\[0, 1\]'):
@@ -192,6 +206,18 @@ def test_inherited_heads_are_calibrated_from_the_end_of_distillation(
         type(h).__name__ for h in trained.hooks}
     model = trained.model.eval()
     assert model.latent.calibration_ready
+    # what the hook sums: the inherited outputs (student -> s2t head ->
+    # inverse standardisation), at every teacher's own grids
+    batch = torch.rand(3, 3, 56, 70) * 255
+    sums = model.calibration_sums(batch)
+    student = model.extract_student(batch)
+    ref = model.latent.calibration_sums({
+        name: model.inherit(batch, name, student)[0]
+        for name in model.teachers})
+    assert sums.keys() == ref.keys() == set(
+        model.latent.calibration_keys())
+    for key, value in ref.items():
+        torch.testing.assert_close(sums[key], value, rtol=1e-5, atol=1e-4)
     ckpt = osp.join(trained.work_dir, 'iter_20.pth')
     state = safe_torch_load(ckpt)['state_dict']
     for key in model.latent.state_dict():

@@ -3,7 +3,8 @@
 ``kiv.StatisticsWarmupHook`` (the teachers' statistics, before step 0) and
 ``kiv.InheritedCalibrationHook`` (the inherited outputs' statistics, after
 the last step) both run the model over some batches of the training data
-without touching the training loop's own data order.
+without touching the training loop's own data order
+(:class:`SidePassHook`).
 """
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ from typing import Callable, Optional
 
 import torch
 from mmengine.dataset import DefaultSampler
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-__all__ = ['side_loader', 'sum_over_batches']
+from kiv.models.connectors.shared_latent_space import all_reduce_sums
+from ..random_state import preserved_random_state
+
+__all__ = ['side_loader', 'sum_over_batches', 'SidePassHook']
 
 
 def side_loader(train_loader: DataLoader) -> DataLoader:
@@ -87,3 +93,61 @@ def sum_over_batches(model: torch.nn.Module, train_loader: DataLoader,
     finally:
         del batches  # stops the workers of an abandoned epoch now
     return totals, images
+
+
+class SidePassHook(Hook):
+    """Base of the hooks that sum statistics over a side pass and give
+    them to a ``kiv.KnowledgeInheritance``.
+
+    The pass (:func:`sum_over_batches`) leaves the global random state as
+    it found it (Python ``random``, NumPy, torch CPU and CUDA generators):
+    its random augmentations draw from the global state and are undone
+    afterwards, and its loader's base seed comes from a generator of its
+    own. The sums are all-reduced once over ranks.
+
+    Args:
+        num_batches (int): batches of the pass per rank (at most one
+            epoch). Defaults to 50.
+    """
+
+    #: model methods a subclass calls (checked, named in the error)
+    model_methods: tuple[str, ...] = ()
+
+    def __init__(self, num_batches: int = 50) -> None:
+        if num_batches < 1:
+            raise ValueError(f'{type(self).__name__}: num_batches must be '
+                             f'>= 1, got {num_batches}')
+        self.num_batches = int(num_batches)
+
+    def _distiller(self, runner) -> torch.nn.Module:
+        """The runner's (unwrapped) ``kiv.KnowledgeInheritance``.
+
+        Raises:
+            TypeError: another model.
+        """
+        model = runner.model.module if is_model_wrapper(runner.model) \
+            else runner.model
+        if getattr(model, 'latent', None) is None or not all(
+                hasattr(model, m) for m in self.model_methods):
+            raise TypeError(f'{type(self).__name__} needs a '
+                            'kiv.KnowledgeInheritance model, got '
+                            f'{type(model).__name__}')
+        return model
+
+    def _summed(self, runner, model: torch.nn.Module,
+                batch_sums: Callable[[Tensor, Optional[list]],
+                                     dict[str, Tensor]]
+                ) -> tuple[dict[str, Tensor], int]:
+        """Sums over the pass on every rank, all-reduced, and the images
+        per rank they cover.
+
+        Raises:
+            RuntimeError: the training dataloader gave no batch.
+        """
+        with preserved_random_state():
+            totals, images = sum_over_batches(
+                model, runner.train_dataloader, self.num_batches, batch_sums)
+        if totals is None:
+            raise RuntimeError(f'{type(self).__name__}: the training '
+                               'dataloader gave no batch')
+        return all_reduce_sums(totals), images

@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import time
 
-from mmengine.hooks import Hook
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 
-from kiv.models.connectors.shared_latent_space import all_reduce_sums
 from kiv.registry import HOOKS
-from ..random_state import preserved_random_state
-from .data_pass import sum_over_batches
+from .data_pass import SidePassHook
 
 
 @HOOKS.register_module()
-class InheritedCalibrationHook(Hook):
+class InheritedCalibrationHook(SidePassHook):
     """Fill the label-free calibration of the inherited heads.
 
     After the last training iteration, and before that iteration's
@@ -42,13 +38,8 @@ class InheritedCalibrationHook(Hook):
             epoch). Defaults to 50.
     """
 
-    priority = 'NORMAL'
-
-    def __init__(self, num_batches: int = 50) -> None:
-        if num_batches < 1:
-            raise ValueError(f'InheritedCalibrationHook: num_batches must be '
-                             f'>= 1, got {num_batches}')
-        self.num_batches = int(num_batches)
+    priority = 'NORMAL'  # above CheckpointHook's VERY_LOW
+    model_methods = ('calibration_sums', 'load_calibration')
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:
@@ -60,32 +51,21 @@ class InheritedCalibrationHook(Hook):
         """
         if not self.is_last_train_iter(runner):
             return
-        model = runner.model.module if is_model_wrapper(runner.model) \
-            else runner.model
-        latent = getattr(model, 'latent', None)
-        if latent is None or not hasattr(model, 'calibration_sums'):
-            raise TypeError(
-                'InheritedCalibrationHook needs a kiv.KnowledgeInheritance '
-                f'model, got {type(model).__name__}')
-        if not latent.calibration_keys():
+        model = self._distiller(runner)
+        if not model.latent.calibration_keys():
             print_log('InheritedCalibrationHook: no output to calibrate '
-                      f'(standardize={latent.standardize!r})',
+                      f'(standardize={model.latent.standardize!r})',
                       logger='current')
             return
         start = time.perf_counter()
         was_training = model.training
         model.eval()
         try:
-            with preserved_random_state():
-                totals, images = sum_over_batches(
-                    model, runner.train_dataloader, self.num_batches,
-                    model.calibration_sums)
+            totals, images = self._summed(runner, model,
+                                          model.calibration_sums)
         finally:
             model.train(was_training)
-        if totals is None:
-            raise RuntimeError('InheritedCalibrationHook: the training '
-                               'dataloader gave no batch')
-        model.load_calibration(all_reduce_sums(totals))
+        model.load_calibration(totals)
         print_log(
             f'InheritedCalibrationHook: calibrated {len(totals)} inherited '
             f'outputs from {images} images per rank in '

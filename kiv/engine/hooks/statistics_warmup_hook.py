@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import time
 
-from mmengine.hooks import Hook
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 
-from kiv.models.connectors.shared_latent_space import all_reduce_sums
 from kiv.registry import HOOKS
-from ..random_state import preserved_random_state
-from .data_pass import sum_over_batches
+from .data_pass import SidePassHook
 
 
 @HOOKS.register_module()
-class StatisticsWarmupHook(Hook):
+class StatisticsWarmupHook(SidePassHook):
     """Fix the standardiser statistics from a teacher-only pass.
 
     Before the first training iteration, runs the teachers (not the
@@ -47,12 +43,7 @@ class StatisticsWarmupHook(Hook):
     """
 
     priority = 'HIGH'
-
-    def __init__(self, num_batches: int = 50) -> None:
-        if num_batches < 1:
-            raise ValueError(f'StatisticsWarmupHook: num_batches must be '
-                             f'>= 1, got {num_batches}')
-        self.num_batches = int(num_batches)
+    model_methods = ('statistic_sums', 'load_statistics')
 
     def before_train(self, runner) -> None:
         """Run the warm-up pass if the model's statistics are not fixed.
@@ -60,24 +51,12 @@ class StatisticsWarmupHook(Hook):
         Args:
             runner (mmengine.runner.Runner): the training runner.
         """
-        model = runner.model.module if is_model_wrapper(runner.model) \
-            else runner.model
-        latent = getattr(model, 'latent', None)
-        if latent is None or not hasattr(model, 'statistic_sums'):
-            raise TypeError(
-                'StatisticsWarmupHook needs a kiv.KnowledgeInheritance '
-                f'model, got {type(model).__name__}')
+        model = self._distiller(runner)
+        latent = model.latent
         if latent.statistics != 'fixed' or latent.statistics_ready:
             return
         start = time.perf_counter()
-        with preserved_random_state():
-            totals, images = sum_over_batches(
-                model, runner.train_dataloader, self.num_batches,
-                model.statistic_sums)
-        if totals is None:
-            raise RuntimeError('StatisticsWarmupHook: the training '
-                               'dataloader gave no batch')
-        totals = all_reduce_sums(totals)
+        totals, images = self._summed(runner, model, model.statistic_sums)
         model.load_statistics(totals)
         print_log(
             f'StatisticsWarmupHook: fixed the statistics of '

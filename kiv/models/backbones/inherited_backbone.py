@@ -33,11 +33,12 @@ __all__ = ['InheritedBackbone']
 class InheritedBackbone(BaseModule):
     """A kiv student's maps in one teacher's raw feature space.
 
-    Level ``l`` of the output is ``InheritedPath(checkpoint, teacher,
-    level=l)`` applied to the student's map ``student_levels[l]``, at that
-    map's grid scaled by ``scale_factors[l]`` (``ceil(h * f), ceil(w * f)``,
-    any input size; e.g. ``0.5`` for a teacher's stride-64 level read from
-    the student's stride-32 map, as mmdet's FPN makes P6).
+    Output ``j`` is the teacher's level ``l = out_indices[j]`` (default:
+    every level, in order): ``InheritedPath(checkpoint, teacher, level=l)``
+    applied to the student's map ``student_levels[l]``, at that map's grid
+    scaled by ``scale_factors[l]`` (``ceil(h * f), ceil(w * f)``, any input
+    size; e.g. ``0.5`` for a teacher's stride-64 level read from the
+    student's stride-32 map, as mmdet's FPN makes P6).
     The paths' weights are fixed (they are the distillation's); the student
     is built, loaded and frozen as its own config says.
 
@@ -58,6 +59,9 @@ class InheritedBackbone(BaseModule):
         scale_factors (Sequence[float], optional): grid scale of each
             output level relative to its student map. Defaults to 1.0 for
             every level.
+        out_indices (Sequence[int], optional): the teacher levels given
+            (indices into its levels, as ``student_levels``); only those
+            are built and run. Defaults to every level.
         calibrate (bool): apply the label-free calibration stored with the
             heads (each channel at the teacher's mean and standard
             deviation; measured by ``kiv.InheritedCalibrationHook`` at the
@@ -67,9 +71,10 @@ class InheritedBackbone(BaseModule):
 
     Raises:
         InheritedPathError: the teacher is not in the file, it has no
-            dense level, or ``student_levels`` / ``scale_factors`` do not
-            give one entry per teacher level, or ``calibrate`` is set and
-            the file has no calibration.
+            dense level, ``student_levels`` / ``scale_factors`` do not
+            give one entry per teacher level, ``out_indices`` names no
+            level or one it does not have, or ``calibrate`` is set and the
+            file has no calibration.
     """
 
     def __init__(self,
@@ -78,6 +83,7 @@ class InheritedBackbone(BaseModule):
                  teacher: str,
                  student_levels: Optional[Sequence[int]] = None,
                  scale_factors: Optional[Sequence[float]] = None,
+                 out_indices: Optional[Sequence[int]] = None,
                  calibrate: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -90,28 +96,36 @@ class InheritedBackbone(BaseModule):
             raise InheritedPathError(
                 f'InheritedBackbone: {checkpoint}: no dense s2t head for '
                 f'teacher {teacher!r}; teachers with dense heads: {dense}')
+        num = len(levels)
+        if student_levels is None:
+            student_levels = range(num)
+        student_levels = tuple(int(i) for i in student_levels)
+        if len(student_levels) != num:
+            raise InheritedPathError(
+                f'InheritedBackbone: {checkpoint}: teacher {teacher!r} has '
+                f'{num} dense levels, student_levels='
+                f'{list(student_levels)} gives {len(student_levels)}')
+        scale_factors = tuple(float(f) for f in (
+            [1.0] * num if scale_factors is None else scale_factors))
+        if len(scale_factors) != num or min(scale_factors) <= 0:
+            raise InheritedPathError(
+                f'InheritedBackbone: {checkpoint}: teacher {teacher!r} has '
+                f'{num} dense levels, scale_factors={list(scale_factors)} '
+                'must give one positive factor per level')
+        wanted = range(num) if out_indices is None else \
+            [int(i) for i in out_indices]
+        if not wanted or not all(-num <= i < num for i in wanted):
+            raise InheritedPathError(
+                f'InheritedBackbone: {checkpoint}: teacher {teacher!r} has '
+                f'{num} dense levels, out_indices={list(wanted)}')
+        self.out_indices = tuple(i % num for i in wanted)
+        # only the given levels are built and run
+        self.student_levels = tuple(student_levels[i]
+                                    for i in self.out_indices)
+        self.scale_factors = tuple(scale_factors[i] for i in self.out_indices)
         paths = [InheritedPath(checkpoint, teacher, level=i, latent=latent,
                                calibrate=calibrate)
-                 for i in range(len(levels))]
-        if student_levels is None:
-            student_levels = range(len(paths))
-        self.student_levels = tuple(int(i) for i in student_levels)
-        if len(self.student_levels) != len(paths):
-            raise InheritedPathError(
-                f'InheritedBackbone: {checkpoint}: teacher {teacher!r} has '
-                f'{len(paths)} dense levels, student_levels='
-                f'{list(self.student_levels)} gives '
-                f'{len(self.student_levels)}')
-        if scale_factors is None:
-            scale_factors = [1.0] * len(paths)
-        self.scale_factors = tuple(float(f) for f in scale_factors)
-        if len(self.scale_factors) != len(paths) or \
-                min(self.scale_factors) <= 0:
-            raise InheritedPathError(
-                f'InheritedBackbone: {checkpoint}: teacher {teacher!r} has '
-                f'{len(paths)} dense levels, scale_factors='
-                f'{list(self.scale_factors)} must give one positive factor '
-                'per level')
+                 for i in self.out_indices]
         self.paths = nn.ModuleList(paths)
         self.teacher = teacher
 
@@ -180,9 +194,9 @@ class InheritedBackbone(BaseModule):
 
         Returns:
             FeatureOutput: the student's ``summary`` (and ``summaries``);
-            ``features`` = one map per teacher level ``l``, ``(B, D_l,
-            h, w)`` at the grid of student map ``student_levels[l]`` times
-            ``scale_factors[l]``.
+            ``features`` = one map per teacher level ``l`` of
+            ``out_indices``, ``(B, D_l, h, w)`` at the grid of student map
+            ``student_levels[l]`` times ``scale_factors[l]``.
         """
         out = self.backbone.forward_features(x)
         return FeatureOutput(out.summary,

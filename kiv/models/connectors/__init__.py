@@ -4,7 +4,7 @@ standardisers, student-to-teacher heads, the rotations of PHI-S, the
 label-free calibration of inherited outputs, and the fixed inherited path of
 one teacher output (s2t head + inverse standardisation) that downstream
 modules read."""
-from .calibration import InheritedStatistics, calibrate
+from .calibration import InheritedStatistics, calibrate, calibration_affine
 from .inherited_path import (InheritedPath, InheritedPathError,
                              read_latent_state)
 from .rotations import equalizing_rotation, hadamard_matrix
@@ -21,5 +21,5 @@ __all__ = [
     'PHISStandardizer', 'STANDARDIZE_MODES', 'build_standardizer',
     'hadamard_matrix', 'equalizing_rotation', 'all_reduce_sums',
     'InheritedPath', 'InheritedPathError', 'read_latent_state',
-    'InheritedStatistics', 'calibrate'
+    'InheritedStatistics', 'calibrate', 'calibration_affine'
 ]

@@ -27,7 +27,7 @@ from ..layers.precision import fp32_compute
 from .standardizers import (ChannelStandardizer, StatisticsStandardizer,
                             _check_channels, _out_dtype, _work_dtype)
 
-__all__ = ['InheritedStatistics', 'calibrate']
+__all__ = ['InheritedStatistics', 'calibration_affine', 'calibrate']
 
 
 class InheritedStatistics(ChannelStandardizer):
@@ -61,20 +61,20 @@ class InheritedStatistics(ChannelStandardizer):
                                       error_msgs)
 
 
-def calibrate(x: Tensor, student: InheritedStatistics,
-              teacher: StatisticsStandardizer) -> Tensor:
-    """Map an inherited output onto the teacher's per-channel statistics.
+@torch.no_grad()
+def calibration_affine(student: InheritedStatistics,
+                       teacher: StatisticsStandardizer
+                       ) -> tuple[Tensor, Tensor]:
+    """The per-channel map of the calibration, ``y' = y * scale + shift``.
 
     Args:
-        x (Tensor): the inherited output in the teacher's raw space,
-            ``(N, C)`` or ``(B, C, H, W)``.
         student (InheritedStatistics): the inherited output's statistics.
         teacher (StatisticsStandardizer): the output's standardiser (the
             teacher's statistics).
 
     Returns:
-        Tensor: same shape, ``(x - mu_s) * sigma_t / sigma_s + mu_t`` per
-        channel; float32 under autocast, else ``x.dtype``.
+        tuple[Tensor, Tensor]: float64 ``scale = sigma_t / sigma_s`` and
+        ``shift = mu_t - mu_s * scale``, each ``(C,)``.
 
     Raises:
         RuntimeError: either side has no statistics.
@@ -84,14 +84,26 @@ def calibrate(x: Tensor, student: InheritedStatistics,
             raise RuntimeError(
                 f'calibrate: no statistics of the {who} yet (run '
                 'kiv.InheritedCalibrationHook at the end of distillation)')
-    _check_channels(x, student.dim, 'calibrate')
+    scale = (teacher.variance + teacher.eps).sqrt() / \
+        (student.variance + student.eps).sqrt()
+    return scale, teacher.mean - student.mean * scale
+
+
+def calibrate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """Apply a calibration map (:func:`calibration_affine`) per channel.
+
+    Args:
+        x (Tensor): the inherited output in the teacher's raw space,
+            ``(N, C)`` or ``(B, C, H, W)``.
+        scale (Tensor): ``(C,)``.
+        shift (Tensor): ``(C,)``.
+
+    Returns:
+        Tensor: same shape; float32 under autocast, else ``x.dtype``.
+    """
+    _check_channels(x, scale.numel(), 'calibrate')
     dtype = _work_dtype(x)
     shape = (1, -1, 1, 1) if x.dim() == 4 else (1, -1)
-    with torch.no_grad():
-        sd_s = (student.variance + student.eps).sqrt()
-        sd_t = (teacher.variance + teacher.eps).sqrt()
-        scale = (sd_t / sd_s).to(dtype).view(shape)
-        shift = (teacher.mean - student.mean * sd_t / sd_s).to(dtype).view(
-            shape)
     with fp32_compute(x.device.type):
-        return torch.addcmul(shift, x.to(dtype), scale).to(_out_dtype(x))
+        return torch.addcmul(shift.to(dtype).view(shape), x.to(dtype),
+                             scale.to(dtype).view(shape)).to(_out_dtype(x))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from kiv.utils.state_dict import (first_keys, load_state_dict_checked,
                                   read_checkpoint, select_prefix,
                                   unwrap_state_dict)
-from .calibration import InheritedStatistics, calibrate
+from .calibration import InheritedStatistics, calibrate, calibration_affine
 from .s2t_heads import DenseS2THead, S2THead
 from .standardizers import StatisticsStandardizer, build_standardizer
 
@@ -170,10 +170,15 @@ class InheritedPath(nn.Module):
             raise InheritedPathError(
                 f'{checkpoint}: the standardiser of the {what} has no '
                 'statistics (the checkpoint was saved before the warm-up)')
-        self.calibration = None
-        if calibrate:
-            self.calibration = self._read_calibration(
-                select_prefix(latent, cal_key), checkpoint, what, out_dim)
+        self.calibrated = calibrate
+        if calibrate:  # fixed: computed once, one multiply-add per call
+            scale, shift = calibration_affine(self._read_calibration(
+                select_prefix(latent, cal_key), checkpoint, what, out_dim),
+                self.standardizer)
+            self.register_buffer('cal_scale', scale.float(),
+                                 persistent=False)
+            self.register_buffer('cal_shift', shift.float(),
+                                 persistent=False)
         self.teacher, self.level = teacher, level
         self.in_dim, self.out_dim = in_dim, out_dim
         self.requires_grad_(False)
@@ -217,6 +222,6 @@ class InheritedPath(nn.Module):
         else:
             out = self.standardizer.inverse(
                 self.head(x, x.shape[-2:] if size is None else size))
-        if self.calibration is not None:
-            out = calibrate(out, self.calibration, self.standardizer)
+        if self.calibrated:
+            out = calibrate(out, self.cal_scale, self.cal_shift)
         return out

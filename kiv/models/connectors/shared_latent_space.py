@@ -12,7 +12,7 @@ from torch import Tensor
 
 from kiv.registry import MODELS
 from kiv.structures import FeatureOutput
-from .calibration import InheritedStatistics, calibrate
+from .calibration import InheritedStatistics, calibrate, calibration_affine
 from .s2t_heads import DenseS2THead, S2THead
 from .standardizers import (STANDARDIZE_MODES, BaseStandardizer,
                             StatisticsStandardizer, build_standardizer)
@@ -502,8 +502,8 @@ class SharedLatentSpace(BaseModule):
                 f'teacher {teacher!r} (standardize={self.standardize!r}; '
                 'they are set by kiv.InheritedCalibrationHook at the end of '
                 'distillation)')
-        done = {key: calibrate(x, cal, std) for (key, cal, std), x in zip(
-            named, self._outputs(out))}
+        done = {key: calibrate(x, *calibration_affine(cal, std))
+                for (key, cal, std), x in zip(named, self._outputs(out))}
         summary = None if out.summary is None else \
             done[f'{teacher}.summary']
         features = tuple(
@@ -693,6 +693,24 @@ class SharedLatentSpace(BaseModule):
             head(student.features[lv], size) for head, lv, size in zip(
                 heads, self.student_levels[teacher], sizes))
         return FeatureOutput(summary, features)
+
+    def inherited(self, student: FeatureOutput, teacher: str,
+                  sizes: Sequence[Sequence[int]],
+                  calibrated: bool = False) -> FeatureOutput:
+        """The student's prediction of a teacher's outputs in that teacher's
+        raw space: :meth:`project`, then :meth:`to_teacher_space`.
+
+        Args:
+            student (FeatureOutput): student output (see :meth:`project`).
+            teacher (str): teacher name.
+            sizes (list[tuple[int, int]]): grid of each teacher level.
+            calibrated (bool): also :meth:`calibrate`. Defaults to False.
+
+        Returns:
+            FeatureOutput: the teacher's shapes, raw space.
+        """
+        return self.to_teacher_space(self.project(student, teacher, sizes),
+                                     teacher, calibrated=calibrated)
 
     def forward(
         self, student: FeatureOutput, targets: Mapping[str, FeatureOutput]

@@ -543,13 +543,13 @@ class KnowledgeInheritance(BaseModel):
             :meth:`kiv.SharedLatentSpace.calibration_sums`.
         """
         student = self.extract_student(inputs)
-        inherited = {}
-        for name, target in self.extract_teachers(inputs,
-                                                  data_samples).items():
-            sizes = [tuple(f.shape[-2:]) for f in target.features]
-            inherited[name] = self.latent.to_teacher_space(
-                self.latent.project(student, name, sizes), name)
-        return self.latent.calibration_sums(inherited)
+        # the teachers' grids: one image is enough (a batch shares its size)
+        first = None if data_samples is None else data_samples[:1]
+        return self.latent.calibration_sums({
+            name: self.latent.inherited(
+                student, name, [tuple(f.shape[-2:]) for f in out.features])
+            for name, out in self.extract_teachers(inputs[:1],
+                                                   first).items()})
 
     @torch.no_grad()
     def load_calibration(self, sums: dict[str, Tensor]) -> None:
@@ -719,9 +719,8 @@ class KnowledgeInheritance(BaseModel):
         if student is None:
             student = self.extract_student(images)
         sizes = [tuple(f.shape[-2:]) for f in target.features]
-        pred = self.latent.project(student, teacher, sizes)
-        return self.latent.to_teacher_space(pred, teacher,
-                                            calibrated=calibrated), target
+        return self.latent.inherited(student, teacher, sizes,
+                                     calibrated=calibrated), target
 
     @torch.no_grad()
     def predict(self, inputs: Tensor,

@@ -81,8 +81,8 @@ def teacher_sizes(teacher: torch.nn.Module,
 
 @torch.no_grad()
 def inherited_outputs(model: torch.nn.Module, images: Tensor,
-                      teachers: Sequence[str], sizes: dict[str, list],
-                      calibrated: bool = False) -> dict[str, FeatureOutput]:
+                      teachers: Sequence[str],
+                      sizes: dict[str, list]) -> dict[str, FeatureOutput]:
     """The inherited models' outputs in each teacher's raw space.
 
     Args:
@@ -90,17 +90,14 @@ def inherited_outputs(model: torch.nn.Module, images: Tensor,
         images (Tensor): ``(B, 3, H, W)`` RGB in [0, 255].
         teachers (Sequence[str]): teacher names.
         sizes (dict[str, list]): per teacher the grid of each level.
-        calibrated (bool): with kiv's label-free calibration (statistics
-            from ``kiv.InheritedCalibrationHook``). Defaults to False.
 
     Returns:
         dict[str, FeatureOutput]: per teacher, student -> s2t head ->
-        inverse standardisation (-> calibration).
+        inverse standardisation (``SharedLatentSpace.inherited``).
     """
     student = model.extract_student(images)
-    return {t: model.latent.to_teacher_space(
-        model.latent.project(student, t, sizes[t]), t, calibrated=calibrated)
-        for t in teachers}
+    return {t: model.latent.inherited(student, t, sizes[t])
+            for t in teachers}
 
 
 def _agreement(ref_top1: Tensor, ranked: Tensor, seed: int) -> dict:

@@ -30,13 +30,14 @@ __all__ = ['stage_features', 'stage_probe_cls', 'stage_probe',
            'stage_report']
 
 
-def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
-    """Frozen-backbone features of a row: world train (+ flipped) and val.
-    """
+def stage_features(row: str, preset: dict, space: str | None = None
+                   ) -> Callable[[StageContext], dict]:
+    """Frozen-backbone features of a row: world train (+ flipped) and val
+    (``space``: see :func:`~kiv_demo.recipes.probe_backbone_cfg`)."""
 
     def run(ctx: StageContext) -> dict:
         from .probes import extract_features, save_features, world_images
-        backbone = _probe_backbone(row, preset, ctx.seed)
+        backbone = _probe_backbone(row, preset, ctx.seed, space)
         sets = [('train', False), ('train_flip', True), ('val', False)]
         tensors = {}
         for i, (name, flip) in enumerate(sets):
@@ -77,7 +78,8 @@ class _TeacherPyramid(torch.nn.Module):
         return FeatureOutput(summary=feats[-1].mean((2, 3)), features=feats)
 
 
-def _probe_backbone(row: str, preset: dict, seed: int) -> torch.nn.Module:
+def _probe_backbone(row: str, preset: dict, seed: int,
+                    space: str | None = None) -> torch.nn.Module:
     """The frozen backbone whose features a row's probes train on.
 
     ``check_strong``: the detection teacher's own backbone + FPN (trained
@@ -99,7 +101,7 @@ def _probe_backbone(row: str, preset: dict, seed: int) -> torch.nn.Module:
         backbone = MODELS.build(student)
         backbone.init_weights()
         return backbone.eval()
-    backbone = MODELS.build(probe_backbone_cfg(row))
+    backbone = MODELS.build(probe_backbone_cfg(row, space))
     backbone.init_weights()
     return backbone
 

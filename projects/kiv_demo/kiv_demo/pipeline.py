@@ -165,20 +165,22 @@ def _rival_stage(name: str, preset: dict, row: str | None = None) -> Stage:
 def _probe_stages(row: str, title: str, preset: dict,
                   tasks: tuple[str, ...] = ('cls', 'det', 'seg'),
                   features: bool = True, suffix: str = '',
-                  feature_deps: tuple[str, ...] | None = None
-                  ) -> list[Stage]:
+                  feature_deps: tuple[str, ...] | None = None,
+                  space: str | None = None) -> list[Stage]:
     """Features of a row's frozen backbone and its probes (stage names
     ``probe_<task><suffix>_<row>``), trained on the user's labelled split.
 
     ``feature_deps``: the stages the backbone comes from (default: the
-    stage ``row`` itself).
+    stage ``row`` itself). ``space``: what the det / seg probes read
+    (default :func:`~kiv_demo.recipes.dense_space` of ``row``).
     """
+    space = dense_space(row) if space is None else space
     world = preset['world']
     n_img = world['num_train'] * 2 + world['num_val']
     deps = (row, ) if feature_deps is None else tuple(feature_deps)
     stages = [Stage(f'features_{row}', f'frozen features of: {title}',
-                    stage_features(row, preset), deps=('world', *deps),
-                    params=dict(dense=dense_space(row)),
+                    stage_features(row, preset, space),
+                    deps=('world', *deps), params=dict(dense=space),
                     files=_config_files(CONFIGS['inherit']),
                     cost=2 + n_img * preset['cost']['features'])
               ] if features else []
@@ -330,8 +332,11 @@ def build_tuning_stages(preset_name: str,
             stages.append(_inherit_stage(name, 'inherit', p, f'lr {lr:g}')
                           if kind == 'inherit' else
                           _rival_stage(name, p, 'rival_user'))
-            stages += _probe_stages(name, f'{kind} lr {lr:g}', p,
-                                    tasks=('cls', 'seg'))
+            # probed as the table probes the row it tunes
+            stages += _probe_stages(
+                name, f'{kind} lr {lr:g}', p, tasks=('cls', 'seg'),
+                space=dense_space('inherit' if kind == 'inherit'
+                                  else 'rival_user'))
     stages.append(Stage('tune_report', 'learning-rate sweep table',
                         stage_tune_report(names),
                         deps=tuple(s.name for s in stages), cost=1))

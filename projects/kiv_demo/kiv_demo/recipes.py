@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import os.path as osp
-import re
 
 import torch
 from mmengine.config import Config, ConfigDict
@@ -376,16 +375,13 @@ DENSE_TEACHER = 'det'
 
 
 def dense_space(row: str) -> str:
-    """What a row's det / seg probes read: ``'student'`` (the backbone's own
-    pyramid) or, for an inheritance run (a :data:`VARIANTS` row, or a run of
-    the learning-rate sweep of one, ``<variant>_lr<lr>``), the
-    :data:`DENSE_TEACHER`."""
-    variant = row.rsplit('_lr', 1)[0] if re.fullmatch(
-        r'.+_lr[0-9.e-]+', row) else row
-    return DENSE_TEACHER if variant in VARIANTS else 'student'
+    """What a table row's det / seg probes read: ``'student'`` (the
+    backbone's own pyramid) or, for an inheritance run (a :data:`VARIANTS`
+    row), the :data:`DENSE_TEACHER`."""
+    return DENSE_TEACHER if row in VARIANTS else 'student'
 
 
-def probe_backbone_cfg(row: str) -> dict:
+def probe_backbone_cfg(row: str, space: str | None = None) -> dict:
     """The frozen backbone of a table row, loaded from ``<row>/student.pth``.
 
     The architecture is the one the row was trained with, as recorded in the
@@ -394,6 +390,12 @@ def probe_backbone_cfg(row: str) -> dict:
     run's student gives its maps in the :data:`DENSE_TEACHER`'s space
     (``kiv.InheritedBackbone``: student -> s2t heads -> inverse
     standardisation, from the heads exported with it), its summary as is.
+
+    Args:
+        row (str): the run's stage name (its ``student.pth``).
+        space (str, optional): ``'student'`` or a teacher's name; defaults
+            to :func:`dense_space` of ``row`` (a sweep's runs give the
+            space of the row they tune).
     """
     from kiv.utils.checkpoint import safe_torch_load
     path = f'{row}/student.pth'
@@ -405,7 +407,7 @@ def probe_backbone_cfg(row: str) -> dict:
     student.update(freeze_base=True, frozen_stages=5, out_type='both',
                    init_cfg=dict(type='Pretrained',
                                  checkpoint=f'{row}/student.pth'))
-    space = dense_space(row)
+    space = dense_space(row) if space is None else space
     if space == 'student':
         return student
     levels = load_cfg('inherit').model.latent.teachers[space].student_levels
