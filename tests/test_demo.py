@@ -599,6 +599,63 @@ def test_stage_cache_reuses_and_invalidates_dependents(tmp_path):
     assert calls[8:] == ['c']
 
 
+def test_run_runner_evaluates_the_test_scenes_once(tmp_path):
+    """mmengine's ``IterBasedTrainLoop`` validates after its last iteration
+    whatever ``val_interval`` says; a stage that trains and then tests on
+    the same scenes must not evaluate them twice."""
+    from mmengine.config import Config
+    from mmengine.evaluator import BaseMetric
+    from mmengine.registry import DATASETS, METRICS, MODELS
+    from mmengine.testing.runner_test_case import ToyDataset, ToyModel
+
+    from kiv_demo.recipes import run_runner
+    from kiv_demo.stages import Stage, StageContext, working_dir
+    seen = []
+
+    class CountingMetric(BaseMetric):
+        def __init__(self, tag: str, **kwargs):
+            super().__init__(**kwargs)
+            self.tag = tag
+
+        def process(self, data_batch, predictions):
+            seen.append(self.tag)
+            self.results.append(1)
+
+        def compute_metrics(self, results):
+            return dict(n=float(len(results)))
+
+    MODELS.register_module('DemoToyModel', module=ToyModel, force=True)
+    DATASETS.register_module('DemoToyDataset', module=ToyDataset, force=True)
+    METRICS.register_module('DemoCountingMetric', module=CountingMetric,
+                            force=True)
+    loader = dict(dataset=dict(type='DemoToyDataset'), batch_size=4,
+                  num_workers=0,
+                  sampler=dict(type='DefaultSampler', shuffle=False))
+    cfg = Config(dict(
+        model=dict(type='DemoToyModel'),
+        train_dataloader=dict(loader, sampler=dict(type='InfiniteSampler')),
+        val_dataloader=loader, test_dataloader=loader,
+        val_evaluator=dict(type='DemoCountingMetric', tag='val'),
+        test_evaluator=dict(type='DemoCountingMetric', tag='test'),
+        train_cfg=dict(type='IterBasedTrainLoop', max_iters=2,
+                       val_interval=10**9),
+        val_cfg=dict(type='ValLoop'), test_cfg=dict(type='TestLoop'),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        default_scope='mmengine'))
+
+    class Quiet:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    (tmp_path / 'stage').mkdir()
+    ctx = StageContext(Stage('stage', 'toy', lambda c: {}), 'stage', 0, {},
+                       Quiet())
+    with working_dir(str(tmp_path)):
+        _, metrics = run_runner(cfg, ctx)
+    assert seen == ['test'] * 3, seen  # 12 scenes, batches of 4, once
+    assert metrics == {'n': 3.0}
+
+
 def _wait_for(path: str, seconds: float = 30.0) -> None:
     import time
     end = time.monotonic() + seconds

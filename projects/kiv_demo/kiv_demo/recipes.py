@@ -154,9 +154,14 @@ def run_runner(cfg: Config, ctx: StageContext, train: bool = True,
     if not train:
         cfg.train_dataloader = cfg.train_cfg = cfg.optim_wrapper = None
         cfg.param_scheduler = None
+    # mmengine's IterBasedTrainLoop validates after its last iteration
+    # whatever ``val_interval`` says; the stage's numbers come from
+    # ``runner.test()`` on the same scenes, so that pass would be done twice
+    dropped = ('val_dataloader', 'val_cfg', 'val_evaluator')
     if not test:
-        for key in ('val_dataloader', 'val_cfg', 'val_evaluator',
-                    'test_dataloader', 'test_cfg', 'test_evaluator'):
+        dropped += ('test_dataloader', 'test_cfg', 'test_evaluator')
+    if train or not test:
+        for key in dropped:
             cfg[key] = None
     # pycocotools and the toolboxes print to stdout: keep that in the log
     with open(osp.join(ctx.dir, 'stdout.log'), 'a', encoding='utf-8') as log, \
