@@ -80,15 +80,15 @@ model = dict(
         teachers=dict(effnet=dict(student_levels=[1, 2, 3]),
                       det=dict(student_levels=[0, 1, 2, 3]),
                       seg=dict(student_levels=[0]))),
-    grad_share_interval=20)
+    grad_share_interval=40)
 # the distillation views with the world's labels following each view (the
 # multi-task heads read them; the teachers see the same views)
 train_dataloader = dict(dataset=dict(
     pipeline={{_base_.labelled_view_pipeline}}))
-# after the last step, the inherited outputs' statistics on 8 x 32 views of
-# the user's images (no labels): the inherited heads' label-free
+# after the last step, the inherited outputs' statistics on 16 batches (256
+# views at the demo's batch of 16) of the user's images (no labels): the inherited heads' label-free
 # calibration, saved with the heads
 custom_hooks = [dict(type='kiv.SafeCheckpointHook'),
                 dict(type='kiv.NonFiniteLossHook'),
                 dict(type='kiv.StatisticsWarmupHook', num_batches=10**6),
-                dict(type='kiv.InheritedCalibrationHook', num_batches=8)]
+                dict(type='kiv.InheritedCalibrationHook', num_batches=16)]
