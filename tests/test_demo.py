@@ -1034,3 +1034,32 @@ def test_sweep_runs_are_probed_as_their_rows():
             DENSE_TEACHER == dense_space('inherit')
         assert stages[f'features_rival_lr{lr:g}'].params['dense'] == \
             'student' == dense_space('rival_user')
+
+
+def test_probe_backbone_reads_the_space_it_is_given(tmp_path):
+    """A sweep run's features are extracted in the space its stage says
+    (not the one its name would suggest): ``probe_backbone_cfg`` wraps the
+    row's student in ``kiv.InheritedBackbone`` for a teacher's space and
+    leaves it bare for ``'student'``."""
+    from kiv.utils.atomic import atomic_torch_save
+    from kiv_demo.presets import get_preset
+    from kiv_demo.recipes import (DENSE_TEACHER, inherit_cfg, load_cfg,
+                                  probe_backbone_cfg)
+    from kiv_demo.stages import working_dir
+    student = inherit_cfg('inherit', get_preset('toy')).model.student
+    for row in ('inherit_lr0.001', 'rival_lr0.001'):
+        (tmp_path / row).mkdir()
+        atomic_torch_save(dict(state_dict={}, meta=dict(
+            student=student.to_dict())), str(tmp_path / row / 'student.pth'))
+    levels = load_cfg('inherit').model.latent.teachers[
+        DENSE_TEACHER].student_levels
+    with working_dir(str(tmp_path)):
+        for row in ('inherit_lr0.001', 'rival_lr0.001'):
+            wrapped = probe_backbone_cfg(row, space=DENSE_TEACHER)
+            assert wrapped['type'] == 'kiv.InheritedBackbone'
+            assert wrapped['teacher'] == DENSE_TEACHER
+            assert wrapped['student_levels'] == list(levels)
+            assert wrapped['checkpoint'] == f'{row}/student.pth'
+            bare = probe_backbone_cfg(row, space='student')
+            assert bare['type'] == student.type == wrapped['backbone']['type']
+            assert bare['init_cfg']['checkpoint'] == f'{row}/student.pth'

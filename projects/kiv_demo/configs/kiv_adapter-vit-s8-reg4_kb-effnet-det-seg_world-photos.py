@@ -86,8 +86,8 @@ model = dict(
 train_dataloader = dict(dataset=dict(
     pipeline={{_base_.labelled_view_pipeline}}))
 # after the last step, the inherited outputs' statistics on 16 batches (256
-# views at the demo's batch of 16) of the user's images (no labels): the inherited heads' label-free
-# calibration, saved with the heads
+# views at the demo's batch of 16) of the user's images (no labels): the
+# inherited heads' label-free calibration, saved with the heads
 custom_hooks = [dict(type='kiv.SafeCheckpointHook'),
                 dict(type='kiv.NonFiniteLossHook'),
                 dict(type='kiv.StatisticsWarmupHook', num_batches=10**6),

@@ -30,14 +30,19 @@ __all__ = ['stage_features', 'stage_probe_cls', 'stage_probe',
            'stage_report']
 
 
-def stage_features(row: str, preset: dict, space: str | None = None
-                   ) -> Callable[[StageContext], dict]:
-    """Frozen-backbone features of a row: world train (+ flipped) and val
-    (``space``: see :func:`~kiv_demo.recipes.probe_backbone_cfg`)."""
+def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
+    """Frozen-backbone features of a row: world train (+ flipped) and val.
+
+    What the dense maps are is the stage's fingerprinted parameter
+    ``dense`` (``'student'`` or a teacher's name, see
+    :func:`~kiv_demo.recipes.probe_backbone_cfg`), read from the stage
+    itself so the fingerprint and the features cannot disagree.
+    """
 
     def run(ctx: StageContext) -> dict:
         from .probes import extract_features, save_features, world_images
-        backbone = _probe_backbone(row, preset, ctx.seed, space)
+        backbone = _probe_backbone(row, preset, ctx.seed,
+                                   ctx.stage.params['dense'])
         sets = [('train', False), ('train_flip', True), ('val', False)]
         tensors = {}
         for i, (name, flip) in enumerate(sets):

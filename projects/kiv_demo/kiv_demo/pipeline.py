@@ -179,7 +179,7 @@ def _probe_stages(row: str, title: str, preset: dict,
     n_img = world['num_train'] * 2 + world['num_val']
     deps = (row, ) if feature_deps is None else tuple(feature_deps)
     stages = [Stage(f'features_{row}', f'frozen features of: {title}',
-                    stage_features(row, preset, space),
+                    stage_features(row, preset),
                     deps=('world', *deps), params=dict(dense=space),
                     files=_config_files(CONFIGS['inherit']),
                     cost=2 + n_img * preset['cost']['features'])

@@ -160,9 +160,8 @@ def run_runner(cfg: Config, ctx: StageContext, train: bool = True,
     dropped = ('val_dataloader', 'val_cfg', 'val_evaluator')
     if not test:
         dropped += ('test_dataloader', 'test_cfg', 'test_evaluator')
-    if train or not test:
-        for key in dropped:
-            cfg[key] = None
+    for key in dropped:
+        cfg[key] = None
     # pycocotools and the toolboxes print to stdout: keep that in the log
     with open(osp.join(ctx.dir, 'stdout.log'), 'a', encoding='utf-8') as log, \
             contextlib.redirect_stdout(log):
@@ -468,7 +467,6 @@ def probe_cfg(task: str, row: str, preset: dict) -> Config:
         for t in loader.dataset.pipeline:
             if t['type'] == 'kiv_demo.AttachFeatures':
                 t['file'] = features
-    cfg.val_dataloader = cfg.test_dataloader
     return cfg
 
 
