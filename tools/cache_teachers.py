@@ -57,6 +57,11 @@ def parse_args() -> argparse.Namespace:
                         'train_dataloader.num_workers)')
     parser.add_argument('--dry-run', action='store_true',
                         help='print the disk use and exit')
+    parser.add_argument('--reuse', nargs='+', default=[], metavar='DIR',
+                        help='caches of the same images and views to copy '
+                        'teachers\' outputs from instead of running them '
+                        '(every teacher of the config found there; checked '
+                        'on the first views)')
     parser.add_argument('--no-space-check', action='store_true',
                         help='write even if the disk looks too small')
     parser.add_argument('--launcher', default='none',
@@ -124,7 +129,7 @@ def main() -> None:
             cfg, out, views=args.views, dtype=args.dtype,
             shard_size=args.shard_size, seed=args.seed,
             batch_size=args.batch_size, num_workers=args.workers,
-            config_path=args.config)
+            config_path=args.config, reuse=args.reuse)
         writer.prepare()
         if args.dry_run:
             print(writer.report())

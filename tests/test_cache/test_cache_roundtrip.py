@@ -391,3 +391,108 @@ def test_distiller_keeps_the_head_its_logit_loss_reads(tiny_root, tmp_path):
     losses['loss_clip_logits'].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0
                for p in model.student.parameters())
+
+
+def _partial_cache(cache, out, teachers, **kwargs):
+    """A cache of the tiny config's views with some of its teachers."""
+    from kiv.datasets.teacher_cache import TeacherCacheWriter
+    cfg = tiny_cfg()
+    cfg.model.teachers = {n: cfg.model.teachers[n] for n in teachers}
+    with in_dir(cache['root']):
+        return TeacherCacheWriter(cfg, out, log=lambda msg: None,
+                                  **kwargs).run()
+
+
+def test_reused_teachers_are_copied_and_checked(cache, tmp_path):
+    """--reuse: the teachers another cache of the same views holds are
+    copied from it (another shard layout: image by image), checked on the
+    first views, recorded in the index; the rest is computed as usual, the
+    statistics cover everything, and a resume must reuse the same cache."""
+    from safetensors.torch import load_file
+
+    from kiv.datasets.teacher_cache import TeacherCacheWriter
+    partial = str(tmp_path / 'partial')
+    source = _partial_cache(cache, partial, ['dinov2', 'clip'],
+                            views=VIEWS, dtype='fp16', shard_size=4)
+    out = str(tmp_path / 'reused')
+    log = []
+    with in_dir(cache['root']):
+        index = TeacherCacheWriter(
+            tiny_cfg(), out, views=VIEWS, dtype='fp16',
+            shard_size=SHARD_SIZE, log=log.append, reuse=[partial]).run()
+        got = TeacherCacheDataset(out)
+        ref = TeacherCacheDataset(cache['dir'])
+        src = TeacherCacheDataset(partial)
+    assert index['complete'] and index['cache_id'] != \
+        cache['index']['cache_id']
+    for name in ('dinov2', 'clip'):
+        reused = index['teachers'][name]['reused_from']
+        assert reused['cache_id'] == source['cache_id']
+        assert 0 <= reused['check'] < 1e-3
+        assert any(f'teacher {name!r}: outputs copied from' in m for m in log)
+    assert 'reused_from' not in index['teachers']['detector']
+    assert len(got) == len(ref) == NUM_IMAGES * VIEWS
+    for i in range(len(got)):
+        mine, theirs, computed = got.targets(i), src.targets(i), \
+            ref.targets(i)
+        for key, value in mine.items():
+            if key.startswith('detector'):
+                torch.testing.assert_close(value, computed[key], rtol=0,
+                                           atol=0)
+            else:  # copied bit for bit
+                assert torch.equal(value, theirs[key]), (i, key)
+                torch.testing.assert_close(value.float(),
+                                           computed[key].float(),
+                                           rtol=2**-9, atol=1e-4)
+    # the reused outputs' rounding errors are the source cache's own
+    for key, value in source['rounding_error'].items():
+        assert index['rounding_error'][key] == value
+    assert set(index['rounding_error']) == \
+        set(cache['index']['rounding_error'])
+    shard = load_file(osp.join(out, 'shard-00000.safetensors'))
+    assert 'check.detector.features.0' in shard
+    assert not any(k.startswith('check.clip') for k in shard)
+    stats = [load_statistics(osp.join(d, 'statistics.safetensors'))
+             for d in (cache['dir'], out)]
+    for key, value in stats[0].items():
+        torch.testing.assert_close(stats[1][key], value, rtol=2e-3,
+                                   atol=2e-3 * float(value.abs().max()))
+    # resuming without the same --reuse is another cache
+    with in_dir(cache['root']):
+        with pytest.raises(TeacherCacheError, match="teacher 'clip' is "
+                           'reused from another cache'):
+            TeacherCacheWriter(tiny_cfg(), out, views=VIEWS,
+                               shard_size=SHARD_SIZE,
+                               log=lambda msg: None).run()
+
+
+def test_reuse_refuses_other_views_and_other_outputs(cache, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from kiv.datasets.teacher_cache import TeacherCacheWriter
+    one_view = str(tmp_path / 'one_view')
+    _partial_cache(cache, one_view, ['clip'], views=1)
+    with in_dir(cache['root']):
+        writer = TeacherCacheWriter(tiny_cfg(), str(tmp_path / 'a'),
+                                    views=VIEWS, log=lambda msg: None,
+                                    reuse=[one_view])
+        with pytest.raises(TeacherCacheError, match='written for other '
+                           r'views \(views per image: 1 there, 2 here'):
+            writer.prepare()
+    # a cache whose stored clip outputs are not what this clip computes
+    other = str(tmp_path / 'other')
+    _partial_cache(cache, other, ['clip'], views=VIEWS)
+    path = osp.join(other, 'shard-00000.safetensors')
+    with open(path, 'rb') as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
+    tensors = load_file(path)
+    tensors['target.clip.features.0'] = -tensors['target.clip.features.0']
+    save_file(tensors, path, header['__metadata__'])
+    with in_dir(cache['root']):
+        writer = TeacherCacheWriter(tiny_cfg(), str(tmp_path / 'b'),
+                                    views=VIEWS, log=lambda msg: None,
+                                    reuse=[other])
+        with pytest.raises(TeacherCacheError, match="teacher 'clip' of "
+                           'this config is not the one cached'):
+            writer.prepare()
+    assert not osp.exists(str(tmp_path / 'b'))  # nothing written

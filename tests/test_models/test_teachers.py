@@ -210,6 +210,66 @@ def test_deepcopy_keeps_working_hooks(resnet18_teacher):
         torch.testing.assert_close(a, b)
 
 
+def test_fused_channels_last_teacher_is_the_same_function(resnet18_file):
+    """fuse_conv_bn folds every BatchNorm (random statistics, so a skipped
+    or misplaced fold shows) and channels_last runs in NHWC memory; the
+    outputs stay those of the plain teacher up to rounding, in contiguous
+    NCHW, and the folded weights stay frozen."""
+    _, path = resnet18_file
+    kwargs = dict(
+        source=dict(type='torchvision', model_name='resnet18',
+                    checkpoint=path, model_kwargs=dict(num_classes=10)),
+        mean=MEAN, std=STD, input_size=64,
+        features=dict(layers=['layer1', 'layer2', 'layer3', 'layer4']),
+        summary=dict(type='layer', name='avgpool'),
+        head=dict(layer='fc', input='summary'))
+    plain = Teacher(**kwargs)
+    fast = Teacher(**kwargs, fuse_conv_bn=True, channels_last=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules()) == 20
+    assert not any(p.requires_grad for p in fast.parameters())
+    assert fast.model.conv1.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    x = images(batch=3)
+    ref, got = plain(x), fast(x)
+    for a, b in zip((*got.features, got.summary),
+                    (*ref.features, ref.summary)):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-4,
+                                   atol=1e-4 * float(b.abs().max()))
+    torch.testing.assert_close(fast.forward_head(got.summary),
+                               plain.forward_head(ref.summary),
+                               rtol=1e-4, atol=1e-4)
+    assert (fast.feature_dims, fast.feature_strides) == \
+        (plain.feature_dims, plain.feature_strides)
+
+
+class _NormBeforeConvInForward(nn.Module):
+    """conv and bn are neighbours among the children, but the forward
+    normalises the input of the conv: folding bn into conv is wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+def test_fuse_conv_bn_refuses_a_model_it_would_change():
+    model = randomise_(_NormBeforeConvInForward())
+    Teacher(copy.deepcopy(model), MEAN, STD, input_size=16)  # unfused: fine
+    with pytest.raises(ValueError, match='fuse_conv_bn changed the '
+                       'summary output of _NormBeforeConvInForward'):
+        Teacher(model, MEAN, STD, input_size=16, fuse_conv_bn=True)
+    net = randomise_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(ValueError, match="recorded layer '1' is a "
+                       'BatchNorm'):
+        Teacher(net, MEAN, STD, input_size=16, fuse_conv_bn=True,
+                features=dict(layers=['1']))
+
+
 def test_dtype_bf16_autocast_and_fp32_ignores_outer_autocast(resnet18_file):
     _, path = resnet18_file
     source = dict(type='torchvision', model_name='resnet18', checkpoint=path,

@@ -150,7 +150,8 @@ def make_index(cfg: Config, config_path: str | None, root: str,
                paths: Sequence[str], teachers: dict[str, dict],
                stat_sizes: Mapping[str, int], standardize: str,
                pipeline: tuple[dict, dict, dict], views: int, seed: int,
-               dtype: str, shard_size: int, per_view: int) -> dict:
+               dtype: str, shard_size: int, per_view: int,
+               reused: Mapping[str, Mapping] | None = None) -> dict:
     """The index of a cache before its shards are written.
 
     Args:
@@ -170,6 +171,10 @@ def make_index(cfg: Config, config_path: str | None, root: str,
         dtype (str): storage dtype name.
         shard_size (int): images per shard.
         per_view (int): bytes per cached view.
+        reused (Mapping[str, Mapping], optional): teachers whose outputs
+            are copied from other caches: per teacher its source's
+            ``cache`` path and ``cache_id``
+            (:meth:`~kiv.datasets.teacher_cache.reuse.ReusedTargets.describe`).
 
     Returns:
         dict: the index with ``complete=False``; its ``cache_id`` is the
@@ -189,6 +194,10 @@ def make_index(cfg: Config, config_path: str | None, root: str,
         seed=seed, dtype=dtype, images=images_sha,
         shard_size=shard_size, standardize=standardize,
         statistic_keys=list(stat_sizes))
+    if reused:  # a resumed run must take them from the same caches
+        identity['reused'] = {n: r['cache_id'] for n, r in reused.items()}
+    for name, source in (reused or {}).items():
+        teachers[name]['reused_from'] = dict(source)
     return dict(
         format=CACHE_FORMAT,
         version=CACHE_VERSION,
@@ -312,6 +321,12 @@ def index_differences(old: Mapping, new: Mapping) -> list[str]:
                          'does not')
         elif a != b:
             diffs.append(f'teacher {name!r} config differs')
+        else:
+            a = old['teachers'][name].get('reused_from', {}).get('cache_id')
+            b = new['teachers'][name].get('reused_from', {}).get('cache_id')
+            if a != b:
+                diffs.append(f'teacher {name!r} is reused from another cache '
+                             f'(cache {a!r}, now {b!r})')
     for key, what in (('views', 'views per image'), ('seed', 'seed'),
                       ('dtype', 'dtype'), ('shard_size', 'shard size'),
                       ('view', 'view transform'),

@@ -32,6 +32,7 @@ from kiv.registry import TRANSFORMS
 from kiv.structures import FeatureOutput
 from ..transforms import UnreadableImageError
 from .plan import shard_images
+from .reuse import ReusedTargets, compute_with_reuse
 from .statistics import TargetStatistics, rounding_sums
 from .views import view_rng
 
@@ -146,6 +147,8 @@ class ShardWriter:
         scope (str): registry scope of the transforms.
         log (Callable[[str], None]): where messages go.
         progress (bool): show a progress bar. Defaults to False.
+        reused (ReusedTargets, optional): teachers whose outputs are read
+            from other caches instead of computed. Defaults to None.
     """
 
     def __init__(self, index: Mapping, out_dir: str, paths: Sequence[str],
@@ -153,8 +156,10 @@ class ShardWriter:
                                         dict[str, FeatureOutput]],
                  statistics: TargetStatistics, batch_size: int,
                  num_workers: int, scope: str,
-                 log: Callable[[str], None], progress: bool = False) -> None:
+                 log: Callable[[str], None], progress: bool = False,
+                 reused: ReusedTargets | None = None) -> None:
         self.index = index
+        self.reused = reused
         self.out_dir = out_dir
         self.paths = paths
         self.run_teachers = run_teachers
@@ -218,7 +223,9 @@ class ShardWriter:
         if not good:
             return
         inputs = [t for item in good for t in item['inputs']]
-        outputs = self.run_teachers(inputs)
+        outputs, reused = compute_with_reuse(
+            self.run_teachers, self.reused, inputs,
+            [item['index'] for item in good], self.views)
         rounded = {}
         for name, out in outputs.items():
             keys = output_keys(name, out.summary is not None,
@@ -242,6 +249,8 @@ class ShardWriter:
                         'bf16 or fp32')
                 buffer.targets[key].append(value.cpu())
                 stored.append(value.float())
+                if name in reused:  # stored already: its cache measured it
+                    continue
                 check = rounding_sums(original, stored[-1])
                 if key in buffer.checks:
                     buffer.checks[key] += check
@@ -287,7 +296,10 @@ class ShardWriter:
                 key, torch.zeros(numel, dtype=torch.float64))
             for key, numel in index['statistics']['numel'].items()
         }
+        reused = set(self.reused.teachers) if self.reused else set()
         for key in buffer.targets:
+            if key.split('.', 1)[0] in reused:
+                continue  # see ReusedTargets.rounding_errors
             tensors[f'check.{key}'] = buffer.checks.get(
                 key, torch.zeros(3 + target_shape(index, key)[0],
                                  dtype=torch.float64))

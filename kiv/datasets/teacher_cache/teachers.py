@@ -7,7 +7,7 @@ config's registry scope, as ``kiv.KnowledgeInheritance`` builds them.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,20 +47,28 @@ class ConfigTeachers:
                 device).eval()
 
     @torch.no_grad()
-    def __call__(self, inputs: list[Tensor]) -> dict[str, FeatureOutput]:
-        """Preprocess packed views like the distiller and run every teacher.
+    def __call__(self, inputs: list[Tensor],
+                 skip: Sequence[str] = (),
+                 only: Sequence[str] | None = None
+                 ) -> dict[str, FeatureOutput]:
+        """Preprocess packed views like the distiller and run the teachers.
 
         Args:
             inputs (list[Tensor]): packed ``(3, H, W)`` uint8 views.
+            skip (Sequence[str]): teachers not to run (their outputs are
+                reused from another cache). Defaults to none.
+            only (Sequence[str], optional): run these teachers only.
+                Defaults to every teacher.
 
         Returns:
-            dict[str, FeatureOutput]: the raw outputs per teacher.
+            dict[str, FeatureOutput]: the raw outputs per teacher run.
         """
         data = self.data_preprocessor(
             dict(inputs=inputs, data_samples=None), False)
         images = data['inputs']
         return {name: teacher(images)
-                for name, teacher in self.teachers.items()}
+                for name, teacher in self.teachers.items()
+                if name not in skip and (only is None or name in only)}
 
     def probe(self, view: Mapping, pack: Mapping) -> dict[str, dict[str, Any]]:
         """Teacher output shapes for one view (run on a black image).

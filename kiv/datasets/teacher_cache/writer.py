@@ -39,7 +39,8 @@ from torch import Tensor
 
 from kiv.fileio.teacher_cache_format import (IMAGES_FILE, INDEX_FILE,
                                              STATISTICS_FILE, STORAGE_DTYPES,
-                                             TeacherCacheError, open_shard,
+                                             ImageList, TeacherCacheError,
+                                             open_shard,
                                              read_index, save_statistics,
                                              shard_metadata, shard_name,
                                              shard_stats_name,
@@ -50,7 +51,8 @@ from .plan import (DEFAULT_SHARD_BYTES, VIEW_ROW_BYTES, bytes_per_view,
                    check_config, choose_shard_size, estimate, format_bytes,
                    image_list, index_differences, make_index, report,
                    shard_images)
-from .shards import ShardWriter, shard_done
+from .reuse import ReusedTargets
+from .shards import ImageViews, ShardWriter, shard_done
 from .statistics import TargetStatistics, relative_rounding_error
 from .teachers import ConfigTeachers
 from .views import split_pipeline
@@ -86,6 +88,12 @@ class TeacherCacheWriter:
             index (and in messages).
         log (Callable[[str], None], optional): where messages go. Defaults
             to ``print`` on rank 0.
+        reuse (Sequence[str]): caches of the same views (images, views,
+            seed, transforms, dtype) to copy teachers' outputs from instead
+            of running them: every teacher of this config found in one of
+            them (the first that has it), after checking on the first
+            images' views that it gives what is stored there (see
+            :mod:`~kiv.datasets.teacher_cache.reuse`). Defaults to none.
     """
 
     def __init__(self,
@@ -99,7 +107,8 @@ class TeacherCacheWriter:
                  num_workers: int | None = None,
                  device: str | None = None,
                  config_path: str | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 reuse: Sequence[str] = ()) -> None:
         if not isinstance(views, int) or views < 1:
             raise ValueError(f'views must be an int >= 1, got {views!r}')
         if dtype not in STORAGE_DTYPES:
@@ -126,9 +135,11 @@ class TeacherCacheWriter:
         self.config_path = config_path
         self._log = log or (lambda msg: print(msg, flush=True)
                             if self.rank == 0 else None)
+        self.reuse = [reuse] if isinstance(reuse, str) else list(reuse)
         self.teachers: ConfigTeachers | None = None
         self.statistics: TargetStatistics | None = None
         self.index: dict | None = None
+        self.reused: ReusedTargets | None = None
 
     @property
     def _scope(self) -> str:
@@ -158,13 +169,47 @@ class TeacherCacheWriter:
         shard_size = choose_shard_size(self.requested_shard_size,
                                        self.out_dir, per_view, len(paths),
                                        self.views)
-        self.index = make_index(
-            self.cfg, self.config_path, root, paths, teachers,
-            self.statistics.numel, standardize, pipeline, self.views,
-            self.seed, self.dtype, shard_size, per_view)
+        args = (self.cfg, self.config_path, root, paths, teachers,
+                self.statistics.numel, standardize, pipeline, self.views,
+                self.seed, self.dtype, shard_size, per_view)
+        self.index = make_index(*args)
         self._paths = paths
         self._root = root
+        if self.reuse:
+            self.reused = ReusedTargets(self.index, self.reuse)
+            checks = self._check_reused()
+            self.index = make_index(*args, reused=self.reused.describe())
+            for name, error in checks.items():
+                self.index['teachers'][name]['reused_from']['check'] = error
+                self._log(f'teacher {name!r}: outputs copied from '
+                          f'{self.reused.sources[name][0]} (checked on the '
+                          'first views: they differ by '
+                          f'{error:.3%} of their RMS)')
         return self.index
+
+    def _check_reused(self) -> dict[str, float]:
+        """Run the reused teachers on the views of the first images and
+        compare with the stored outputs
+        (:meth:`~kiv.datasets.teacher_cache.reuse.ReusedTargets.check`)."""
+        if not self.reused.teachers:
+            return {}
+        root = self.index['images']['root']
+        source = ImageViews(
+            ImageList([osp.join(root, p) if root else p
+                       for p in self._paths]),
+            self.index['loader'], self.index['view'], self.index['pack'],
+            self.views, self.seed, self._scope)
+        per_batch = max(1, self.batch_size // self.views)
+        items = [source[i] for i in range(min(per_batch, len(source)))]
+        items = [item for item in items if item['error'] is None]
+        if not items:
+            raise TeacherCacheError('none of the first images could be read '
+                                    'to check the reused teachers')
+        computed = self.teachers([t for item in items
+                                  for t in item['inputs']],
+                                 only=self.reused.teachers)
+        return self.reused.check(computed, [item['index'] for item in items],
+                                 self.views)
 
     def estimate(self) -> dict:
         """Disk use of the cache (see :func:`.plan.estimate`)."""
@@ -277,7 +322,8 @@ class TeacherCacheWriter:
                       'shards already written')
         ShardWriter(self.index, self.out_dir, self._paths, self.teachers,
                     self.statistics, self.batch_size, self.num_workers,
-                    self._scope, self._log, progress=self.rank == 0).write(
+                    self._scope, self._log, progress=self.rank == 0,
+                    reused=self.reused).write(
                         pending[self.rank::self.world_size])
         barrier()
         if self.rank == 0:
@@ -349,6 +395,9 @@ class TeacherCacheWriter:
                  num_samples=str(num_samples)))
         rounding = {key: relative_rounding_error(value)
                     for key, value in checks.items()}
+        if self.reused is not None:
+            rounding.update(self.reused.rounding_errors())
+            rounding = {key: rounding[key] for key in sorted(rounding)}
         index.update(complete=True, shards=shards, num_samples=num_samples,
                      rounding_error=rounding,
                      total_bytes=total_bytes,

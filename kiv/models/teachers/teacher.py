@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from kiv.registry import MODELS, TEACHER_SOURCES
 from kiv.structures import FeatureOutput
+from .inference import fuse_frozen_conv_bn
 from .recorder import ModuleOutputsRecorder, flatten_tensors, to_feature_map
 from .value_path import ValuePathRecorder
 
@@ -315,6 +316,16 @@ class Teacher(BaseModule, TeacherHeadMixin):
         probe_size (int | tuple[int, int]): image size of the dry run when
             ``input_size`` is None; 256 measures strides up to 128 exactly.
             Defaults to 256.
+        fuse_conv_bn (bool): fold every BatchNorm into the convolution
+            before it (mmcv's ``fuse_conv_bn``, as mmdet's benchmark tool
+            does): the teacher is frozen in eval mode, so this is the same
+            function with fewer operations, up to float rounding. Checked
+            at construction on random images: outputs that move by more
+            than rounding (a BatchNorm that does not follow its
+            convolution in the forward) raise. Defaults to False.
+        channels_last (bool): run the model on channels-last images and
+            weights (faster convolutions with oneDNN and on tensor cores);
+            the outputs are contiguous NCHW as always. Defaults to False.
     """
 
     def __init__(self,
@@ -330,9 +341,14 @@ class Teacher(BaseModule, TeacherHeadMixin):
                  forward_kwargs: dict | None = None,
                  num_prefix_tokens: int | None = None,
                  dtype: str = 'fp32',
-                 probe_size: int | Sequence[int] = 256) -> None:
+                 probe_size: int | Sequence[int] = 256,
+                 fuse_conv_bn: bool = False,
+                 channels_last: bool = False) -> None:
         super().__init__(init_cfg=None)
         self.model = build_teacher_model(source)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
         # preprocessing
         if len(mean) != len(std):
@@ -379,8 +395,10 @@ class Teacher(BaseModule, TeacherHeadMixin):
         self._is_init = True  # parents' init_weights() skip the teacher
 
         try:
-            self._measure(self.input_size
-                          or self._pair('probe_size', probe_size))
+            probe_hw = self.input_size or self._pair('probe_size', probe_size)
+            if fuse_conv_bn:
+                fuse_frozen_conv_bn(self, probe_hw)
+            self._measure(probe_hw)
         except Exception:
             self.recorder.remove()  # leave a user-given module hook-free
             if self.text_space is not None:
@@ -550,9 +568,12 @@ class Teacher(BaseModule, TeacherHeadMixin):
             raise ValueError(
                 f'Teacher features.indices={list(indices)} but the recorded '
                 f'tensors are {[label for label, _ in recorded]}') from None
+        # contiguous NCHW whatever the model computes in (channels_last):
+        # consumers such as mmcv's RoIAlign read raw memory
         return tuple(
             to_feature_map(t, label, image_hw, self.num_prefix_tokens,
-                           self.nhwc).float() for label, t in chosen)
+                           self.nhwc).float().contiguous()
+            for label, t in chosen)
 
     def _summary(self, recorded: Recorded,
                  features: tuple[Tensor, ...]) -> Tensor | None:
@@ -599,6 +620,8 @@ class Teacher(BaseModule, TeacherHeadMixin):
         """
         with self._autocast(inputs.device):
             x = self.preprocess(inputs)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             run = (self.model if self.forward_method == 'forward' else
                    getattr(self.model, self.forward_method))
             try:
@@ -611,7 +634,7 @@ class Teacher(BaseModule, TeacherHeadMixin):
                         self.text_space.tokens(), 'text_space',
                         x.shape[-2:], self.num_prefix_tokens).float(), )
                 if summary is not None:
-                    summary = summary.float()
+                    summary = summary.float().contiguous()
             finally:
                 self.recorder.clear()
                 if self.text_space is not None:

@@ -5,7 +5,8 @@
 # loss is 0), the real EfficientNet-Lite0 (its classifier kept as inherited
 # head), and the detection and segmentation teachers the demo fine-tuned
 # (``teacher_det/``, ``teacher_seg/``: Mask R-CNN and Semantic FPN on an
-# ImageNet EfficientNet-Lite0 backbone; dense only, no summary). Losses: MSE
+# ImageNet EfficientNet-Lite0 backbone; dense only, no summary; frozen, so
+# BatchNorms folded and channels-last, like EfficientNet-Lite0's base). Losses: MSE
 # on PHI-S-standardised targets (the defaults). Multi-task: the same
 # classification, Mask R-CNN and Semantic FPN heads the data-centric
 # rivals train, on the labelled world views of each batch
@@ -64,6 +65,7 @@ model = dict(
                  input_size=64,
                  features=dict(from_output=True, indices=[0, 1, 2, 3]),
                  summary=dict(type='none'),
+                 fuse_conv_bn=True, channels_last=True,
                  **effnet_norm),
         seg=dict(type='kiv.Teacher',
                  source=dict(type='mm',
@@ -72,6 +74,7 @@ model = dict(
                              part='whole'),
                  input_size=64,
                  summary=dict(type='none'),
+                 fuse_conv_bn=True, channels_last=True,
                  **effnet_norm)),
     latent=dict(
         type='kiv.SharedLatentSpace',

@@ -123,12 +123,12 @@ def _core_stages(preset: dict) -> list[Stage]:
         Stage(CACHE, 'teacher-feature cache of the inheritance: knowledge '
               'base, classifier, detector, segmenter on every view',
               stage_teacher_cache(preset, CACHE),
-              deps=('world', 'teacher_det', 'teacher_seg', 'teacher_cls',
-                    'knowledge_base'),
+              deps=('world', KB_CACHE, 'teacher_det', 'teacher_seg',
+                    'teacher_cls', 'knowledge_base'),
               params=dict(preset['cache'], effnet=preset['effnet_size']),
               files=_config_files(CONFIGS['knowledge_base'],
                                   CONFIGS['inherit']),
-              cost=5 + _views(preset) * (cost['effnet'] + cost['load'])),
+              cost=5 + _views(preset) * (cost['teachers'] + cost['load'])),
     ]
 
 

@@ -56,7 +56,9 @@ _DEFAULT = dict(
     ablations=False,
     pca_images=4,
     # seconds per sample of one stage on one core (first run's ETA only)
-    cost=dict(det_train=0.11, seg_train=0.012, effnet=0.015, load=0.002,
+    # (teachers: the knowledge base, detector and segmenter together)
+    cost=dict(det_train=0.11, seg_train=0.012, effnet=0.009, load=0.002,
+              teachers=0.006,
               kb_train=0.017, inherit_train=0.05, rival_train=0.12,
               features=0.006, det_probe=0.045, seg_probe=0.005),
 )

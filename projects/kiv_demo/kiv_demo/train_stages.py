@@ -145,7 +145,10 @@ def stage_teacher_cache(preset: dict,
                         cache: str = CACHE) -> Callable[[StageContext], dict]:
     """Write :data:`~kiv_demo.recipes.KB_CACHE` (EfficientNet-Lite0 for
     the knowledge base) or :data:`~kiv_demo.recipes.CACHE` (every teacher
-    of the inheritance run, the knowledge base included)."""
+    of the inheritance run, the knowledge base included). The second takes
+    EfficientNet-Lite0's outputs from the first (the same network on the
+    same views; kiv checks it on the first views) instead of running it
+    again."""
 
     def run(ctx: StageContext) -> dict:
         from kiv.datasets.teacher_cache import TeacherCacheWriter
@@ -160,7 +163,8 @@ def stage_teacher_cache(preset: dict,
                     dtype='fp16', seed=ctx.seed, batch_size=64,
                     num_workers=0, config_path=CONFIGS[
                         'inherit' if cache == CACHE else 'knowledge_base'],
-                    log=lambda m: print(m, file=log))
+                    log=lambda m: print(m, file=log),
+                    reuse=[KB_CACHE] if cache == CACHE else [])
                 writer.prepare()
                 index = writer.run(check_space=False)
         return dict(views=index['views'], images=index['images']['count'],
