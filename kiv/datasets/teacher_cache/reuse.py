@@ -39,6 +39,7 @@ def reuse_rtol(dtype: torch.dtype) -> float:
     """The tolerance of :meth:`ReusedTargets.check` for a storage dtype."""
     return max(REUSE_ULPS * torch.finfo(dtype).eps / 2, REUSE_MIN_RTOL)
 
+
 #: index fields two caches must share for one to lend targets to the other
 _SAME_VIEWS = (('views', 'views per image'), ('seed', 'seed'),
                ('dtype', 'storage dtype'), ('view', 'view transform'),

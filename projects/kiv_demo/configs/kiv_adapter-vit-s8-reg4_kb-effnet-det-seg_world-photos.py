@@ -6,9 +6,9 @@
 # head), and the detection and segmentation teachers the demo fine-tuned
 # (``teacher_det/``, ``teacher_seg/``: Mask R-CNN and Semantic FPN on an
 # ImageNet EfficientNet-Lite0 backbone; dense only, no summary; frozen, so
-# BatchNorms folded and channels-last, like EfficientNet-Lite0's base). Losses: MSE
-# on PHI-S-standardised targets (the defaults). Multi-task: the same
-# classification, Mask R-CNN and Semantic FPN heads the data-centric
+# BatchNorms folded and channels-last, like EfficientNet-Lite0's base).
+# Losses: MSE on PHI-S-standardised targets (the defaults). Multi-task: the
+# same classification, Mask R-CNN and Semantic FPN heads the data-centric
 # rivals train, on the labelled world views of each batch
 # (``task_models``: the demo builds ``model.task_heads`` from them with
 # ``kiv_demo.TaskHead``) on the labelled views of each batch (the user's
