@@ -29,12 +29,14 @@ from kiv.testing.paths import REPO, TINY_DISTILL_CFG
 from kiv.testing.tools import run_tool
 
 CASES = ['timm_fwd', 'timm_train', 'adapter_fwd', 'adapter_train',
-         'teachers_fwd', 'distill_online', 'distill_cached', 'cache_write']
+         'teachers_fwd', 'teachers_fused', 'distill_online',
+         'distill_cached', 'cache_write']
 RATIOS = ['adapter fwd / timm fwd',
           'adapter train (frozen base) / timm train (all)',
           'cached distill step / student-only train step',
           'online distill step / (teachers fwd + student step)',
-          'cache writing / teachers fwd']
+          'cache writing / teachers fwd',
+          'teachers fwd, fused + channels-last / as configured']
 
 
 @pytest.fixture(scope='module')
@@ -76,6 +78,9 @@ def test_benchmark_tiny_config_all_cases(tiny_teachers, tmp_path):
     # the config's teachers, in its order
     assert cases['teachers_fwd']['label'] == \
         'teachers forward (dinov2, clip, detector)'
+    # the same teachers, BatchNorms folded: fewer FLOPs, never more
+    assert 0 < cases['teachers_fused']['gflop_per_image'] <= \
+        cases['teachers_fwd']['gflop_per_image']
     # a cached step holds no teacher: its FLOPs are the student step's
     assert cases['distill_online']['gflop_per_image'] > \
         cases['distill_cached']['gflop_per_image']
@@ -96,12 +101,13 @@ def test_benchmark_tiny_config_all_cases(tiny_teachers, tmp_path):
         '.py, batch 4, 56x56 px, cpu'), lines[0]
     head = lines.index('| case | what | img/s | min-max | ms/img | '
                        'GFLOP/img | GFLOP/s | peak MB |')
-    rows = [line.split('|')[1].strip() for line in lines[head + 2:
-                                                         head + 10]]
+    rows = [line.split('|')[1].strip()
+            for line in lines[head + 2:head + 2 + len(CASES)]]
     assert rows == CASES
     head = [i for i, line in enumerate(lines)
             if line.startswith('| ratio (time per image)')][0]
-    for line, name in zip(lines[head + 2:head + 7], RATIOS):
+    assert len(lines) >= head + 2 + len(RATIOS)
+    for line, name in zip(lines[head + 2:head + 2 + len(RATIOS)], RATIOS):
         assert line.startswith(f'| {name} | ')
         assert re.match(r'\| .+ \| \d+\.\d{3} \| \d+\.\d{3}-\d+\.\d{3} '
                         r'\| \d+\.\d{3} \| ', line), line

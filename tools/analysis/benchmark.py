@@ -21,7 +21,9 @@ config, online or cached; ``--cfg-options`` first):
 (b) ``adapter_fwd`` / ``adapter_train``: the student (``model.student``)
     ``forward_features``, and its train step (base frozen);
 (c) ``teachers_fwd``: the teachers (``model.teachers``) on the batch;
-    ``distill_online``: one train step of ``model``;
+    ``teachers_fused``: the same teachers with ``fuse_conv_bn=True`` and
+    ``channels_last=True``; ``distill_online``: one train step of
+    ``model``;
 (d) ``distill_cached``: the same step from a teacher cache of the benchmark
     images: the cached config (``use_teacher_cache``, as
     ``tools/train.py``), ``kiv.CachedTeacher``, no teacher in memory;
@@ -75,17 +77,19 @@ from kiv.utils.benchmark import (BenchCase, CaseResult,  # noqa: E402
                                  reset_peak_rss, rss_bytes, synchronize)
 
 CASES = ('timm_fwd', 'timm_train', 'adapter_fwd', 'adapter_train',
-         'teachers_fwd', 'distill_online', 'distill_cached', 'cache_write')
+         'teachers_fwd', 'teachers_fused', 'distill_online',
+         'distill_cached', 'cache_write')
 GROUPS = {'timm_fwd': '(a)', 'timm_train': '(a)', 'adapter_fwd': '(b)',
           'adapter_train': '(b)', 'teachers_fwd': '(c)',
-          'distill_online': '(c)', 'distill_cached': '(d)',
-          'cache_write': '(e)'}
+          'teachers_fused': '(c)', 'distill_online': '(c)',
+          'distill_cached': '(d)', 'cache_write': '(e)'}
 LABELS = {
     'timm_fwd': 'timm ViT forward',
     'timm_train': 'timm ViT train step (all weights)',
     'adapter_fwd': 'kiv.AdapterViT forward_features',
     'adapter_train': 'kiv.AdapterViT train step (base frozen)',
     'teachers_fwd': 'teachers forward',
+    'teachers_fused': 'teachers forward, fuse_conv_bn + channels_last',
     'distill_online': 'distillation step, teachers online',
     'distill_cached': 'distillation step from the teacher cache',
     'cache_write': 'cache writing (teachers + shards + statistics)',
@@ -102,6 +106,8 @@ RATIOS = (
               '<= 1.05'),
     RatioSpec('cache writing / teachers fwd', ['cache_write'],
               ['teachers_fwd'], '<= 1.1'),
+    RatioSpec('teachers fwd, fused + channels-last / as configured',
+              ['teachers_fused'], ['teachers_fwd'], '<= 1'),
 )
 
 
@@ -602,32 +608,50 @@ class CaseBuilder:
             self.shared['online'] = (model, wrapper, data)
         return self.shared['online']
 
-    def _teachers_fwd(self, case: BenchCase) -> None:
-        case.label = f'{case.label} ({", ".join(self.cfg.model.teachers)})'
-        if 'online' in self.shared:
-            model, _, data = self.shared['online']
-            teachers, preprocess = model.teachers, model.data_preprocessor
-        else:  # alone (memory worker): only the teachers in memory
-            from kiv.registry import MODELS
-            teachers = torch.nn.ModuleDict({
-                name: self._build(MODELS, t)
-                for name, t in self.cfg.model.teachers.items()
-            }).to(self.device)
-            # the model's data preprocessor (kiv.KnowledgeInheritance's
-            # default if the config sets none)
-            preprocess = self._build(MODELS, self.cfg.model.get(
-                'data_preprocessor', None) or dict(
-                    type='mmengine.ImgDataPreprocessor', bgr_to_rgb=True))
-            preprocess.to(self.device)
-            data = self._batch(self.cfg.train_dataloader.dataset)
-        images = preprocess(data, False)['inputs']
+    def _teachers_alone(self, **options: Any) -> tuple[Any, torch.Tensor]:
+        """The config's teachers (with ``options`` added to each
+        ``kiv.Teacher`` config) and the preprocessed benchmark batch, with
+        no student in memory."""
+        from kiv.registry import MODELS
+        teachers = torch.nn.ModuleDict({
+            name: self._build(MODELS, dict(t, **options))
+            for name, t in self.cfg.model.teachers.items()
+        }).to(self.device)
+        # the model's data preprocessor (kiv.KnowledgeInheritance's
+        # default if the config sets none)
+        preprocess = self._build(MODELS, self.cfg.model.get(
+            'data_preprocessor', None) or dict(
+                type='mmengine.ImgDataPreprocessor', bgr_to_rgb=True))
+        preprocess.to(self.device)
+        data = self._batch(self.cfg.train_dataloader.dataset)
+        return teachers, preprocess(data, False)['inputs']
 
+    @staticmethod
+    def _teachers_step(teachers: Any, images: torch.Tensor
+                       ) -> Callable[[], None]:
         def step() -> None:
             with torch.no_grad():
                 for teacher in teachers.values():
                     teacher(images)
 
-        case.step = step
+        return step
+
+    def _teachers_fwd(self, case: BenchCase) -> None:
+        case.label = f'{case.label} ({", ".join(self.cfg.model.teachers)})'
+        if 'online' in self.shared:
+            model, _, data = self.shared['online']
+            teachers = model.teachers
+            images = model.data_preprocessor(data, False)['inputs']
+        else:  # alone (memory worker): only the teachers in memory
+            teachers, images = self._teachers_alone()
+        case.step = self._teachers_step(teachers, images)
+
+    def _teachers_fused(self, case: BenchCase) -> None:
+        """The config's teachers built with ``fuse_conv_bn=True`` and
+        ``channels_last=True`` (``kiv.Teacher`` options; a teacher without
+        BatchNorms only changes memory format), on the same batch."""
+        case.step = self._teachers_step(*self._teachers_alone(
+            fuse_conv_bn=True, channels_last=True))
 
     def _distill_online(self, case: BenchCase) -> None:
         model, wrapper, data = self._online()
