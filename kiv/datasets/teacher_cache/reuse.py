@@ -192,8 +192,9 @@ class ReusedTargets:
             if ref.summary is not None:
                 pairs.insert(0, (got.summary, ref.summary))
             worst = 0.0
-            for new, old in pairs:
-                diff = (new.to(dtype).float() - old).pow(2).mean().sqrt()
+            for new, old in pairs:  # the teachers may run on a GPU
+                new = new.detach().cpu().to(dtype).float()
+                diff = (new - old).pow(2).mean().sqrt()
                 size = old.pow(2).mean().sqrt().clamp_min(1e-12)
                 worst = max(worst, float(diff / size))
             errors[name] = worst
