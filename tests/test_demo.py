@@ -772,6 +772,11 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
     work_dir = str(tmp_path / 'demo')
     first = _demo(work_dir)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # the console is the progress display's: mmengine's INFO messages of a
+    # stage (here: every initialised parameter) are in its own log
+    assert 'PretrainedInit' not in first.stdout + first.stderr
+    with open(osp.join(work_dir, 'features_inherit', 'stage.log')) as f:
+        assert 'PretrainedInit: load from inherit/student.pth' in f.read()
     report = osp.join(work_dir, 'report')
     with open(osp.join(report, 'tables.json')) as f:
         tables = json.load(f)

@@ -278,6 +278,41 @@ def _read_done(path: str) -> dict | None:
         return None
 
 
+#: a stage's mmengine messages below WARNING (weights loaded, parameters
+#: initialised, teachers read from a cache) go to this file in its folder
+STAGE_LOG = 'stage.log'
+
+
+@contextmanager
+def _info_to_file(path: str) -> Iterator[None]:
+    """Send the current mmengine logger's INFO messages to ``path`` only.
+
+    Its console handlers keep warnings and errors; the console stays the
+    progress display's. A Runner built inside makes its own logger (the
+    stages set its level to WARNING and its files to the stage folder).
+    """
+    import logging
+
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    consoles = [h for h in logger.handlers
+                if type(h) is logging.StreamHandler]
+    levels = [h.level for h in consoles]
+    to_file = logging.FileHandler(path, encoding='utf-8')
+    to_file.setFormatter(logging.Formatter(
+        '%(asctime)s - %(name)s - %(levelname)s - %(message)s'))
+    for handler in consoles:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    logger.addHandler(to_file)
+    try:
+        yield
+    finally:
+        logger.removeHandler(to_file)
+        to_file.close()
+        for handler, level in zip(consoles, levels):
+            handler.setLevel(level)
+
+
 def _execute(stage: Stage, work_dir: str, seed: int, results: dict,
              progress, fingerprint_: str) -> float:
     """Run one stage in a clean folder and write its ``done`` marker.
@@ -290,7 +325,8 @@ def _execute(stage: Stage, work_dir: str, seed: int, results: dict,
         shutil.rmtree(stage_dir)
     os.makedirs(stage_dir)
     start = time.monotonic()
-    with working_dir(work_dir):
+    with working_dir(work_dir), _info_to_file(osp.join(stage_dir,
+                                                       STAGE_LOG)):
         result = stage.run(StageContext(stage, stage.name, seed, results,
                                         progress))
     seconds = time.monotonic() - start
