@@ -225,6 +225,14 @@ def compute_with_reuse(run_teachers: Callable[..., dict[str, FeatureOutput]],
     """Every teacher's outputs for one writer batch: the reused ones read,
     the others computed.
 
+    Args:
+        run_teachers (Callable): packed views -> outputs per teacher, with
+            a ``skip`` argument (``ConfigTeachers``).
+        reused (ReusedTargets, optional): the reused teachers, if any.
+        inputs (list[Tensor]): the batch's packed views, image-major.
+        images (Sequence[int]): the batch's global image indices.
+        views (int): views per image.
+
     Returns:
         tuple: the outputs per teacher and the names of the reused ones.
     """
