@@ -112,6 +112,40 @@ def test_dry_run_reports_disk_use_and_writes_nothing(tiny_root, tmp_path):
     assert not osp.exists(out)
 
 
+@pytest.mark.slow
+def test_reuse_copies_every_teacher_another_cache_holds(cache, tmp_path):
+    """--reuse on the command line: a cache of the same views holding every
+    teacher of the config gives them all (no teacher is run on the data),
+    bit for bit; one written for other views is refused, naming why."""
+    out = str(tmp_path / 'reused')
+    proc = subprocess.run(
+        [sys.executable, TOOL, TINY_DISTILL_CFG, '--out', out, '--views',
+         '2', '--workers', '0', '--reuse', cache['dir']],
+        cwd=cache['root'], env=tool_env(), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ('dinov2', 'clip', 'detector'):
+        assert f"teacher '{name}': outputs copied from" in proc.stdout
+    index = json.load(open(osp.join(out, 'index.json')))
+    assert all(e['reused_from']['cache_id'] == cache['index']['cache_id']
+               for e in index['teachers'].values())
+    mine = _tensors(_shards(out)[0])
+    theirs = {}
+    for path in _shards(cache['dir']):
+        for key, value in _tensors(path).items():
+            theirs.setdefault(key, []).append(value)
+    for key, value in mine.items():
+        if key.startswith('target.'):
+            assert torch.equal(value, torch.cat(theirs[key])), key
+    bad = subprocess.run(
+        [sys.executable, TOOL, TINY_DISTILL_CFG, '--out',
+         str(tmp_path / 'bad'), '--views', '3', '--reuse', cache['dir']],
+        cwd=cache['root'], env=tool_env(), capture_output=True, text=True,
+        timeout=600)
+    assert bad.returncode != 0
+    assert 'views per image: 2 there, 3 here' in bad.stderr + bad.stdout
+
+
 TRAIN = osp.join(REPO, 'tools', 'train.py')
 CACHED_CFG = TINY_DISTILL_CFG.replace('.py', '_cached.py')
 
