@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kiv.testing.paths import REPO, in_dir
+from kiv.testing.paths import REPO
 
 
 @pytest.fixture(autouse=True)
@@ -920,21 +920,6 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
         reused['check'] == 0.0
     assert [t for t, e in index['teachers'].items()
             if 'reused_from' in e] == ['effnet']
-    # the inheritance run's statistics are the cache's exact ones, fixed
-    # before its first step (no warm-up pass over the data)
-    from kiv_demo.presets import get_preset
-    from kiv_demo.recipes import (CACHE, CACHED_TEACHERS, inherit_cfg,
-                                  use_cache)
-    cfg = inherit_cfg('inherit', get_preset('toy'))
-    with in_dir(work_dir):
-        use_cache(cfg, CACHE, CACHED_TEACHERS, labels=True)
-    assert cfg.custom_hooks[0] == dict(
-        type='kiv.TeacherCacheStatisticsHook', cache_dir=CACHE)
-    cfg = inherit_cfg('inherit_nokb', get_preset('toy'))
-    with in_dir(work_dir):  # not the cache's teachers: the warm-up's
-        use_cache(cfg, CACHE, ('effnet', 'det', 'seg'), labels=True)
-    assert 'kiv.TeacherCacheStatisticsHook' not in [
-        h['type'] for h in cfg.custom_hooks]
     # the exported student loads weights-only
     ckpt = torch.load(osp.join(work_dir, 'inherit', 'student.pth'),
                       weights_only=True)

@@ -417,9 +417,20 @@ def test_reused_teachers_are_copied_and_checked(cache, tmp_path):
     out = str(tmp_path / 'reused')
     log = []
     with in_dir(cache['root']):
-        index = TeacherCacheWriter(
+        writer = TeacherCacheWriter(
             tiny_cfg(), out, views=VIEWS, dtype='fp16',
-            shard_size=SHARD_SIZE, log=log.append, reuse=[partial]).run()
+            shard_size=SHARD_SIZE, log=log.append, reuse=[partial])
+        writer.prepare()  # runs the reused teachers once: the check
+        calls = {}
+        for name, teacher in writer.teachers.teachers.items():
+            def counted(images, _name=name, _forward=teacher.forward):
+                calls[_name] = calls.get(_name, 0) + 1
+                return _forward(images)
+            teacher.forward = counted
+        index = writer.run()
+    # while writing, only the teacher the other cache lacks runs
+    assert set(calls) == {'detector'} and calls['detector'] > 0
+    with in_dir(cache['root']):
         got = TeacherCacheDataset(out)
         ref = TeacherCacheDataset(cache['dir'])
         src = TeacherCacheDataset(partial)

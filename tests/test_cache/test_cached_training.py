@@ -150,3 +150,51 @@ def test_cached_config_names_its_cache_where_it_is_read(cache):
             cfg.train_dataloader.dataset.cache_dir == cache['dir']
     assert cfg.train_dataloader.batch_size == 4  # the loader settings stay
     assert cfg.model.teachers == base.model.teachers
+
+
+@pytest.mark.parametrize('teachers', [('dinov2', 'clip', 'detector'),
+                                      ('dinov2', 'clip')])
+def test_warmup_takes_the_statistics_of_the_cache_every_teacher_reads(
+        cache, teachers):
+    """A model whose teachers are all kiv.CachedTeacher of one cache (here
+    built without ``teacher_cache``, as a config with task heads is): the
+    warm-up hook fixes the cache's exact statistics, of the model's
+    teachers only, and never touches the data."""
+    from kiv.engine.hooks import StatisticsWarmupHook
+    from kiv.fileio.teacher_cache_format import cache_statistics
+    from kiv.models.distillers.teacher_cache import cached_teachers
+    cfg = tiny_cfg()
+    cfg.model.teachers = cached_teachers(
+        {n: cfg.model.teachers[n] for n in teachers}, cache['dir'],
+        standardize=None)
+    cfg.model.latent.teachers = {
+        n: v for n, v in (cfg.model.latent.get('teachers') or {}).items()
+        if n in teachers}
+    with in_dir(cache['root']):
+        model = MODELS.build(cfg.model)
+    assert not model.latent.statistics_ready
+
+    class NoData:
+        def __iter__(self):
+            raise AssertionError('the warm-up read the training data')
+
+    class FakeRunner:
+        pass
+
+    runner = FakeRunner()
+    runner.model, runner.train_dataloader = model, NoData()
+    StatisticsWarmupHook(num_batches=10).before_train(runner)
+    assert model.latent.statistics_ready
+    sums, _ = cache_statistics(cache['dir'])
+    keys = model.latent.statistic_keys()
+    assert keys and all(k.split('.')[0] in teachers for k in keys)
+    with in_dir(cache['root']):
+        reference = MODELS.build(cfg.model)
+    reference.load_statistics({k: sums[k] for k in keys})
+    got = model.latent.state_dict()
+    compared = [k for k in got if 'standardizer' in k]
+    assert compared
+    for key in compared:
+        torch.testing.assert_close(got[key],
+                                   reference.latent.state_dict()[key],
+                                   rtol=0, atol=0, msg=key)

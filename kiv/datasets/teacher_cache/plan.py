@@ -35,7 +35,8 @@ from kiv.version import __version__
 __all__ = [
     'VIEW_ROW_BYTES', 'DEFAULT_SHARD_BYTES', 'format_bytes', 'check_config',
     'image_list', 'bytes_per_view', 'choose_shard_size', 'make_index',
-    'shard_images', 'estimate', 'report', 'index_differences'
+    'shard_images', 'estimate', 'report', 'index_differences',
+    'cache_identity', 'mark_reused'
 ]
 
 #: bytes of the view description of one cached view: image (int64), view
@@ -150,8 +151,7 @@ def make_index(cfg: Config, config_path: str | None, root: str,
                paths: Sequence[str], teachers: dict[str, dict],
                stat_sizes: Mapping[str, int], standardize: str,
                pipeline: tuple[dict, dict, dict], views: int, seed: int,
-               dtype: str, shard_size: int, per_view: int,
-               reused: Mapping[str, Mapping] | None = None) -> dict:
+               dtype: str, shard_size: int, per_view: int) -> dict:
     """The index of a cache before its shards are written.
 
     Args:
@@ -171,14 +171,11 @@ def make_index(cfg: Config, config_path: str | None, root: str,
         dtype (str): storage dtype name.
         shard_size (int): images per shard.
         per_view (int): bytes per cached view.
-        reused (Mapping[str, Mapping], optional): teachers whose outputs
-            are copied from other caches: per teacher its source's
-            ``cache`` path and ``cache_id``
-            (:meth:`~kiv.datasets.teacher_cache.reuse.ReusedTargets.describe`).
 
     Returns:
         dict: the index with ``complete=False``; its ``cache_id`` is the
-        fingerprint of everything the shards' bytes depend on.
+        fingerprint of everything the shards' bytes depend on
+        (:func:`cache_identity`).
     """
     loader, view, pack = pipeline
     ds_cfg = cfg.train_dataloader.dataset
@@ -186,22 +183,10 @@ def make_index(cfg: Config, config_path: str | None, root: str,
     for name, entry in teachers.items():
         entry['fingerprint'] = teacher_fingerprint(teacher_cfgs[name])
         entry['config'] = config_to_json(teacher_cfgs[name])
-    images_sha = ImageList(paths).sha256()
-    identity = dict(
-        format=CACHE_FORMAT, version=CACHE_VERSION,
-        teachers={n: e['fingerprint'] for n, e in teachers.items()},
-        view=view, loader=config_to_json(loader), views=views,
-        seed=seed, dtype=dtype, images=images_sha,
-        shard_size=shard_size, standardize=standardize,
-        statistic_keys=list(stat_sizes))
-    if reused:  # a resumed run must take them from the same caches
-        identity['reused'] = {n: r['cache_id'] for n, r in reused.items()}
-    for name, source in (reused or {}).items():
-        teachers[name]['reused_from'] = dict(source)
-    return dict(
+    index = dict(
         format=CACHE_FORMAT,
         version=CACHE_VERSION,
-        cache_id=fingerprint(identity),
+        cache_id=None,
         complete=False,
         config=config_path,
         kiv_version=__version__,
@@ -220,12 +205,50 @@ def make_index(cfg: Config, config_path: str | None, root: str,
                          k: v for k, v in ds_cfg.items()
                          if k != 'pipeline'})),
         images=dict(root=root, count=len(paths), file=IMAGES_FILE,
-                    sha256=images_sha),
+                    sha256=ImageList(paths).sha256()),
         teachers=teachers,
         standardize=standardize,
         statistics=dict(file=STATISTICS_FILE, numel=dict(stat_sizes)),
         bytes_per_view=per_view,
     )
+    index['cache_id'] = fingerprint(cache_identity(index))
+    return index
+
+
+def cache_identity(index: Mapping) -> dict:
+    """Everything the bytes of a cache's shards depend on (its
+    ``cache_id`` is the fingerprint of this): teachers, views, images,
+    storage, shard layout, statistics, and the caches reused teachers'
+    outputs come from."""
+    identity = dict(
+        format=index['format'], version=index['version'],
+        teachers={n: e['fingerprint']
+                  for n, e in index['teachers'].items()},
+        view=index['view'], loader=index['loader'], views=index['views'],
+        seed=index['seed'], dtype=index['dtype'],
+        images=index['images']['sha256'], shard_size=index['shard_size'],
+        standardize=index['standardize'],
+        statistic_keys=list(index['statistics']['numel']))
+    reused = {n: e['reused_from']['cache_id']
+              for n, e in index['teachers'].items() if 'reused_from' in e}
+    if reused:  # a resumed run must take them from the same caches
+        identity['reused'] = reused
+    return identity
+
+
+def mark_reused(index: dict, reused: Mapping[str, Mapping]) -> None:
+    """Record in a plan the teachers whose outputs are copied from other
+    caches and give the plan its new ``cache_id``.
+
+    Args:
+        index (dict): a plan of :func:`make_index`, changed in place.
+        reused (Mapping[str, Mapping]): per teacher its source's ``cache``
+            path and ``cache_id``
+            (:meth:`~kiv.datasets.teacher_cache.reuse.ReusedTargets.describe`).
+    """
+    for name, source in reused.items():
+        index['teachers'][name]['reused_from'] = dict(source)
+    index['cache_id'] = fingerprint(cache_identity(index))
 
 
 def shard_images(index: Mapping, shard: int) -> range:

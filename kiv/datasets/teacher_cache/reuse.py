@@ -147,12 +147,19 @@ class ReusedTargets:
             entry = index['teachers'][name]
             keys = output_keys(name, entry['summary_dim'] is not None,
                                len(entry['feature_dims']))
-            parts: dict[str, list[Tensor]] = {k: [] for k in keys}
+            # consecutive images stored one after the other: one read
+            runs: list[list] = []  # [handle, first row, end row]
             for image in images:
                 handle, row = self._rows(name, image)
+                if runs and runs[-1][0] is handle and runs[-1][2] == row:
+                    runs[-1][2] = row + views
+                else:
+                    runs.append([handle, row, row + views])
+            parts: dict[str, list[Tensor]] = {k: [] for k in keys}
+            for handle, start, end in runs:
                 for key in keys:
-                    parts[key].append(handle.get_slice(
-                        f'target.{key}')[row:row + views])
+                    parts[key].append(
+                        handle.get_slice(f'target.{key}')[start:end])
             tensors = [torch.cat(parts[k]).float() for k in keys]
             summary = tensors.pop(0) if entry['summary_dim'] is not None \
                 else None

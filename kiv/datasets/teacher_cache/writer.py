@@ -49,8 +49,8 @@ from kiv.fileio.teacher_cache_format import (IMAGES_FILE, INDEX_FILE,
 from .config import online_config
 from .plan import (DEFAULT_SHARD_BYTES, VIEW_ROW_BYTES, bytes_per_view,
                    check_config, choose_shard_size, estimate, format_bytes,
-                   image_list, index_differences, make_index, report,
-                   shard_images)
+                   image_list, index_differences, make_index,
+                   mark_reused, report, shard_images)
 from .reuse import ReusedTargets
 from .shards import ImageViews, ShardWriter, shard_done
 from .statistics import TargetStatistics, relative_rounding_error
@@ -169,16 +169,16 @@ class TeacherCacheWriter:
         shard_size = choose_shard_size(self.requested_shard_size,
                                        self.out_dir, per_view, len(paths),
                                        self.views)
-        args = (self.cfg, self.config_path, root, paths, teachers,
-                self.statistics.numel, standardize, pipeline, self.views,
-                self.seed, self.dtype, shard_size, per_view)
-        self.index = make_index(*args)
+        self.index = make_index(
+            self.cfg, self.config_path, root, paths, teachers,
+            self.statistics.numel, standardize, pipeline, self.views,
+            self.seed, self.dtype, shard_size, per_view)
         self._paths = paths
         self._root = root
         if self.reuse:
             self.reused = ReusedTargets(self.index, self.reuse)
             checks = self._check_reused()
-            self.index = make_index(*args, reused=self.reused.describe())
+            mark_reused(self.index, self.reused.describe())
             for name, error in checks.items():
                 self.index['teachers'][name]['reused_from']['check'] = error
                 self._log(f'teacher {name!r}: outputs copied from '

@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from mmengine.logging import print_log
 
+from kiv.models.distillers.teacher_cache import fix_cache_statistics
+from kiv.models.teachers import CachedTeacher
 from kiv.registry import HOOKS
 from .data_pass import SidePassHook
+
+
+def _single_cache(model) -> Optional[str]:
+    """The cache directory every teacher of ``model`` is read from, or
+    None (an online teacher, or teachers of several caches)."""
+    teachers = list(model.teachers.values())
+    if not teachers or not all(isinstance(t, CachedTeacher)
+                               for t in teachers):
+        return None
+    ids = {t.cache_id for t in teachers}
+    return teachers[0].cache_dir if len(ids) == 1 else None
 
 
 @HOOKS.register_module()
@@ -33,7 +47,12 @@ class StatisticsWarmupHook(SidePassHook):
 
     Does nothing when the statistics are already fixed: resumed runs (the
     statistics are in the checkpoint), runs from a teacher-feature cache
-    (exact statistics of the whole cache), or ``statistics='ema'``.
+    (exact statistics of the whole cache), or ``statistics='ema'``. When
+    every teacher of the model is a ``kiv.CachedTeacher`` of one cache
+    (whatever built them, e.g. a config with task heads, which
+    ``KnowledgeInheritance(teacher_cache=...)`` refuses), it takes that
+    cache's exact statistics instead of a pass: the sums the writer kept
+    over every cached target.
 
     Args:
         num_batches (int): batches of the warm-up pass per rank. With
@@ -54,6 +73,13 @@ class StatisticsWarmupHook(SidePassHook):
         model = self._distiller(runner)
         latent = model.latent
         if latent.statistics != 'fixed' or latent.statistics_ready:
+            return
+        cache_dir = _single_cache(model)
+        if cache_dir is not None:
+            fix_cache_statistics(model, cache_dir)
+            print_log(f'StatisticsWarmupHook: every teacher is read from '
+                      f'{cache_dir}: its exact statistics, no pass',
+                      logger='current')
             return
         start = time.perf_counter()
         totals, images = self._summed(runner, model, model.statistic_sums)

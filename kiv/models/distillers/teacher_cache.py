@@ -85,10 +85,12 @@ def fix_cache_statistics(model: Any, cache_dir: str) -> bool:
     """Fix a distiller's standardiser statistics to a cache's exact ones.
 
     PHI-S is computed once from all the cached targets, the targets never
-    move, and the base teacher's heads start as its standardiser. Does
-    nothing for ``statistics='ema'`` latent spaces or when the statistics
-    are already fixed. A later ``load_from`` / ``--resume`` still replaces
-    them with the checkpoint's (trained heads keep their statistics).
+    move, and the base teacher's heads start as its standardiser. The
+    model may distil a subset of the cache's teachers (each output's sums
+    are its own). Does nothing for ``statistics='ema'`` latent spaces or
+    when the statistics are already fixed. A later ``load_from`` /
+    ``--resume`` still replaces them with the checkpoint's (trained heads
+    keep their statistics).
 
     Args:
         model: a ``kiv.KnowledgeInheritance`` (``latent`` and
@@ -101,7 +103,7 @@ def fix_cache_statistics(model: Any, cache_dir: str) -> bool:
     Raises:
         TypeError: not a ``kiv.KnowledgeInheritance``.
         TeacherCacheError: the statistics do not fit the model (another
-            latent configuration than the cache's).
+            standardise mode, or an output the cache does not hold).
     """
     model = model.module if is_model_wrapper(model) else model
     latent = getattr(model, 'latent', None)
@@ -113,8 +115,15 @@ def fix_cache_statistics(model: Any, cache_dir: str) -> bool:
             latent.statistics_ready:
         return False
     sums, index = cache_statistics(cache_dir)
+    mode = getattr(latent, 'standardize', index.get('standardize'))
+    if index.get('standardize') != mode:
+        raise TeacherCacheError(
+            f'{describe_cache(cache_dir, index)}: its statistics are '
+            f'standardize={index.get("standardize")!r} sums, the model\'s '
+            f'latent space standardize={mode!r}')
+    keys = latent.statistic_keys()
     try:
-        model.load_statistics(sums)
+        model.load_statistics({k: sums[k] for k in keys if k in sums})
     except KeyError as err:
         raise TeacherCacheError(
             f'{describe_cache(cache_dir, index)}: its statistics do not fit '

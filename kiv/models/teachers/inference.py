@@ -27,7 +27,7 @@ def _outputs(teacher: Teacher, images: Tensor) -> list[tuple[str, Tensor]]:
 
 
 def fuse_frozen_conv_bn(teacher: Teacher, probe_hw: Sequence[int],
-                        rtol: float = FUSE_RTOL) -> int:
+                        rtol: float = FUSE_RTOL) -> None:
     """Fold the BatchNorms of a frozen teacher into their convolutions.
 
     mmcv's ``fuse_conv_bn`` folds a BatchNorm into the convolution that
@@ -44,16 +44,12 @@ def fuse_frozen_conv_bn(teacher: Teacher, probe_hw: Sequence[int],
         rtol (float): allowed change, relative to the output's largest
             magnitude. Defaults to :data:`FUSE_RTOL`.
 
-    Returns:
-        int: the number of BatchNorms folded.
-
     Raises:
         ValueError: a recorded layer is a BatchNorm (it disappears), or the
             outputs changed.
     """
     norms = {name for name, m in teacher.model.named_modules()
-             if isinstance(m, (nn.modules.batchnorm._BatchNorm,
-                               nn.SyncBatchNorm))}
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     recorded = [name for name in getattr(teacher.recorder, 'names', ())
                 if name in norms]
     if recorded:
@@ -67,11 +63,6 @@ def fuse_frozen_conv_bn(teacher: Teacher, probe_hw: Sequence[int],
     before = _outputs(teacher, images)
     fuse_conv_bn(teacher.model)
     teacher.requires_grad_(False)  # the folded weights are new Parameters
-    if teacher.channels_last:
-        teacher.model.to(memory_format=torch.channels_last)
-    remaining = sum(isinstance(m, (nn.modules.batchnorm._BatchNorm,
-                                   nn.SyncBatchNorm))
-                    for m in teacher.model.modules())
     for (label, ref), (_, got) in zip(before, _outputs(teacher, images)):
         scale = float(ref.abs().max())
         error = float((got - ref).abs().max())
@@ -82,4 +73,3 @@ def fuse_frozen_conv_bn(teacher: Teacher, probe_hw: Sequence[int],
                 f'for values up to {scale:.3g}): one of its BatchNorms does '
                 'not directly follow the convolution before it in the '
                 'forward; use fuse_conv_bn=False')
-    return len(norms) - remaining

@@ -346,9 +346,7 @@ class Teacher(BaseModule, TeacherHeadMixin):
                  channels_last: bool = False) -> None:
         super().__init__(init_cfg=None)
         self.model = build_teacher_model(source)
-        self.channels_last = bool(channels_last)
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        self.channels_last = False  # set once the weights are converted
 
         # preprocessing
         if len(mean) != len(std):
@@ -398,6 +396,9 @@ class Teacher(BaseModule, TeacherHeadMixin):
             probe_hw = self.input_size or self._pair('probe_size', probe_size)
             if fuse_conv_bn:
                 fuse_frozen_conv_bn(self, probe_hw)
+            if channels_last:
+                self.model.to(memory_format=torch.channels_last)
+                self.channels_last = True
             self._measure(probe_hw)
         except Exception:
             self.recorder.remove()  # leave a user-given module hook-free

@@ -239,13 +239,9 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
     distiller runs them on the replayed views). The training set becomes
     ``kiv.TeacherCacheDataset`` over every cached view (loader + the
     cache's ``kiv.ReplayView``, then the world's labels for that view if
-    ``labels``, then the packer). When the run's teachers are exactly the
-    cache's, with its standardise mode, ``kiv.TeacherCacheStatisticsHook``
-    fixes every standardiser to the cache's exact statistics (the sums the
-    writer kept, so no pass over the data); otherwise (an ablation without
-    a teacher, another standardise mode) the config's
-    ``kiv.StatisticsWarmupHook`` fixes them from one pass over those views:
-    exact statistics of the cached targets and of the online teachers.
+    ``labels``, then the packer). The config's ``kiv.StatisticsWarmupHook``
+    then fixes every standardiser: to the cache's exact statistics when
+    every teacher is read from it, else from one pass over those views.
 
     Args:
         cfg (Config): a ``kiv.KnowledgeInheritance`` config.
@@ -262,7 +258,7 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
     logit_teachers = KnowledgeInheritance.logit_teachers(
         cfg.model.teachers, cfg.model.get('losses'),
         cfg.model.get('teacher_losses'))
-    # the statistics are checked where they are loaded (below), not here
+    # the statistics are checked where they are loaded (the warm-up hook)
     stand_ins = cached_teachers(
         {name: cfg.model.teachers[name] for name in cached}, cache_dir,
         standardize=None,
@@ -279,13 +275,6 @@ def use_cache(cfg: Config, cache_dir: str, cached: tuple[str, ...],
         type='kiv.TeacherCacheDataset', cache_dir=cache_dir,
         teachers=list(cached), img_root=index['images']['root'],
         pipeline=pipeline)
-    latent = cfg.model.get('latent') or {}
-    if set(cfg.model.teachers) == set(index['teachers']) and \
-            latent.get('standardize', 'phis') == index['standardize']:
-        # before the warm-up hook, which then finds them fixed and skips
-        cfg.custom_hooks = [
-            dict(type='kiv.TeacherCacheStatisticsHook', cache_dir=cache_dir),
-            *cfg.get('custom_hooks', [])]
     if labelled_per_batch:
         cfg.train_dataloader.sampler = dict(
             type='kiv_demo.LabelledShareSampler',
