@@ -1079,3 +1079,32 @@ def test_probe_backbone_reads_the_space_it_is_given(tmp_path):
             bare = probe_backbone_cfg(row, space='student')
             assert bare['type'] == student.type == wrapped['backbone']['type']
             assert bare['init_cfg']['checkpoint'] == f'{row}/student.pth'
+
+
+def test_features_stage_extracts_in_the_space_of_its_params(monkeypatch):
+    """A features stage builds its backbone in the space its fingerprinted
+    parameter ``dense`` names (what the sweep sets), not one derived from
+    the row's name."""
+    from kiv_demo import eval_stages
+    from kiv_demo.pipeline import _probe_stages
+    from kiv_demo.presets import get_preset
+    from kiv_demo.stages import StageContext
+    asked = []
+
+    class Built(Exception):
+        pass
+
+    def backbone(row, preset, seed, space=None):
+        asked.append((row, space))
+        raise Built
+
+    monkeypatch.setattr(eval_stages, '_probe_backbone', backbone)
+    for space in ('student', 'det'):
+        stage, = [s for s in _probe_stages(
+            'inherit_lr0.001', 'sweep run', get_preset('toy'),
+            tasks=(), space=space) if s.name.startswith('features_')]
+        assert stage.params['dense'] == space
+        with pytest.raises(Built):
+            stage.run(StageContext(stage, stage.name, 0, {}, None))
+    assert asked == [('inherit_lr0.001', 'student'),
+                     ('inherit_lr0.001', 'det')]
