@@ -2,6 +2,7 @@
 (the package ``kiv_demo`` in ``projects/kiv_demo``, beside kiv)."""
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -599,10 +600,9 @@ def test_stage_cache_reuses_and_invalidates_dependents(tmp_path):
     assert calls[8:] == ['c']
 
 
-def test_run_runner_evaluates_the_test_scenes_once(tmp_path):
-    """mmengine's ``IterBasedTrainLoop`` validates after its last iteration
-    whatever ``val_interval`` says; a stage that trains and then tests on
-    the same scenes must not evaluate them twice."""
+def _run_toy_stage(tmp_path) -> tuple:
+    """Train and test mmengine's toy model with ``run_runner`` in a stage
+    dir; returns ``(stage dir, metrics, the metric tags seen)``."""
     from mmengine.config import Config
     from mmengine.evaluator import BaseMetric
     from mmengine.registry import DATASETS, METRICS, MODELS
@@ -652,8 +652,34 @@ def test_run_runner_evaluates_the_test_scenes_once(tmp_path):
                        Quiet())
     with working_dir(str(tmp_path)):
         _, metrics = run_runner(cfg, ctx)
+    return str(tmp_path / 'stage'), metrics, seen
+
+
+def test_run_runner_evaluates_the_test_scenes_once(tmp_path):
+    """mmengine's ``IterBasedTrainLoop`` validates after its last iteration
+    whatever ``val_interval`` says; a stage that trains and then tests on
+    the same scenes must not evaluate them twice."""
+    _, metrics, seen = _run_toy_stage(tmp_path)
     assert seen == ['test'] * 3, seen  # 12 scenes, batches of 4, once
     assert metrics == {'n': 3.0}
+
+
+def test_run_runner_renders_its_config_without_yapf(tmp_path, monkeypatch):
+    """A stage's Runner logs and dumps its config as mmengine's plain text:
+    yapf's formatting costs 0.2-0.8 s a time for the demo's configs, and a
+    Runner renders its config several times."""
+    import mmengine.config.config as mm_config
+
+    def no_yapf(*args, **kwargs):
+        raise AssertionError('the config was formatted with yapf')
+
+    monkeypatch.setattr(mm_config, 'FormatCode', no_yapf)
+    stage_dir, metrics, _ = _run_toy_stage(tmp_path)
+    assert metrics == {'n': 3.0}
+    dumped = glob.glob(osp.join(stage_dir, '*', 'vis_data', 'config.py'))
+    assert dumped, 'the Runner dumped no config'
+    from mmengine.config import Config
+    assert Config.fromfile(dumped[0]).train_cfg.max_iters == 2
 
 
 def _wait_for(path: str, seconds: float = 30.0) -> None:

@@ -82,8 +82,7 @@ model = dict(
         hidden_dim=256,
         teachers=dict(effnet=dict(student_levels=[1, 2, 3]),
                       det=dict(student_levels=[0, 1, 2, 3]),
-                      seg=dict(student_levels=[0]))),
-    grad_share_interval=40)
+                      seg=dict(student_levels=[0]))))
 # the distillation views with the world's labels following each view (the
 # multi-task heads read them; the teachers see the same views)
 train_dataloader = dict(dataset=dict(

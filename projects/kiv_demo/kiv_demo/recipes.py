@@ -141,6 +141,12 @@ def run_runner(cfg: Config, ctx: StageContext, train: bool = True,
     from mmengine.runner import Runner
     global _run_counter
     _run_counter += 1
+    # the Runner renders the config as text several times (its log, the
+    # dumped copy, the visualizer's); mmengine formats that text with yapf,
+    # 0.2-0.8 s a time for the demo's configs, once per stage on two cores
+    # of CPU-seconds: the demo keeps mmengine's unformatted text
+    cfg = Config(cfg.to_dict(), cfg_text=cfg.text, filename=cfg.filename,
+                 env_variables=cfg.env_variables, format_python_code=False)
     cfg.work_dir = ctx.dir
     cfg.experiment_name = f'{ctx.stage.name}_{os.getpid()}_{_run_counter}'
     add_nonfinite_loss_hook(cfg)  # a NaN/Inf loss never reaches weights
@@ -338,10 +344,9 @@ def inherit_cfg(variant: str, preset: dict) -> Config:
     p = preset['inherit']
     _set_schedule(cfg, p['iters'], p['batch'], p.get('lr'))
     _effnet_size(cfg, preset['effnet_size'])
-    # >= 6 points on the gradient-share curve (each costs one backward
-    # pass per teacher)
-    cfg.model.grad_share_interval = min(cfg.model.grad_share_interval,
-                                        max(1, p['iters'] // 6))
+    # 6 points on the gradient-share curve: each costs one backward pass
+    # per teacher, four steps' time on the critical path
+    cfg.model.grad_share_interval = max(1, p['iters'] // 6)
     model = cfg.model
     if variant != 'inherit_nomt':
         model.task_heads = {
