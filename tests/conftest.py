@@ -1,12 +1,59 @@
 """Shared fixtures: tiny real-layout datasets, a tiny distillation run and
 its data, safe I/O for one test, the demo's package. Plain helpers (the
-checkout's paths, the tool runner) are in :mod:`kiv.testing`."""
+checkout's paths, the tool runner) are in :mod:`kiv.testing`.
+
+Under pytest-xdist (``make test`` runs two workers) each worker gets its
+share of the cores as torch/OpenMP/MKL threads, set here before any test
+module imports torch, and the test files with the most slow tests are
+handed out first (see :func:`pytest_collection_modifyitems`)."""
 from __future__ import annotations
 
+import collections
+import os
 import os.path as osp
 import sys
 
 import pytest
+
+
+def _xdist_worker_threads() -> int | None:
+    """Threads of one pytest-xdist worker: the cores this process may use
+    shared out among the workers (1 for 2 workers on 2 cores), or None
+    outside xdist (torch's default then)."""
+    if not os.environ.get('PYTEST_XDIST_WORKER'):
+        return None
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT') or 1)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, workers))
+
+
+_THREADS = _xdist_worker_threads()
+if _THREADS:
+    # before torch (or NumPy) is imported: OpenMP and MKL read these once;
+    # subprocesses, spawned and forked workers inherit them
+    for _var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS',
+                 'OPENBLAS_NUM_THREADS'):
+        os.environ[_var] = str(_THREADS)
+    import torch
+    torch.set_num_threads(_THREADS)
+    try:
+        torch.set_num_interop_threads(_THREADS)
+    except RuntimeError:  # only allowed before any inter-op work started
+        pass
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, order the test files by their number of tests
+    marked ``slow``, most first (a stable sort: a file's tests keep their
+    order, and so do files with as many slow tests). With ``--dist
+    loadfile --no-loadscope-reorder`` (``make test``) the workers take the
+    long files first and end on short ones, not one worker still running
+    a long file while the other has nothing left to do. Every worker sorts
+    its collection the same way, as xdist requires."""
+    if not os.environ.get('PYTEST_XDIST_WORKER'):
+        return
+    slow = collections.Counter(item.path for item in items
+                               if item.get_closest_marker('slow'))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(scope='session')

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import mmap
 import os
 import os.path as osp
 import re
@@ -261,10 +262,22 @@ def test_count_flops_linear_forward_and_backward():
 
 def test_peak_rss_is_this_process_and_restarts():
     """The memory workers' peak: this process's own (not the peak of the
-    process that started it), restartable after the imports."""
-    block = torch.ones(32 * 2**20 // 4)  # 32 MiB, written: resident
-    with_block = peak_rss_bytes()
-    del block
+    process that started it), restartable after the imports.
+
+    The 32 MiB are a fresh anonymous mapping, unmapped afterwards: a tensor
+    of that size can come from (and go back to) a free chunk of the heap
+    that earlier tests in this process left resident, and then changes
+    neither the resident set nor its peak (seen with pytest-xdist, where a
+    worker runs another sequence of test files)."""
+    size = 32 * 2**20
     if not reset_peak_rss():
         pytest.skip('no /proc/self/clear_refs here')
+    before = peak_rss_bytes()
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1  # written: resident
+    with_block = peak_rss_bytes()
+    block.close()
+    assert with_block >= before + 24 * 2**20  # the peak follows this process
+    assert reset_peak_rss()
     assert peak_rss_bytes() < with_block - 16 * 2**20
