@@ -77,9 +77,14 @@ def test_benchmark_tiny_config_all_cases(tiny_teachers, tmp_path):
         assert case['gflop_per_image'] > 0
         assert math.isfinite(case['achieved_gflop_per_s'])
     # the config's teachers, in its order
-    assert cases['teachers_fwd']['label'] == \
-        'teachers forward (dinov2, clip, detector)'
-    # the same teachers, BatchNorms folded: fewer FLOPs, never more
+    label = re.fullmatch(r'teachers forward \(dinov2, clip, detector; '
+                         r'(\d+) BatchNorms\)', cases['teachers_fwd']['label'])
+    assert label and int(label[1]) > 0, cases['teachers_fwd']['label']
+    # the same teachers, BatchNorms folded (the FLOP counter counts none
+    # of theirs, so the label says whether any is left): fewer FLOPs
+    assert cases['teachers_fused']['label'].endswith(
+        '(dinov2, clip, detector; 0 BatchNorms)'), \
+        cases['teachers_fused']['label']
     assert 0 < cases['teachers_fused']['gflop_per_image'] <= \
         cases['teachers_fwd']['gflop_per_image']
     # a cached step holds no teacher: its FLOPs are the student step's

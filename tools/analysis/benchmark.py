@@ -627,6 +627,14 @@ class CaseBuilder:
         return teachers, preprocess(data, False)['inputs']
 
     @staticmethod
+    def _teachers_label(case: BenchCase, teachers: Any) -> str:
+        """The case's label with the teachers' names and the BatchNorm
+        layers left in them (a fused teacher has none to run)."""
+        norms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                    for t in teachers.values() for m in t.modules())
+        return f'{case.label} ({", ".join(teachers)}; {norms} BatchNorms)'
+
+    @staticmethod
     def _teachers_step(teachers: Any, images: torch.Tensor
                        ) -> Callable[[], None]:
         def step() -> None:
@@ -637,21 +645,23 @@ class CaseBuilder:
         return step
 
     def _teachers_fwd(self, case: BenchCase) -> None:
-        case.label = f'{case.label} ({", ".join(self.cfg.model.teachers)})'
         if 'online' in self.shared:
             model, _, data = self.shared['online']
             teachers = model.teachers
             images = model.data_preprocessor(data, False)['inputs']
         else:  # alone (memory worker): only the teachers in memory
             teachers, images = self._teachers_alone()
+        case.label = self._teachers_label(case, teachers)
         case.step = self._teachers_step(teachers, images)
 
     def _teachers_fused(self, case: BenchCase) -> None:
         """The config's teachers built with ``fuse_conv_bn=True`` and
         ``channels_last=True`` (``kiv.Teacher`` options; a teacher without
         BatchNorms only changes memory format), on the same batch."""
-        case.step = self._teachers_step(*self._teachers_alone(
-            fuse_conv_bn=True, channels_last=True))
+        teachers, images = self._teachers_alone(fuse_conv_bn=True,
+                                                channels_last=True)
+        case.label = self._teachers_label(case, teachers)
+        case.step = self._teachers_step(teachers, images)
 
     def _distill_online(self, case: BenchCase) -> None:
         model, wrapper, data = self._online()
