@@ -1134,3 +1134,15 @@ def test_features_stage_extracts_in_the_space_of_its_params(monkeypatch):
             stage.run(StageContext(stage, stage.name, 0, {}, None))
     assert asked == [('inherit_lr0.001', 'student'),
                      ('inherit_lr0.001', 'det')]
+
+
+def test_curves_keep_each_gradient_share_measurement_once():
+    """mmengine's logger writes a scalar's latest value at every logging
+    step: a share measured every 83 steps and logged every 10 must give
+    one point per measurement, not a staircase of repeats."""
+    from kiv_demo.report import _measurements
+    records = [dict(step=s, loss=1.0 / s) for s in range(10, 60, 10)]
+    for r, share in zip(records[1:], (0.5, 0.5, 0.25, 0.25)):
+        r['grad_share/seg'] = share
+    assert _measurements(records, 'grad_share/seg') == [(20, 0.5), (40, 0.25)]
+    assert _measurements(records, 'grad_share/det') == []

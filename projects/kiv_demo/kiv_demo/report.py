@@ -394,6 +394,18 @@ def _read_scalars(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _measurements(records: list[dict], key: str) -> list[tuple]:
+    """``(step, value)`` of each measurement of ``key``: mmengine's logger
+    writes the latest value of a scalar at every logging step, so a value
+    measured every ``n`` steps (``grad_share/<t>``) repeats until the next
+    measurement; each is kept once, at the first step that logged it."""
+    points: list[tuple] = []
+    for r in records:
+        if key in r and (not points or r[key] != points[-1][1]):
+            points.append((r['step'], r[key]))
+    return points
+
+
 def plot_curves(runs: Sequence[str], out: str) -> None:
     """Per-teacher distillation loss and gradient share, task losses.
 
@@ -415,8 +427,7 @@ def plot_curves(runs: Sequence[str], out: str) -> None:
                    for r in records if any(k in r for k in parts)]
             if pts:
                 ax_loss.plot(*zip(*pts), label=f'teacher {t}')
-            shares = [(r['step'], r[f'grad_share/{t}']) for r in records
-                      if f'grad_share/{t}' in r]
+            shares = _measurements(records, f'grad_share/{t}')
             if shares:
                 ax_share.plot(*zip(*shares), marker='o', label=t)
         for task in ('cls', 'det', 'seg'):
