@@ -23,7 +23,9 @@ def _xdist_worker_threads() -> int | None:
     if not os.environ.get('PYTEST_XDIST_WORKER'):
         return None
     workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT') or 1)
-    return max(1, len(os.sched_getaffinity(0)) // max(1, workers))
+    cores = len(os.sched_getaffinity(0)) if hasattr(
+        os, 'sched_getaffinity') else os.cpu_count() or 1  # not on macOS
+    return max(1, cores // max(1, workers))
 
 
 _THREADS = _xdist_worker_threads()

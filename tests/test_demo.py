@@ -1136,13 +1136,37 @@ def test_features_stage_extracts_in_the_space_of_its_params(monkeypatch):
                      ('inherit_lr0.001', 'det')]
 
 
-def test_curves_keep_each_gradient_share_measurement_once():
+def test_curves_keep_each_gradient_share_measurement_once(
+        tmp_path, monkeypatch):
     """mmengine's logger writes a scalar's latest value at every logging
-    step: a share measured every 83 steps and logged every 10 must give
-    one point per measurement, not a staircase of repeats."""
-    from kiv_demo.report import _measurements
-    records = [dict(step=s, loss=1.0 / s) for s in range(10, 60, 10)]
-    for r, share in zip(records[1:], (0.5, 0.5, 0.25, 0.25)):
-        r['grad_share/seg'] = share
-    assert _measurements(records, 'grad_share/seg') == [(20, 0.5), (40, 0.25)]
-    assert _measurements(records, 'grad_share/det') == []
+    step: a share measured every 83 steps and logged every 10 must be
+    drawn as one point per measurement, not a staircase of repeats."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib.axes import Axes
+
+    from kiv_demo.report import plot_curves
+    run = tmp_path / 'inherit'
+    run.mkdir()
+    shares = {90: 0.5, 100: 0.5, 170: 0.25, 180: 0.25}  # measured at 83, 166
+    with open(run / 'scalars.json', 'w') as f:
+        for step in range(10, 190, 10):
+            rec = dict(step=step, loss_seg_features=1.0 / step,
+                       loss_det_features=2.0 / step)
+            if step in shares:
+                rec['grad_share/seg'] = shares[step]
+                rec['grad_share/det'] = 1 - shares[step]
+            f.write(json.dumps(rec) + '\n')
+    drawn = {}
+    plot = Axes.plot
+
+    def spy(ax, *args, **kwargs):
+        if kwargs.get('marker') == 'o':  # the share panel's lines
+            drawn[kwargs['label']] = list(zip(*args))
+        return plot(ax, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, 'plot', spy)
+    plot_curves([str(run)], str(tmp_path / 'curves.png'))
+    assert drawn == {'seg': [(90, 0.5), (170, 0.25)],
+                     'det': [(90, 0.5), (170, 0.75)]}
+    assert (tmp_path / 'curves.png').stat().st_size > 0
