@@ -70,11 +70,13 @@ model = dict(
 
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
+    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05, fused=True),
+    constructor='kiv.GroupedOptimWrapperConstructor',
     clip_grad=dict(max_norm=1.0),
-    # the real recipe's rule (configs/_base_/schedules/adamw_100k.py): no
-    # decay on norms, biases, 1-d parameters, gates, level embedding, latent
-    # queries and the base teacher's preserved skip paths
+    # the real recipe's rule and groups (configs/_base_/schedules/
+    # adamw_100k.py): no decay on norms, biases, 1-d parameters, gates,
+    # level embedding, latent queries and the base teacher's preserved skip
+    # paths, one parameter group per set of options
     paramwise_cfg=dict(
         norm_decay_mult=0.0,
         bias_decay_mult=0.0,

@@ -10,6 +10,7 @@ and atomic writes in mmengine (see :mod:`kiv.engine.safe_io`).
 from kiv.utils.checkpoint import (SAFE_GLOBALS, UnsafeCheckpointError,
                                   safe_torch_load)
 from . import hooks  # noqa: F401  registers kiv.BadImageReportHook ...
+from . import optimizers  # noqa: F401  kiv.GroupedOptimWrapperConstructor
 from .hooks import (NonFiniteLossError, NonFiniteLossHook,
                     NonFiniteWeightsError, SafeCheckpointHook)
 from .model_wrappers import CPUDistributedDataParallel

@@ -2,8 +2,12 @@
 optim_wrapper = dict(
     type='AmpOptimWrapper',
     dtype='bfloat16',
+    # fused AdamW: every tensor of a parameter group in one kernel
     optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999),
-                   weight_decay=0.05),
+                   weight_decay=0.05, fused=True),
+    # mmengine's parameter-wise rules below, in one parameter group per set
+    # of options (a handful) instead of one per parameter
+    constructor='kiv.GroupedOptimWrapperConstructor',
     clip_grad=dict(max_norm=3.0),
     # No weight decay (keys match substrings of the full parameter name):
     # norms, biases and every other 1-d parameter; the zero-initialised

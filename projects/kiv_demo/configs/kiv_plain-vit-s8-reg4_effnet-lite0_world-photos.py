@@ -27,7 +27,8 @@ model = dict(
     grad_share_interval=0)
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=2e-3, weight_decay=0.05),
+    optimizer=dict(type='AdamW', lr=2e-3, weight_decay=0.05, fused=True),
+    constructor='kiv.GroupedOptimWrapperConstructor',
     clip_grad=dict(max_norm=1.0),
     # no decay on norms, biases, other 1-d parameters, the LayerScale
     # gammas, the position embedding and the CLS / register tokens (the

@@ -26,7 +26,11 @@ labelled_view_pipeline = [
 ]
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
+    # fused AdamW in the few parameter groups the rules below need (one
+    # per set of options, not one per parameter): 15 ms per step instead of
+    # 45-85 ms for the ~400 tensors of a student (AMD EPYC, one thread)
+    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05, fused=True),
+    constructor='kiv.GroupedOptimWrapperConstructor',
     clip_grad=dict(max_norm=1.0),
     paramwise_cfg=dict(
         # no decay on norms, biases and other 1-d parameters

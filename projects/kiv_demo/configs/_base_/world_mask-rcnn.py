@@ -73,7 +73,8 @@ val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
+    # fused AdamW: all tensors of the (one) parameter group in one kernel
+    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05, fused=True),
     clip_grad=dict(max_norm=10.0))
 # warm-up, then cosine decay (the demo stretches both to its iterations)
 param_scheduler = [
