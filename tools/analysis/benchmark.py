@@ -28,7 +28,14 @@ config, online or cached; ``--cfg-options`` first):
     images: the cached config (``use_teacher_cache``, as
     ``tools/train.py``), ``kiv.CachedTeacher``, no teacher in memory;
 (e) ``cache_write``: the cache writer of ``tools/cache_teachers.py`` over
-    ``batch x iters`` images (teachers + fp16 shards + statistics + index).
+    ``batch x iters`` images (teachers + fp16 shards + statistics + index);
+(f) ``optim_config``: one optimizer step (clipping included) of the
+    config's ``optim_wrapper`` (its constructor, ``paramwise_cfg`` and
+    optimizer options, fp32: no AMP loss scaling) over the distiller's
+    trainable weights, with fixed gradients; ``optim_default``: the same
+    with mmengine's default constructor and the optimizer's single-tensor
+    path (no ``fused`` / ``foreach``): one parameter group per parameter
+    when ``paramwise_cfg`` is set.
 
 What the benchmark sets itself: the images (``batch x iters`` synthetic
 ones, through the config's train pipeline; data loading is not timed), the
@@ -78,11 +85,12 @@ from kiv.utils.benchmark import (BenchCase, CaseResult,  # noqa: E402
 
 CASES = ('timm_fwd', 'timm_train', 'adapter_fwd', 'adapter_train',
          'teachers_fwd', 'teachers_fused', 'distill_online',
-         'distill_cached', 'cache_write')
+         'distill_cached', 'cache_write', 'optim_default', 'optim_config')
 GROUPS = {'timm_fwd': '(a)', 'timm_train': '(a)', 'adapter_fwd': '(b)',
           'adapter_train': '(b)', 'teachers_fwd': '(c)',
           'teachers_fused': '(c)', 'distill_online': '(c)',
-          'distill_cached': '(d)', 'cache_write': '(e)'}
+          'distill_cached': '(d)', 'cache_write': '(e)',
+          'optim_default': '(f)', 'optim_config': '(f)'}
 LABELS = {
     'timm_fwd': 'timm ViT forward',
     'timm_train': 'timm ViT train step (all weights)',
@@ -93,6 +101,8 @@ LABELS = {
     'distill_online': 'distillation step, teachers online',
     'distill_cached': 'distillation step from the teacher cache',
     'cache_write': 'cache writing (teachers + shards + statistics)',
+    'optim_default': "optimizer step, mmengine's default constructor",
+    'optim_config': 'optimizer step as configured',
 }
 RATIOS = (
     RatioSpec('adapter fwd / timm fwd', ['adapter_fwd'], ['timm_fwd'],
@@ -108,6 +118,8 @@ RATIOS = (
               ['teachers_fwd'], '<= 1.1'),
     RatioSpec('teachers fwd, fused + channels-last / as configured',
               ['teachers_fused'], ['teachers_fwd'], '<= 1'),
+    RatioSpec("optimizer step as configured / mmengine's default groups",
+              ['optim_config'], ['optim_default'], '<= 1'),
 )
 
 
@@ -701,6 +713,73 @@ class CaseBuilder:
 
         case.before_call = before_call
         case.step = step
+
+    # (f) ---------------------------------------------------------------
+    def _trainable_model(self) -> torch.nn.Module:
+        """The config's distiller (shared with ``distill_online``)."""
+        if 'online' in self.shared:
+            return self.shared['online'][0]
+        if 'trainable' not in self.shared:
+            from kiv.registry import MODELS
+            self.shared['trainable'] = self._build(
+                MODELS, self.cfg.model).to(self.device)
+        return self.shared['trainable']
+
+    def _optim_step(self, case: BenchCase, wrapper_cfg: dict,
+                    what: str) -> None:
+        """Time ``wrapper.step()`` + ``zero_grad()`` of ``wrapper_cfg``
+        on the distiller's trainable weights; every call starts from the
+        same seeded gradients (set untimed)."""
+        from mmengine.optim import build_optim_wrapper
+        model = self._trainable_model()
+        # mmengine warns once per frozen parameter under paramwise_cfg
+        with DefaultScope.overwrite_default_scope(_scope(self.cfg)), \
+                _log_level(logging.ERROR):
+            wrapper = build_optim_wrapper(model, copy.deepcopy(wrapper_cfg))
+        groups = wrapper.optimizer.param_groups
+        params = [p for g in groups for p in g['params']]
+        gen = torch.Generator().manual_seed(self.args.seed)
+        grads = [1e-3 * torch.randn(p.shape, generator=gen).to(p)
+                 for p in params]
+        case.label = (f'{case.label} ({what}; {len(params)} tensors in '
+                      f'{len(groups)} groups)')
+
+        def before_call() -> None:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()  # clipping scales them in place
+
+        def step() -> None:
+            wrapper.step()
+            wrapper.zero_grad()
+
+        case.before_call = before_call
+        case.step = step
+
+    def _optim_wrapper_cfg(self) -> dict:
+        """The config's ``optim_wrapper`` as a plain fp32
+        ``OptimWrapper`` (AMP needs a GPU; its loss scaling is not what
+        is compared)."""
+        src = self.cfg.optim_wrapper
+        return dict({k: copy.deepcopy(src[k]) for k in
+                     ('optimizer', 'clip_grad', 'paramwise_cfg',
+                      'constructor') if src.get(k) is not None},
+                    type='OptimWrapper')
+
+    def _optim_default(self, case: BenchCase) -> None:
+        cfg = self._optim_wrapper_cfg()
+        cfg.pop('constructor', None)
+        cfg['optimizer'] = {k: v for k, v in cfg['optimizer'].items()
+                            if k not in ('fused', 'foreach')}
+        self._optim_step(case, cfg, 'mmengine.DefaultOptimWrapper'
+                         'Constructor, single-tensor')
+
+    def _optim_config(self, case: BenchCase) -> None:
+        cfg = self._optim_wrapper_cfg()
+        options = [k for k in ('fused', 'foreach')
+                   if cfg['optimizer'].get(k)]
+        self._optim_step(case, cfg, ', '.join(
+            [cfg.get('constructor', 'mmengine default constructor')] +
+            options))
 
 
 # ------------------------------------------------------------------ running
