@@ -165,3 +165,45 @@ def test_merge_param_groups_unhashable_options():
     assert [[id(p) for p in g['params']] for g in groups] == [
         [id(a), id(c)], [id(b)]]
     assert groups[0]['betas'] == [0.9, 0.99]
+
+
+def test_frozen_parameters_logged_once_not_per_parameter():
+    """mmengine warns once per frozen tensor (thousands for a distiller's
+    teachers); the constructor logs their number in one line."""
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    class _Records(logging.Handler):
+
+        def __init__(self) -> None:
+            super().__init__(level=logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    logger = MMLogger.get_current_instance()
+    records = _Records()
+    logger.addHandler(records)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        model = _Net()
+        model.blocks.requires_grad_(False)  # 15 frozen tensors
+        wrapper = _wrapper(model, grouped=True)
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    assert not [m for m in records.messages
+                if 'is skipped since its requires_grad=False' in m]
+    summary = [m for m in records.messages if 'frozen parameters' in m]
+    assert summary == [
+        'GroupedOptimWrapperConstructor: 17 frozen parameters '
+        '(requires_grad=False) are not optimized (blocks.0.gamma, '
+        'blocks.0.norm.weight, blocks.0.norm.bias, ...); 2 trainable in '
+        '1 parameter groups'], summary
+    # the logger filters nothing afterwards
+    assert not logger.filters
+    params = [p for g in wrapper.optimizer.param_groups for p in g['params']]
+    assert [id(p) for p in params] == [id(p) for p in model.head.parameters()]

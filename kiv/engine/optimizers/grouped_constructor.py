@@ -30,8 +30,10 @@ constructor it started with.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Hashable
 
+from mmengine.logging import MMLogger, print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
 from torch import nn
 
@@ -51,6 +53,25 @@ def _hashable(value: Any) -> Hashable:
     except TypeError:
         return repr(value)
     return value
+
+
+_FROZEN = ' is skipped since its requires_grad=False'
+
+
+class _FrozenParameters(logging.Filter):
+    """Holds back mmengine's one warning per frozen parameter, keeping
+    the names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.endswith(_FROZEN):
+            self.names.append(message[:-len(_FROZEN)])
+            return False
+        return True
 
 
 def merge_param_groups(groups: list[dict]) -> list[dict]:
@@ -83,6 +104,11 @@ class GroupedOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     ``DefaultOptimWrapperConstructor``; every parameter gets the options
     that constructor gives it. Without ``paramwise_cfg`` there is one group
     already and nothing changes.
+
+    Frozen parameters (a distiller's teachers, the student's frozen
+    knowledge base: thousands of tensors in a real recipe) are left out as
+    mmengine leaves them out, but logged in one line (their number and the
+    first names) instead of one warning each.
     """
 
     def add_params(self,
@@ -102,5 +128,21 @@ class GroupedOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             super().add_params(params, module, prefix, is_dcn_module)
             return
         groups: list[dict] = []
-        super().add_params(groups, module, prefix, is_dcn_module)
-        params.extend(merge_param_groups(groups))
+        logger = MMLogger.get_current_instance()
+        frozen = _FrozenParameters()
+        logger.addFilter(frozen)
+        try:
+            super().add_params(groups, module, prefix, is_dcn_module)
+        finally:
+            logger.removeFilter(frozen)
+        merged = merge_param_groups(groups)
+        params.extend(merged)
+        if frozen.names:
+            shown = ', '.join(frozen.names[:3])
+            more = ', ...' if len(frozen.names) > 3 else ''
+            print_log(
+                f'{type(self).__name__}: {len(frozen.names)} frozen '
+                f'parameters (requires_grad=False) are not optimized '
+                f'({shown}{more}); {len(groups)} trainable in '
+                f'{len(merged)} parameter groups',
+                logger='current', level=logging.INFO)
