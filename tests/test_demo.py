@@ -1148,14 +1148,16 @@ def test_curves_keep_each_gradient_share_measurement_once(
     from kiv_demo.report import plot_curves
     run = tmp_path / 'inherit'
     run.mkdir()
-    shares = {90: 0.5, 100: 0.5, 170: 0.25, 180: 0.25}  # measured at 83, 166
+    # measured at 83, 166 and 249: the last two equal, still two points
+    shares = {90: (83, 0.5), 100: (83, 0.5), 170: (166, 0.25),
+              180: (166, 0.25), 250: (249, 0.25), 260: (249, 0.25)}
     with open(run / 'scalars.json', 'w') as f:
-        for step in range(10, 190, 10):
+        for step in range(10, 270, 10):
             rec = dict(step=step, loss_seg_features=1.0 / step,
                        loss_det_features=2.0 / step)
             if step in shares:
-                rec['grad_share/seg'] = shares[step]
-                rec['grad_share/det'] = 1 - shares[step]
+                rec['grad_share_iter'], rec['grad_share/seg'] = shares[step]
+                rec['grad_share/det'] = 1 - rec['grad_share/seg']
             f.write(json.dumps(rec) + '\n')
     drawn = {}
     plot = Axes.plot
@@ -1167,6 +1169,6 @@ def test_curves_keep_each_gradient_share_measurement_once(
 
     monkeypatch.setattr(Axes, 'plot', spy)
     plot_curves([str(run)], str(tmp_path / 'curves.png'))
-    assert drawn == {'seg': [(90, 0.5), (170, 0.25)],
-                     'det': [(90, 0.5), (170, 0.75)]}
+    assert drawn == {'seg': [(90, 0.5), (170, 0.25), (250, 0.25)],
+                     'det': [(90, 0.5), (170, 0.75), (250, 0.75)]}
     assert (tmp_path / 'curves.png').stat().st_size > 0

@@ -200,6 +200,11 @@ def test_real_recipe_decays_only_ordinary_weights(recipe_model):
             assert not param.requires_grad, name
     assert {g['lr'] for g in wrapper.optimizer.param_groups} == {base_lr}
     assert found['numel']['decay'] > 0 and found['numel']['no_decay'] > 0
+    # the schedule's grouped, fused AdamW: one group per set of options,
+    # not one per tensor (decayed; no decay; the custom keys' no decay,
+    # which mmengine annotates with ``decay_mult``)
+    assert len(wrapper.optimizer.param_groups) == 3
+    assert wrapper.optimizer.defaults['fused']
 
 
 @pytest.mark.parametrize('recipe', [RECIPE, TINY_DISTILL_CFG])

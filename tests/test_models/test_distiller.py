@@ -51,6 +51,10 @@ def test_twenty_iterations_lower_every_teacher_loss(trained):
     shares = [_history(trained, f'grad_share/{t}')[-1]
               for t in ('dinov2', 'clip', 'detector')]
     assert abs(sum(shares) - 1) < 1e-4
+    # measured every 5th iteration, each measurement with its iteration
+    # (the logger repeats a scalar's latest value at every logging step)
+    assert _history(trained, 'grad_share_iter').tolist() == [5, 10, 15, 20]
+    assert len(_history(trained, 'grad_share/clip')) == 4
 
 
 @pytest.mark.slow

@@ -25,13 +25,17 @@ Example::
         optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05, fused=True),
         paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0))
 
+Options are compared as mmengine writes them: a ``custom_keys`` group
+carries mmengine's ``lr_mult`` / ``decay_mult`` notes and an explicit base
+``lr``, so a custom key that only zeroes the decay keeps a group of its own
+beside the norms and biases (the same update; one group more).
+
 A checkpoint's optimizer state is saved per group: a run resumes with the
 constructor it started with.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Hashable
 
 from mmengine.logging import MMLogger, print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
@@ -42,36 +46,13 @@ from kiv.registry import OPTIM_WRAPPER_CONSTRUCTORS
 __all__ = ['GroupedOptimWrapperConstructor', 'merge_param_groups']
 
 
-def _hashable(value: Any) -> Hashable:
-    """A hashable stand-in for an option value (lists, dicts, tensors)."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    try:
-        hash(value)
-    except TypeError:
-        return repr(value)
-    return value
-
-
-_FROZEN = ' is skipped since its requires_grad=False'
-
-
-class _FrozenParameters(logging.Filter):
-    """Holds back mmengine's one warning per frozen parameter, keeping
-    the names."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
+class _FrozenWarnings(logging.Filter):
+    """Drops mmengine's warning per frozen parameter (the constructor
+    logs them in one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.endswith(_FROZEN):
-            self.names.append(message[:-len(_FROZEN)])
-            return False
-        return True
+        return not record.getMessage().endswith(
+            ' is skipped since its requires_grad=False')
 
 
 def merge_param_groups(groups: list[dict]) -> list[dict]:
@@ -86,10 +67,11 @@ def merge_param_groups(groups: list[dict]) -> list[dict]:
         names and values), in the order of each set's first group; its
         ``params`` are those of its groups in their order.
     """
-    merged: dict[Hashable, dict] = {}
+    merged: dict[str, dict] = {}
     for group in groups:
         options = {k: v for k, v in group.items() if k != 'params'}
-        key = _hashable(options)
+        # repr: exact for floats, and lists / dicts / tensors have no hash
+        key = repr(sorted(options.items()))
         if key not in merged:
             merged[key] = dict(options, params=[])
         merged[key]['params'].extend(group['params'])
@@ -129,20 +111,21 @@ class GroupedOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             return
         groups: list[dict] = []
         logger = MMLogger.get_current_instance()
-        frozen = _FrozenParameters()
-        logger.addFilter(frozen)
+        quiet = _FrozenWarnings()
+        logger.addFilter(quiet)
         try:
             super().add_params(groups, module, prefix, is_dcn_module)
         finally:
-            logger.removeFilter(frozen)
+            logger.removeFilter(quiet)
         merged = merge_param_groups(groups)
         params.extend(merged)
-        if frozen.names:
-            shown = ', '.join(frozen.names[:3])
-            more = ', ...' if len(frozen.names) > 3 else ''
+        frozen = [n for n, p in module.named_parameters()
+                  if not p.requires_grad]
+        if frozen:
+            more = ', ...' if len(frozen) > 3 else ''
             print_log(
-                f'{type(self).__name__}: {len(frozen.names)} frozen '
-                f'parameters (requires_grad=False) are not optimized '
-                f'({shown}{more}); {len(groups)} trainable in '
-                f'{len(merged)} parameter groups',
+                f'{type(self).__name__}: {len(frozen)} frozen parameters '
+                f'(requires_grad=False) are not optimized '
+                f'({", ".join(frozen[:3])}{more}); {len(groups)} trainable '
+                f'in {len(merged)} parameter groups',
                 logger='current', level=logging.INFO)

@@ -70,7 +70,9 @@ class KnowledgeInheritance(BaseModel):
     ``loss_<teacher>_features`` (weighted). Every ``grad_share_interval``
     training iterations also ``grad_share/<teacher>``: the share of the
     gradient norm each teacher's loss sends into the shared (adapter)
-    parameters, the measure of imbalanced transfer.
+    parameters, the measure of imbalanced transfer, with
+    ``grad_share_iter``, the (1-based) iteration it was measured at
+    (mmengine's logger repeats a scalar's latest value until it changes).
 
     Checkpoints hold the student, the latent space (heads and standardiser
     statistics) and the task heads, not the frozen teachers: teachers are
@@ -634,13 +636,19 @@ class KnowledgeInheritance(BaseModel):
         Returns:
             dict[str, Tensor]: named losses; every
             ``grad_share_interval``-th training iteration also the gradient
-            shares.
+            shares and ``grad_share_iter``.
         """
         losses, student = self.teacher_losses(inputs, data_samples)
-        if (self.grad_share_interval > 0 and self.training
-                and torch.is_grad_enabled()
-                and self._next_train_iter() % self.grad_share_interval == 0):
-            losses.update(self.gradient_shares(losses))
+        if self.grad_share_interval > 0 and self.training \
+                and torch.is_grad_enabled():
+            it = self._next_train_iter()
+            if it % self.grad_share_interval == 0:
+                losses.update(self.gradient_shares(losses))
+                # mmengine logs a scalar's latest value at every logging
+                # step: the iteration tells a new measurement from a repeat
+                losses['grad_share_iter'] = \
+                    losses['grad_share/' + next(iter(self.teachers))] \
+                    .new_tensor(float(it))
         losses.update(self.task_losses(student, data_samples))
         return losses
 

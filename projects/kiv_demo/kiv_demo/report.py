@@ -398,10 +398,13 @@ def _measurements(records: list[dict], key: str) -> list[tuple]:
     """``(step, value)`` of each measurement of ``key``: mmengine's logger
     writes the latest value of a scalar at every logging step, so a value
     measured every ``n`` steps (``grad_share/<t>``) repeats until the next
-    measurement; each is kept once, at the first step that logged it."""
+    measurement; each is kept once, at the first step that logged it (a
+    new ``grad_share_iter``, the iteration the distiller measured it at)."""
     points: list[tuple] = []
+    last = None
     for r in records:
-        if key in r and (not points or r[key] != points[-1][1]):
+        if key in r and r.get('grad_share_iter') != last:
+            last = r.get('grad_share_iter')
             points.append((r['step'], r[key]))
     return points
 
