@@ -491,17 +491,12 @@ def test_trivial_agreements_are_the_majority_shares():
             assert lo <= v <= hi
 
 
-def test_coco_bootstrap_point_equals_pycocotools(tmp_path):
-    """The re-accumulated AP of the identity resample is pycocotools'."""
-    import contextlib
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    from kiv_demo.probes import coco_bootstrap
-    rng = np.random.default_rng(0)
+def _coco_toy(n: int = 20, seed: int = 0) -> tuple[list, list, list]:
+    """Images, annotations and detections (3 categories, boxes jittered
+    from the ground truth, one spurious detection per image)."""
+    rng = np.random.default_rng(seed)
     images, anns, dets = [], [], []
-    for i in range(1, 21):
+    for i in range(1, n + 1):
         images.append(dict(id=i, width=64, height=64))
         for _ in range(int(rng.integers(1, 4))):
             x, y = rng.uniform(0, 40, 2)
@@ -517,6 +512,18 @@ def test_coco_bootstrap_point_equals_pycocotools(tmp_path):
                                  score=float(rng.random())))
         dets.append(dict(image_id=i, category_id=int(rng.integers(1, 4)),
                          bbox=[1, 1, 10, 10], score=float(rng.random())))
+    return images, anns, dets
+
+
+def test_coco_bootstrap_point_equals_pycocotools(tmp_path):
+    """The re-accumulated AP of the identity resample is pycocotools'."""
+    import contextlib
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from kiv_demo.probes import coco_bootstrap
+    images, anns, dets = _coco_toy()
     gt_file, res_file = str(tmp_path / 'gt.json'), str(tmp_path / 'r.json')
     json.dump(dict(images=images, annotations=anns,
                    categories=[dict(id=k, name=str(k)) for k in (1, 2, 3)]),
@@ -531,6 +538,59 @@ def test_coco_bootstrap_point_equals_pycocotools(tmp_path):
     ap, lo, hi = coco_bootstrap(gt_file, res_file, 'bbox', num=200)
     assert ap == pytest.approx(ev.stats[0] * 100, abs=1e-6)
     assert lo <= ap <= hi
+
+
+def test_coco_bootstrap_resamples_are_pycocotools_on_the_multiset(tmp_path):
+    """Each resample's AP (weighted re-accumulation) is what pycocotools
+    gives on the multiset written out: every drawn copy of an image a new
+    image with its annotations and detections."""
+    import contextlib
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from kiv_demo.probes import _coco_ap
+    images, anns, dets = _coco_toy(30, seed=1)
+    cats = [dict(id=k, name=str(k)) for k in (1, 2, 3)]
+    gt_file, res_file = str(tmp_path / 'gt.json'), str(tmp_path / 'r.json')
+    json.dump(dict(images=images, annotations=anns, categories=cats),
+              open(gt_file, 'w'))
+    json.dump(dets, open(res_file, 'w'))
+
+    def evaluate(gt_path, res_path):
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(gt_path)
+            ev = COCOeval(gt, gt.loadRes(res_path), 'bbox')
+            ev.evaluate()
+        return ev
+
+    ev = evaluate(gt_file, res_file)
+    p = ev.params
+    draws = np.random.default_rng(3).integers(0, len(images), (4, 30))
+    counts = np.stack([np.bincount(d, minlength=len(images)) for d in draws])
+    got = _coco_ap(ev.evalImgs, len(p.catIds), len(p.imgIds),
+                   len(p.areaRng), counts, p.iouThrs, p.recThrs,
+                   p.maxDets[-1])
+    for r, draw in enumerate(draws):
+        m_images, m_anns, m_dets = [], [], []
+        for new_id, idx in enumerate(draw, 1):
+            old_id = images[idx]['id']
+            m_images.append(dict(images[idx], id=new_id))
+            m_anns += [dict(a, id=len(m_anns) + j + 1, image_id=new_id)
+                       for j, a in enumerate(
+                           [a for a in anns if a['image_id'] == old_id])]
+            m_dets += [dict(d, image_id=new_id) for d in dets
+                       if d['image_id'] == old_id]
+        m_gt, m_res = (str(tmp_path / f'gt{r}.json'),
+                       str(tmp_path / f'r{r}.json'))
+        json.dump(dict(images=m_images, annotations=m_anns, categories=cats),
+                  open(m_gt, 'w'))
+        json.dump(m_dets, open(m_res, 'w'))
+        ref = evaluate(m_gt, m_res)
+        with contextlib.redirect_stdout(io.StringIO()):
+            ref.accumulate()
+            ref.summarize()
+        assert got[r] == pytest.approx(ref.stats[0], abs=1e-9)
 
 
 def test_miou_bootstrap_matches_the_total_areas(tmp_path):
@@ -1172,3 +1232,39 @@ def test_curves_keep_each_gradient_share_measurement_once(
     assert drawn == {'seg': [(90, 0.5), (170, 0.25), (250, 0.25)],
                      'det': [(90, 0.5), (170, 0.75), (250, 0.75)]}
     assert (tmp_path / 'curves.png').stat().st_size > 0
+
+
+def test_det_results_box_only_gives_the_full_predictions_boxes():
+    """The agreement's box-only pass (the teacher's boxes as the reference)
+    returns the boxes, scores and labels of the full Mask R-CNN pass."""
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+
+    from kiv_demo.agreement import _det_results
+    cfg = Config.fromfile(osp.join(
+        REPO, 'projects/kiv_demo/configs/_base_/world_mask-rcnn.py'))
+    cfg.model.backbone = dict(type='ResNet', depth=18, num_stages=4,
+                              out_indices=(0, 1, 2, 3), init_cfg=None)
+    cfg.model.neck.in_channels = [64, 128, 256, 512]
+    # many confident detections from random weights
+    cfg.model.test_cfg.rcnn.score_thr = 0.0
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        detector = DET_MODELS.build(cfg.model)
+    detector.eval()
+    # FPN maps P2-P5 (the function adds P6)
+    feats = tuple(torch.randn(2, 64, 64 // s, 64 // s)
+                  for s in (4, 8, 16, 32))
+    meta = dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64),
+                batch_input_shape=(64, 64), scale_factor=(1.0, 1.0))
+    metas = [dict(meta) for _ in range(2)]
+    with torch.no_grad():
+        full = _det_results(detector, feats, metas)
+        boxes = _det_results(detector, feats, metas, masks=False)
+    assert sum(len(r) for r in full) > 0
+    for a, b in zip(full, boxes):
+        assert 'masks' in a and 'masks' not in b
+        torch.testing.assert_close(a.bboxes, b.bboxes, rtol=0, atol=0)
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
+        assert a.labels.tolist() == b.labels.tolist()

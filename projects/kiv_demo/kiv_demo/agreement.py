@@ -221,16 +221,23 @@ def seg_vs_ground_truth(logits: Tensor, gt_maps: Sequence[str],
     return dict(miou=miou_bootstrap(out_file, seed=seed))
 
 
-def _det_results(model, feats: tuple, metas: list[dict]) -> list:
+def _det_results(model, feats: tuple, metas: list[dict],
+                 masks: bool = True) -> list:
     """RPN + RoI predictions of an mmdet two-stage detector on FPN maps
     (given up to P5; P6 is max-pooled as mmdet's FPN does). The maps are
-    made contiguous: mmcv's RoIAlign misreads channels-last memory."""
+    made contiguous: mmcv's RoIAlign misreads channels-last memory.
+    ``masks=False`` runs the box branch only (the boxes are the same: the
+    metas' scale factor is 1)."""
     from mmdet.structures import DetDataSample
     samples = [DetDataSample(metainfo=m) for m in metas]
     feats = tuple(f.contiguous() for f in feats)
     if len(feats) < len(model.rpn_head.prior_generator.strides):
         feats = feats + (F.max_pool2d(feats[-1], 1, stride=2), )
     proposals = model.rpn_head.predict(feats, samples, rescale=False)
+    if not masks:
+        return model.roi_head.predict_bbox(
+            feats, metas, proposals, rcnn_test_cfg=model.roi_head.test_cfg,
+            rescale=True)
     return model.roi_head.predict(feats, proposals, samples, rescale=True)
 
 
@@ -310,7 +317,9 @@ def det_agreement(model: torch.nn.Module, detector: torch.nn.Module,
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
         metas = [dict(meta) for _ in range(len(x))]
-        ref_all += _det_results(detector, teacher(x).features, metas)
+        # the teacher's boxes are the reference: no masks needed
+        ref_all += _det_results(detector, teacher(x).features, metas,
+                                masks=False)
         inh = inherited_outputs(model, x, ['det'], {'det': sizes})['det']
         inh_all += _det_results(detector, inh.features, metas)
         if calibrated:

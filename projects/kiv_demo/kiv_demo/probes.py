@@ -431,45 +431,81 @@ def miou_bootstrap(samples_file: str, num: int = 1000, seed: int = 0,
 
 
 def _coco_ap(evals: list, cat_count: int, img_count: int, area_count: int,
-             images: np.ndarray, iou_thrs: np.ndarray, rec_thrs: np.ndarray,
-             max_det: int) -> float:
-    """pycocotools' ``accumulate`` (area 'all', ``max_det``) over a
-    multiset of images; returns AP (mean precision over IoUs, recalls and
-    categories with ground truth)."""
-    precisions = []
+             counts: np.ndarray, iou_thrs: np.ndarray, rec_thrs: np.ndarray,
+             max_det: int, chunk: int = 50) -> np.ndarray:
+    """pycocotools' ``accumulate`` (area 'all', ``max_det``) over multisets
+    of images, all at once.
+
+    A multiset is given by how many times it holds each image. An image
+    drawn ``c`` times contributes its detections and its ground truth ``c``
+    times, so every detection enters the cumulative true / false positive
+    counts with weight ``c`` (0: not drawn); detections are ranked once
+    per category (score, then image). This is ``accumulate`` on the
+    concatenated multiset: copies of one detection are adjacent in its
+    ranking and add no precision / recall point a recall threshold can
+    land on that their last copy does not give.
+
+    Args:
+        evals (list): ``COCOeval.evalImgs`` (category-major, then area
+            range, then image).
+        cat_count (int): categories.
+        img_count (int): images.
+        area_count (int): area ranges (index 0 = 'all').
+        counts (np.ndarray): ``(num, img_count)`` multiplicities.
+        iou_thrs (np.ndarray): ``(T,)`` IoU thresholds.
+        rec_thrs (np.ndarray): ``(R,)`` recall thresholds.
+        max_det (int): detections per image kept.
+        chunk (int): multisets per vectorised block (memory bound).
+
+    Returns:
+        np.ndarray: ``(num,)`` AP (mean precision over IoUs, recalls and
+        the categories with ground truth in the multiset; NaN if none).
+    """
+    counts = np.asarray(counts, np.float64)
+    total = np.zeros(len(counts))
+    cats = np.zeros(len(counts))
     for k in range(cat_count):
-        entries = [evals[k * area_count * img_count + i] for i in images]
-        entries = [e for e in entries if e is not None]
-        if not entries:
+        base = k * area_count * img_count
+        present = [i for i in range(img_count) if evals[base + i] is not None]
+        if not present:
             continue
+        entries = [evals[base + i] for i in present]
         scores = np.concatenate([e['dtScores'][:max_det] for e in entries])
+        image = np.concatenate([np.full(len(e['dtScores'][:max_det]), i)
+                                for i, e in zip(present, entries)])
         order = np.argsort(-scores, kind='mergesort')
         dtm = np.concatenate([e['dtMatches'][:, :max_det] for e in entries],
                              axis=1)[:, order]
         dt_ig = np.concatenate([e['dtIgnore'][:, :max_det] for e in entries],
                                axis=1)[:, order]
-        gt_ig = np.concatenate([e['gtIgnore'] for e in entries])
-        npig = int(np.count_nonzero(gt_ig == 0))
-        if npig == 0:
-            continue
-        tps = np.logical_and(dtm, np.logical_not(dt_ig))
-        fps = np.logical_and(np.logical_not(dtm), np.logical_not(dt_ig))
-        tp_sum = np.cumsum(tps, axis=1, dtype=np.float64)
-        fp_sum = np.cumsum(fps, axis=1, dtype=np.float64)
-        prec_k = np.zeros((len(iou_thrs), len(rec_thrs)))
-        for t, (tp, fp) in enumerate(zip(tp_sum, fp_sum)):
-            rc = tp / npig
+        tps = np.logical_and(dtm, np.logical_not(dt_ig)).astype(np.float64)
+        fps = np.logical_and(np.logical_not(dtm),
+                             np.logical_not(dt_ig)).astype(np.float64)
+        gt = np.array([np.count_nonzero(e['gtIgnore'] == 0) for e in entries],
+                      np.float64)
+        npig = counts[:, present] @ gt
+        used = npig > 0
+        image = image[order]
+        for s in range(0, len(counts), chunk):
+            rows = np.flatnonzero(used[s:s + chunk]) + s
+            if not len(rows):
+                continue
+            w = counts[rows][:, image][:, None, :]
+            tp = np.cumsum(w * tps, axis=2)
+            fp = np.cumsum(w * fps, axis=2)
+            rc = tp / npig[rows, None, None]
             pr = tp / (fp + tp + np.spacing(1))
-            pr = np.maximum.accumulate(pr[::-1])[::-1] if len(pr) else pr
-            inds = np.searchsorted(rc, rec_thrs, side='left')
-            q = np.zeros(len(rec_thrs))
-            valid = inds < len(pr)
-            q[valid] = pr[inds[valid]]
-            prec_k[t] = q
-        precisions.append(prec_k)
-    if not precisions:
-        return float('nan')
-    return float(np.mean(precisions))
+            pr = np.flip(np.maximum.accumulate(np.flip(pr, 2), axis=2), 2)
+            prec = np.zeros(pr.shape[:2] + (len(rec_thrs), ))
+            for j in range(pr.shape[0]):
+                for t in range(pr.shape[1]):
+                    inds = np.searchsorted(rc[j, t], rec_thrs, side='left')
+                    valid = inds < pr.shape[2]
+                    prec[j, t, valid] = pr[j, t, inds[valid]]
+            total[rows] += prec.mean(axis=(1, 2))
+            cats[rows] += 1
+    with np.errstate(invalid='ignore'):
+        return total / cats
 
 
 def coco_bootstrap(gt_file: str, results_file: str, iou_type: str,
@@ -513,9 +549,12 @@ def coco_bootstrap(gt_file: str, results_file: str, iou_type: str,
         return 0.0, 0.0, 0.0
     args = (ev.evalImgs, len(p.catIds), n_img, len(p.areaRng))
     rest = (p.iouThrs, p.recThrs, p.maxDets[-1])
-    point = _coco_ap(*args, np.arange(n_img), *rest) * 100
-    values = np.array([_coco_ap(*args, idx, *rest) * 100
-                       for idx in _resamples(n_img, num, seed)])
+    draws = _resamples(n_img, num, seed)
+    counts = np.zeros((num + 1, n_img))
+    counts[0] = 1
+    np.add.at(counts, (np.arange(1, num + 1)[:, None], draws), 1)
+    values = _coco_ap(*args, counts, *rest) * 100
+    point, values = float(values[0]), values[1:]
     a = (1 - level) / 2
     return (point, float(np.nanquantile(values, a)),
             float(np.nanquantile(values, 1 - a)))
