@@ -566,11 +566,11 @@ def test_coco_bootstrap_resamples_are_pycocotools_on_the_multiset(tmp_path):
 
     ev = evaluate(gt_file, res_file)
     p = ev.params
-    draws = np.random.default_rng(3).integers(0, len(images), (4, 30))
+    draws = np.random.default_rng(3).integers(0, len(images), (5, 30))
     counts = np.stack([np.bincount(d, minlength=len(images)) for d in draws])
     got = _coco_ap(ev.evalImgs, len(p.catIds), len(p.imgIds),
                    len(p.areaRng), counts, p.iouThrs, p.recThrs,
-                   p.maxDets[-1])
+                   p.maxDets[-1], chunk=3)  # two blocks of multisets
     for r, draw in enumerate(draws):
         m_images, m_anns, m_dets = [], [], []
         for new_id, idx in enumerate(draw, 1):

@@ -643,12 +643,12 @@ class KnowledgeInheritance(BaseModel):
                 and torch.is_grad_enabled():
             it = self._next_train_iter()
             if it % self.grad_share_interval == 0:
-                losses.update(self.gradient_shares(losses))
+                shares = self.gradient_shares(losses)
                 # mmengine logs a scalar's latest value at every logging
                 # step: the iteration tells a new measurement from a repeat
-                losses['grad_share_iter'] = \
-                    losses['grad_share/' + next(iter(self.teachers))] \
-                    .new_tensor(float(it))
+                shares['grad_share_iter'] = next(iter(
+                    shares.values())).new_tensor(float(it))
+                losses.update(shares)
         losses.update(self.task_losses(student, data_samples))
         return losses
 

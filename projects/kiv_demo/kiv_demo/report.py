@@ -394,12 +394,14 @@ def _read_scalars(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _measurements(records: list[dict], key: str) -> list[tuple]:
-    """``(step, value)`` of each measurement of ``key``: mmengine's logger
-    writes the latest value of a scalar at every logging step, so a value
-    measured every ``n`` steps (``grad_share/<t>``) repeats until the next
-    measurement; each is kept once, at the first step that logged it (a
-    new ``grad_share_iter``, the iteration the distiller measured it at)."""
+def _grad_share_points(records: list[dict], teacher: str) -> list[tuple]:
+    """``(step, share)`` of each gradient-share measurement of ``teacher``:
+    mmengine's logger writes the latest value of a scalar at every logging
+    step, so ``grad_share/<teacher>``, measured every ``n`` steps, repeats
+    until the next measurement; each is kept once, at the first step that
+    logged it (a new ``grad_share_iter``, the iteration the distiller
+    measured it at)."""
+    key = f'grad_share/{teacher}'
     points: list[tuple] = []
     last = None
     for r in records:
@@ -430,7 +432,7 @@ def plot_curves(runs: Sequence[str], out: str) -> None:
                    for r in records if any(k in r for k in parts)]
             if pts:
                 ax_loss.plot(*zip(*pts), label=f'teacher {t}')
-            shares = _measurements(records, f'grad_share/{t}')
+            shares = _grad_share_points(records, t)
             if shares:
                 ax_share.plot(*zip(*shares), marker='o', label=t)
         for task in ('cls', 'det', 'seg'):
