@@ -925,6 +925,19 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
     assert [s[1] for s in shapes['kb_alone']] == [128] * 4
     assert [s[2:] for s in shapes['inherit']] == \
         [s[2:] for s in shapes['kb_alone']]
+    # the knowledge base alone is its own summary and maps: every gate of
+    # its untrained adapter closed; the trained rows share one architecture
+    # whose pyramid gates start open (ViT-Adapter's full-strength maps)
+    from kiv.utils.checkpoint import safe_torch_load
+    saved = {row: safe_torch_load(osp.join(work_dir, row, 'student.pth'))
+             for row in rows}
+    gates = {k: v for k, v in saved['kb_alone']['state_dict'].items()
+             if k.startswith('pyramid_gammas.') or k.endswith('.gamma')
+             and not k.startswith('base.')}
+    assert len([k for k in gates if k.startswith('pyramid_')]) == 4
+    assert all(not v.any() for v in gates.values()), gates.keys()
+    for row in ('inherit', 'rival_user', 'rival_teachers'):
+        assert saved[row]['meta']['student']['pyramid_init_values'] == 1.0
     # standardised MSE per teacher output at the end of the run
     mse = {(m['run'], m['key']) for m in tables['mse']}
     assert {('inherit', f'{t}_features')

@@ -24,7 +24,8 @@ Stages (all cached, see :mod:`kiv_demo.stages`; two run at once):
 6. ``rival_user`` / ``rival_teachers``: the same architecture from scratch,
    multi-task on the user's labelled split / the teachers' split, with the
    inheritance run's steps and labelled views per step.
-7. ``kb_alone``: the knowledge base with the untrained adapter.
+7. ``kb_alone``: the knowledge base with the adapter's gates closed (its
+   own summary and maps).
 8. ``effnet_eval``: the classification teacher on the agreement images.
 9. ``features_<row>``: each frozen backbone's features, computed once.
 10. ``probe_{cls,det,seg}_<row>``: logistic regression + k-NN, Mask R-CNN

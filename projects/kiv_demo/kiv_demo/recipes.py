@@ -61,11 +61,12 @@ ROWS: dict[str, str] = {
                   'scratch, multi-task on the user\'s labelled split',
     'rival_teachers': 'data-centric on the teachers\' labels: same arch. '
                       'from scratch, multi-task on the teachers\' split',
-    'kb_alone': 'knowledge base alone (+ untrained adapter)',
+    'kb_alone': 'knowledge base alone (its own maps: adapter gates '
+                'closed)',
     'inherit_nolatent': 'ablation: no shared latent space (raw targets)',
     'inherit_cosine': 'ablation: cosine-only losses',
     'inherit_nokb': 'ablation: no knowledge base (random ViT, trained)',
-    'inherit_nozero': 'ablation: adapter not zero-initialised',
+    'inherit_nozero': 'ablation: injectors not zero-initialised',
     'inherit_nomt': 'ablation: no multi-task heads',
     'check_strong': 'probe check, strong: the detection teacher\'s own '
                     'backbone + FPN',
@@ -369,8 +370,8 @@ def inherit_cfg(variant: str, preset: dict) -> Config:
         model.student.base.checkpoint = None
         model.student.freeze_base = False
     elif variant == 'inherit_nozero':
+        # the injectors' gates (the pyramid's start at 1 in every row)
         model.student.init_values = 1.0
-        model.student.pyramid_init_values = 1.0
     return cfg
 
 

@@ -243,13 +243,16 @@ def stage_kb_alone(preset: dict) -> Callable[[StageContext], dict]:
 
         from kiv.registry import MODELS
         cfg = inherit_cfg('inherit', preset)
+        # every gate of the untrained adapter closed (the injectors' are
+        # already): summary and pyramid are the knowledge base's own
+        cfg.model.student.pyramid_init_values = 0.0
         set_random_seed(ctx.seed)
         student = MODELS.build(cfg.model.student)
         _save_weights(student.state_dict(),
                       osp.join(ctx.dir, 'student.pth'),
                       dict(arch='kiv.AdapterViT',
                            student=cfg.model.student.to_dict(),
-                           trained='knowledge base + untrained adapter'))
+                           trained='knowledge base, adapter gates closed'))
         return {}
 
     return run

@@ -14,4 +14,14 @@ adapter = dict(
     conv_inplane=32,
     deform_num_heads=4,
     n_points=4,
-    with_global_token=True)
+    with_global_token=True,
+    # the adapter's maps join the pyramid at full strength from step 0, as
+    # in ViT-Adapter (kiv's default gate of 0 keeps the exported pyramid the
+    # base's own at step 0; the distillation's knowledge preservation reads
+    # the patch grid and the summaries, which these gates do not touch). In
+    # 500 steps a gate opened from 0 leaves the stride-4 / stride-8 maps the
+    # base's resized tokens: the inherited student copied the detector's FPN
+    # at standardised MSE 0.60 / 0.50 (strides 4 / 8) and the segmenter's
+    # logits at 0.58; from 1, 0.57 / 0.45 and 0.52 (inheritance views;
+    # docs/demo.md, "Pyramid gates")
+    pyramid_init_values=1.0)
