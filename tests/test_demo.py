@@ -938,6 +938,12 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
     assert all(not v.any() for v in gates.values()), gates.keys()
     for row in ('inherit', 'rival_user', 'rival_teachers'):
         assert saved[row]['meta']['student']['pyramid_init_values'] == 1.0
+        # the weights, not only the config: 2 toy steps move a gate by
+        # about 2 x lr x 10, far from 0
+        pyramid = [v for k, v in saved[row]['state_dict'].items()
+                   if k.startswith('pyramid_gammas.')]
+        assert len(pyramid) == 4
+        assert all((v - 1).abs().max() < 0.2 for v in pyramid), row
     # standardised MSE per teacher output at the end of the run
     mse = {(m['run'], m['key']) for m in tables['mse']}
     assert {('inherit', f'{t}_features')

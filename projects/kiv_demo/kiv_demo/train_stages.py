@@ -243,9 +243,10 @@ def stage_kb_alone(preset: dict) -> Callable[[StageContext], dict]:
 
         from kiv.registry import MODELS
         cfg = inherit_cfg('inherit', preset)
-        # every gate of the untrained adapter closed (the injectors' are
-        # already): summary and pyramid are the knowledge base's own
-        cfg.model.student.pyramid_init_values = 0.0
+        # every gate of the untrained adapter closed (injectors, summary
+        # tokens, pyramid), whatever the shared architecture starts them
+        # at: summaries and pyramid are the knowledge base's own
+        cfg.model.student.update(init_values=0.0, pyramid_init_values=0.0)
         set_random_seed(ctx.seed)
         student = MODELS.build(cfg.model.student)
         _save_weights(student.state_dict(),
