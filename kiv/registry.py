@@ -67,7 +67,7 @@ TRANSFORMS = Registry('transform', parent=MMENGINE_TRANSFORMS, scope='kiv',
                       locations=['kiv.datasets'])
 
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='kiv',
-                  # the zero-shot heads import mmpretrain's and mmseg's
+                  # the heads import mmpretrain's, mmseg's and mmdet's
                   # heads: imported on the first kiv model lookup, not by
                   # ``import kiv``
                   locations=['kiv.models', 'kiv.models.heads'])

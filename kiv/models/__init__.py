@@ -6,7 +6,8 @@ a distilled student's maps in a teacher's space),
 ``losses`` and ``necks`` (downstream). Importing this package registers them
 all in ``kiv.MODELS``; every public class is importable from here.
 ``heads`` (zero-shot heads on the inherited CLIP path, ``kiv.ZeroShotClsHead``
-for mmpretrain and ``kiv.TextSegHead`` for mmseg) import those toolboxes, so
+for mmpretrain and ``kiv.TextSegHead`` for mmseg; ``kiv.SingleRoIExtractor``
+for mmdet) import those toolboxes, so
 ``import kiv`` leaves them out: ``kiv.MODELS`` imports them on its first
 lookup.
 """
@@ -19,7 +20,7 @@ from .connectors import (BaseStandardizer, ChannelStandardizer, DenseS2THead,
                          InheritedPathError, PHISStandardizer, S2THead,
                          SharedLatentSpace, StatisticsStandardizer)
 from .distillers import KnowledgeInheritance
-from .layers import MSDeformAttn
+from .layers import MSDeformAttn, RoIAlign
 from .losses import FeatureMatchingLoss, LogitDistillationLoss
 from .necks import SimplePyramid
 from .teachers import (BackboneNeck, CachedTeacher, HFVisionModel,
@@ -32,8 +33,8 @@ __all__ = [
     'SharedLatentSpace', 'S2THead', 'DenseS2THead', 'InheritedPath',
     'InheritedPathError', 'BaseStandardizer', 'StatisticsStandardizer',
     'IdentityStandardizer', 'ChannelStandardizer', 'PHISStandardizer',
-    'KnowledgeInheritance', 'MSDeformAttn', 'FeatureMatchingLoss',
-    'LogitDistillationLoss', 'SimplePyramid', 'Teacher', 'CachedTeacher',
+    'KnowledgeInheritance', 'MSDeformAttn', 'RoIAlign',
+    'FeatureMatchingLoss', 'LogitDistillationLoss', 'SimplePyramid', 'Teacher', 'CachedTeacher',
     'BackboneNeck', 'HFVisionModel', 'ModuleOutputsRecorder',
     'TeacherCheckpointError'
 ]

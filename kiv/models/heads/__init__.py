@@ -1,7 +1,9 @@
-"""Zero-shot heads on the inherited CLIP path: ``kiv.ZeroShotClsHead``
-(mmpretrain) and ``kiv.TextSegHead`` (mmseg).
+"""Heads and head parts for the toolboxes: zero-shot heads on the inherited
+CLIP path, ``kiv.ZeroShotClsHead`` (mmpretrain) and ``kiv.TextSegHead``
+(mmseg), and ``kiv.SingleRoIExtractor`` (mmdet: RoI layers such as
+``kiv.RoIAlign``).
 
-Importing this package imports mmpretrain's and mmseg's heads, so
+Importing this package imports mmpretrain's, mmseg's and mmdet's heads, so
 ``import kiv`` does not: ``kiv.MODELS`` imports it on its first lookup
 (its ``locations``), so ``custom_imports = dict(imports=['kiv'])`` and
 ``type='kiv.ZeroShotClsHead'`` work in any toolbox config. The
@@ -11,10 +13,11 @@ they re-export, is a connector) import no toolbox.
 from ..connectors.inherited_path import (InheritedPath,
                                          InheritedPathError)
 from .text_classifier import CLIP_LOGIT_SCALE, text_logits
+from .roi_extractor import SingleRoIExtractor
 from .text_seg_head import TextSegHead
 from .zero_shot_cls_head import ZeroShotClsHead
 
 __all__ = [
     'InheritedPath', 'InheritedPathError', 'CLIP_LOGIT_SCALE', 'text_logits',
-    'TextSegHead', 'ZeroShotClsHead'
+    'SingleRoIExtractor', 'TextSegHead', 'ZeroShotClsHead'
 ]

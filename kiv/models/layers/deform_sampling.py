@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from .weighted_gather import transposed_gather
+
 __all__ = ['deform_sampling_points_major', 'ms_deform_attn_sampling']
 
 
@@ -37,8 +39,8 @@ class _DeformSampling(torch.autograd.Function):
     (``grid_sample``'s ``padding_mode='zeros'``, ``align_corners=False``);
     non-finite locations give NaN outputs (never an out-of-range row).
 
-    Backward: the value gradient is the transposed gather (entries sorted
-    by value row, then one ``embedding_bag`` over the output gradient); the
+    Backward: the value gradient is the transposed gather
+    (:func:`~kiv.models.layers.weighted_gather.transposed_gather`); the
     gradient of the corner weights is ``<grad_out row, value row>`` (the
     ``per_sample_weights`` gradient of ``embedding_bag``), chained
     analytically to the attention weights and the sampling locations.
@@ -121,18 +123,11 @@ class _DeformSampling(torch.autograd.Function):
 
         if need_value:
             # transposed gather: every table row sums weight * grad of the
-            # output rows (bags) that read it; int32 keys sort faster
-            flat = index.flatten()
-            order = torch.argsort(
-                flat.int() if table.shape[0] < 2**31 else flat)
-            counts = torch.bincount(flat, minlength=table.shape[0])
-            bags = torch.div(order, index.shape[1], rounding_mode='floor')
-            grad_value = F.embedding_bag(
-                bags, grad_rows, counts.cumsum(0) - counts,
-                per_sample_weights=corner_weights.flatten().index_select(
-                    0, order),
-                mode='sum').view(heads, B, num_values, channels).permute(
-                    1, 2, 0, 3).contiguous()
+            # output rows (bags) that read it
+            grad_value = transposed_gather(
+                grad_rows, index, corner_weights, table.shape[0]).view(
+                    heads, B, num_values, channels).permute(1, 2, 0,
+                                                            3).contiguous()
 
         if need_loc or need_weights:
             with torch.enable_grad():

@@ -26,10 +26,21 @@ model = dict(
         feat_channels=fpn_channels,
         anchor_generator=dict(scales=[4])),
     roi_head=dict(
-        bbox_roi_extractor=dict(out_channels=fpn_channels),
+        # mmcv's CPU RoIAlign (scalar loops; its backward scatters corner by
+        # corner) took about a third of a probe's step; kiv's is one
+        # weighted gather with the same sampling (docs/performance.md)
+        bbox_roi_extractor=dict(
+            type='kiv.SingleRoIExtractor',
+            roi_layer=dict(type='kiv.RoIAlign', output_size=7,
+                           sampling_ratio=0),
+            out_channels=fpn_channels),
         bbox_head=dict(in_channels=fpn_channels, fc_out_channels=128,
                        num_classes=6),
-        mask_roi_extractor=dict(out_channels=fpn_channels),
+        mask_roi_extractor=dict(
+            type='kiv.SingleRoIExtractor',
+            roi_layer=dict(type='kiv.RoIAlign', output_size=14,
+                           sampling_ratio=0),
+            out_channels=fpn_channels),
         mask_head=dict(num_convs=2, in_channels=fpn_channels,
                        conv_out_channels=fpn_channels, num_classes=6)),
     train_cfg=dict(
