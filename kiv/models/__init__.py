@@ -34,7 +34,7 @@ __all__ = [
     'InheritedPathError', 'BaseStandardizer', 'StatisticsStandardizer',
     'IdentityStandardizer', 'ChannelStandardizer', 'PHISStandardizer',
     'KnowledgeInheritance', 'MSDeformAttn', 'RoIAlign',
-    'FeatureMatchingLoss', 'LogitDistillationLoss', 'SimplePyramid', 'Teacher', 'CachedTeacher',
-    'BackboneNeck', 'HFVisionModel', 'ModuleOutputsRecorder',
-    'TeacherCheckpointError'
+    'FeatureMatchingLoss', 'LogitDistillationLoss', 'SimplePyramid',
+    'Teacher', 'CachedTeacher', 'BackboneNeck', 'HFVisionModel',
+    'ModuleOutputsRecorder', 'TeacherCheckpointError'
 ]

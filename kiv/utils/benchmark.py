@@ -17,12 +17,14 @@ so it can be tested (and reused) on any callables:
 - :func:`rss_bytes` / :func:`peak_rss_bytes` / :func:`reset_peak_rss`:
   process memory for the memory workers (one fresh process per case, its
   peak restarted after the imports);
-- :func:`format_table`, :func:`format_ratios`: the markdown tables.
+- :func:`format_table`, :func:`format_ratios`: the markdown tables;
+- :func:`cpu_model`: which CPU the figures came from.
 """
 from __future__ import annotations
 
 import math
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -36,7 +38,7 @@ __all__ = [
     'BenchCase', 'CaseResult', 'RatioSpec', 'RatioResult', 'synchronize',
     'count_flops', 'measure_interleaved', 'compute_ratio', 'rss_bytes',
     'peak_rss_bytes', 'reset_peak_rss', 'format_table', 'format_ratios',
-    'CLOCKS'
+    'cpu_model', 'CLOCKS'
 ]
 
 #: ``--clock`` choices: wall time (throughput) or process CPU time (robust
@@ -365,6 +367,20 @@ def compute_ratio(spec: RatioSpec,
         den = sum(flops[len(spec.numerator):])
         out.flop_ratio = num / den if den else None
     return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what ``platform``
+    knows): figures of machines of one kind differ by CPU model."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return name
 
 
 def rss_bytes() -> int:

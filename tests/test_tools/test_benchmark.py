@@ -309,3 +309,23 @@ def test_peak_rss_is_this_process_and_restarts():
     assert with_block >= before + 24 * 2**20  # the peak follows this process
     assert reset_peak_rss()
     assert peak_rss_bytes() < with_block - 16 * 2**20
+
+
+def test_benchmark_roi_align_runs_and_agrees(tmp_path):
+    """tools/analysis/benchmark_roi_align.py: both kernels agree on the
+    batch, both are timed, the ratio is finite and positive."""
+    proc = run_tool(['analysis/benchmark_roi_align.py', '--batch', '2',
+                     '--rois', '6', '--iters', '1', '--repeats', '2'],
+                    cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    diff = re.search(r'output ([0-9.e+-]+), input gradient ([0-9.e+-]+)',
+                     out)
+    assert diff and max(float(diff[1]), float(diff[2])) < 1e-4, out
+    assert '| mmcv_roi_align |' in out and '| kiv_roi_align |' in out
+    ratio = re.search(r"\| kiv.RoIAlign / mmcv's RoIAlign \| ([0-9.]+) \|",
+                      out)
+    assert ratio and 0 < float(ratio[1]) < math.inf, out
+    bad = run_tool(['analysis/benchmark_roi_align.py', '--min-box', '0'],
+                   cwd=str(tmp_path))
+    assert bad.returncode == 2 and '--min-box' in bad.stderr

@@ -79,6 +79,7 @@ from mmengine.registry import DefaultScope  # noqa: E402
 import kiv  # noqa: E402  (registers kiv.*)
 from kiv.utils.benchmark import (BenchCase, CaseResult,  # noqa: E402
                                  RatioSpec, compute_ratio, count_flops,
+                                 cpu_model,
                                  format_ratios, format_table,
                                  measure_interleaved, peak_rss_bytes,
                                  reset_peak_rss, rss_bytes, synchronize)
@@ -876,21 +877,12 @@ def measure_memory(args: argparse.Namespace, ws: Workspace,
 
 def machine_info(args: argparse.Namespace) -> dict:
     """Where and when the numbers were measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
     info = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec='seconds'),
         host=platform.node(), python=platform.python_version(),
         torch=torch.__version__, kiv=getattr(kiv, '__version__', None),
-        cpu=cpu, cpu_count=os.cpu_count(),
+        cpu=cpu_model(), cpu_count=os.cpu_count(),
         threads=torch.get_num_threads(), device=args.device,
         load_average=os.getloadavg() if hasattr(os, 'getloadavg') else None)
     if args.device.startswith('cuda'):

@@ -29,8 +29,8 @@ from .weighted_gather import weighted_gather
 __all__ = ['roi_align', 'RoIAlign']
 
 
-def _corners(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor,
-                                                 Tensor]:
+def _corners(coord: Tensor,
+             size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """mmcv's bilinear corners of sampling coordinates along one axis.
 
     Args:
@@ -193,4 +193,3 @@ class RoIAlign(_MMCVRoIAlign):
             return super().forward(input, rois)
         return roi_align(input, rois, self.output_size, self.spatial_scale,
                          self.sampling_ratio, self.aligned)
-
