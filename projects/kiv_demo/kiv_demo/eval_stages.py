@@ -136,8 +136,7 @@ def stage_probe_cls(row: str) -> Callable[[StageContext], dict]:
                           seed=ctx.seed)
         return dict(table=_cls_table(probe, val_y, ctx.seed),
                     weight_decay=probe['weight_decay'], k=probe['k'],
-                    holdout_logreg=probe['holdout_logreg'],
-                    holdout_knn=probe['holdout_knn'])
+                    cv_logreg=probe['cv_logreg'], cv_knn=probe['cv_knn'])
 
     return run
 

@@ -99,8 +99,9 @@ def stage_teacher_cls(preset: dict) -> Callable[[StageContext], dict]:
     """``teacher_cls``: the classification teacher, EfficientNet-Lite0
     (ImageNet weights) with a classifier of the world's classes fitted on
     the teachers' labelled split (logistic regression on its pooled
-    features, the L2 penalty chosen on a hold-out of that split), written
-    as one EfficientNet checkpoint (``_fc`` = the world classifier). Its
+    features, the L2 penalty chosen by cross-validation on that split),
+    written as one EfficientNet checkpoint (``_fc`` = the world
+    classifier). Its
     top-1 on the validation scenes is the classification ceiling."""
 
     def run(ctx: StageContext) -> dict:
@@ -136,7 +137,7 @@ def stage_teacher_cls(preset: dict) -> Callable[[StageContext], dict]:
                    for p, y in zip(pred, world_labels('val'))]
         return dict(table=dict(top1=bootstrap_ci(correct, seed=ctx.seed)),
                     weight_decay=linear['weight_decay'],
-                    holdout=linear['holdout'])
+                    cv=linear['cv'])
 
     return run
 
