@@ -95,11 +95,15 @@ def test_no_rois_keeps_the_graph():
     assert x.grad is not None and not x.grad.any()
 
 
-def test_negative_aligned_roi_is_an_error():
+def test_negative_or_non_finite_roi_is_an_error():
     x = torch.randn(1, 2, 8, 8)
     rois = torch.tensor([[0, 0.0, 0.0, 8.0, 8.0], [0, 9.0, 2.0, 4.0, 6.0]])
     with pytest.raises(ValueError, match='RoI 1 has x2 < x1'):
         roi_align(x, rois, (2, 2), 1.0, aligned=True)
+    nan = torch.tensor([[0, 0.0, 0.0, 8.0, 8.0], [0, 1.0, float('nan'),
+                                                  4.0, 6.0]])
+    with pytest.raises(ValueError, match='RoI 1 is not finite'):
+        roi_align(x, nan, (2, 2), 1.0)
     # not aligned: at least one pixel wide, as mmcv
     (ref, _), (out, _) = _both(x, rois, output_size=2, aligned=False)
     torch.testing.assert_close(out, ref)

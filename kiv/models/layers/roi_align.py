@@ -78,8 +78,8 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
         Tensor: ``(R, C, out_h, out_w)``, differentiable in ``input``.
 
     Raises:
-        ValueError: with ``aligned``, a RoI whose ``x2 < x1`` or
-            ``y2 < y1`` (as mmcv's kernel).
+        ValueError: a RoI with a NaN / Inf value, or, with ``aligned``,
+            one whose ``x2 < x1`` or ``y2 < y1`` (as mmcv's kernel).
     """
     num, channels, height, width = input.shape
     out_h, out_w = output_size
@@ -87,6 +87,11 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
     # sampling geometry in float32 (float64 for float64 maps), as mmcv
     ctype = torch.float64 if input.dtype == torch.float64 else torch.float32
     boxes = rois.to(ctype)
+    if num_rois and not bool(torch.isfinite(boxes).all()):
+        # a NaN / Inf box (a diverged head) would size the sample grid
+        bad = int((~torch.isfinite(boxes)).any(1).nonzero()[0])
+        raise ValueError(f'roi_align: RoI {bad} is not finite '
+                         f'({rois[bad].tolist()})')
     offset = 0.5 if aligned else 0.0
     start = boxes[:, 1:3] * spatial_scale - offset  # (R, 2) x, y
     extent = boxes[:, 3:5] * spatial_scale - offset - start
