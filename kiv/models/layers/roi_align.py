@@ -110,16 +110,94 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
         grid = torch.full_like(extent, sampling_ratio, dtype=torch.long)
     else:
         grid = torch.ceil(extent / out).long()
+    batch = rois[:, 0].long()
+    # the sample grid is padded to the largest of a group of RoIs: groups
+    # of similar grids (sorted), at most _MAX_PADDED padded entries each
+    side = grid.max(1).values.clamp(min=1)
+    per_roi = 4 * out_h * out_w
+    order = None
+    if num_rois and num_rois * per_roi * int(side.max())**2 > _MAX_PADDED:
+        order = torch.argsort(side, stable=True)
+    groups = _groups(side if order is None else side[order], per_roi)
+    parts = []
+    for lo, hi in groups:
+        sel = slice(lo, hi) if order is None else order[lo:hi]
+        parts.append(_bin_entries(start[sel], bin_size[sel], grid[sel],
+                                  batch[sel], (out_h, out_w),
+                                  (height, width)))
+    if parts:
+        index, weights, per_bag = (torch.cat(p) for p in zip(*parts))
+    else:
+        index = per_bag = torch.zeros(0, dtype=torch.long,
+                                      device=input.device)
+        weights = torch.zeros(0, dtype=ctype, device=input.device)
+    offsets = per_bag.cumsum(0) - per_bag
+    entry_bags = torch.repeat_interleave(
+        torch.arange(len(per_bag), device=input.device), per_bag)
+    table = input.permute(0, 2, 3, 1).reshape(-1, channels)
+    pooled = weighted_gather(table, index, weights.to(input.dtype), offsets,
+                             entry_bags).view(num_rois, out_h, out_w,
+                                              channels)
+    if order is not None:
+        pooled = pooled.index_select(0, torch.argsort(order))
+    return pooled.permute(0, 3, 1, 2)
+
+
+#: padded sample entries of one group of RoIs (int64 index + weights:
+#: about 200 MB at 2**24)
+_MAX_PADDED = 2**24
+
+
+def _groups(side: Tensor, per_roi: int) -> list[tuple[int, int]]:
+    """Consecutive ``[lo, hi)`` groups of RoIs whose padded entries
+    (``count * per_roi * max(side)**2``) stay under :data:`_MAX_PADDED`
+    (a RoI alone may exceed it); ``side`` sorted ascending unless all fit.
+    """
+    n = len(side)
+    if n == 0:
+        return []
+    if n * per_roi * int(side.max())**2 <= _MAX_PADDED:
+        return [(0, n)]
+    groups, lo = [], 0
+    sides = side.tolist()
+    for hi in range(1, n + 1):
+        if hi == n or (hi + 1 - lo) * per_roi * sides[hi]**2 > _MAX_PADDED:
+            groups.append((lo, hi))
+            lo = hi
+    return groups
+
+
+def _bin_entries(start: Tensor, bin_size: Tensor, grid: Tensor,
+                 batch: Tensor, output_size: tuple[int, int],
+                 map_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The weighted table rows every bin of a group of RoIs reads.
+
+    Args:
+        start (Tensor): ``(R, 2)`` RoI corner ``(x, y)`` on the map.
+        bin_size (Tensor): ``(R, 2)`` bin width and height.
+        grid (Tensor): ``(R, 2)`` long samples per bin along x and y.
+        batch (Tensor): ``(R,)`` long image of each RoI.
+        output_size (tuple[int, int]): ``(out_h, out_w)``.
+        map_size (tuple[int, int]): ``(H, W)``.
+
+    Returns:
+        tuple: flat long ``index`` into the ``(N * H * W, C)`` table, its
+        ``weights`` (bilinear factor / the bin's sample count) and the
+        entries of each of the ``R * out_h * out_w`` bags, in bag order;
+        entries of weight 0 (padding of a smaller grid, samples more than a
+        pixel off the map) are left out.
+    """
+    (out_h, out_w), (height, width) = output_size, map_size
+    ctype, device = start.dtype, start.device
+    grid_max = [max(int(grid[:, k].max()), 1) for k in range(2)]
     count = (grid[:, 0] * grid[:, 1]).clamp(min=1).to(ctype)
-    grid_max = [max(int(grid[:, k].max()), 1) if num_rois else 1
-                for k in range(2)]
 
     def axis(k: int, bins: int, size: int) -> tuple[Tensor, ...]:
         """Sample corners along axis ``k`` (0: x, 1: y), ``(R, bins,
         grid_max)`` each: low / high pixel and their weights (0 for samples
         outside the RoI's own grid or more than a pixel off the map)."""
-        b = torch.arange(bins, dtype=ctype, device=input.device)
-        g = torch.arange(grid_max[k], dtype=ctype, device=input.device)
+        b = torch.arange(bins, dtype=ctype, device=device)
+        g = torch.arange(grid_max[k], dtype=ctype, device=device)
         size_k = bin_size[:, k, None, None]
         coord = (start[:, k, None, None] + b[None, :, None] * size_k +
                  (g[None, None, :] + 0.5) * size_k /
@@ -132,9 +210,8 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
 
     x_low, x_high, wx_low, wx_high = axis(0, out_w, width)
     y_low, y_high, wy_low, wy_high = axis(1, out_h, height)
-    # entries (R, out_h, out_w, grid_h, 2, grid_w, 2): corner rows of the
-    # (N * H * W, C) table and weights (divided by the bin's sample count)
-    rows_y = (rois[:, 0].long()[:, None, None, None] * height +
+    # entries (R, out_h, out_w, grid_h, 2, grid_w, 2)
+    rows_y = (batch[:, None, None, None] * height +
               torch.stack((y_low, y_high), -1))  # (R, out_h, grid_h, 2)
     cols_x = torch.stack((x_low, x_high), -1)  # (R, out_w, grid_w, 2)
     index = (rows_y[:, :, None, :, :, None, None] * width +
@@ -144,20 +221,11 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
     weight_x = torch.stack((wx_low, wx_high), -1)
     weights = (weight_y[:, :, None, :, :, None, None] *
                weight_x[:, None, :, None, None, :, :])
-    # keep the entries that add something: samples of a RoI's own grid
-    # (others pad to the largest grid) with non-zero weight
-    bags = num_rois * out_h * out_w
-    keep = (weights != 0).view(bags, 4 * grid_max[0] * grid_max[1])
+    keep = (weights != 0).view(len(start) * out_h * out_w,
+                               4 * grid_max[0] * grid_max[1])
     per_bag = keep.sum(1)
     keep = keep.flatten()
-    index = index.flatten()[keep]
-    weights = weights.flatten()[keep].to(input.dtype)
-    offsets = per_bag.cumsum(0) - per_bag
-    entry_bags = torch.repeat_interleave(
-        torch.arange(bags, device=input.device), per_bag)
-    table = input.permute(0, 2, 3, 1).reshape(-1, channels)
-    pooled = weighted_gather(table, index, weights, offsets, entry_bags)
-    return pooled.view(num_rois, out_h, out_w, channels).permute(0, 3, 1, 2)
+    return index.flatten()[keep], weights.flatten()[keep], per_bag
 
 
 @MODELS.register_module()
