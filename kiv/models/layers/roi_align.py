@@ -75,11 +75,12 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
             least one pixel wide.
 
     Returns:
-        Tensor: ``(R, C, out_h, out_w)``, differentiable in ``input``.
+        Tensor: ``(R, C, out_h, out_w)``, differentiable in ``input``; NaN
+        for a RoI with a NaN / Inf value (no gradient flows from it).
 
     Raises:
-        ValueError: a RoI with a NaN / Inf value, or, with ``aligned``,
-            one whose ``x2 < x1`` or ``y2 < y1`` (as mmcv's kernel).
+        ValueError: with ``aligned``, a RoI whose ``x2 < x1`` or
+            ``y2 < y1`` (as mmcv's kernel).
     """
     num, channels, height, width = input.shape
     out_h, out_w = output_size
@@ -87,11 +88,14 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
     # sampling geometry in float32 (float64 for float64 maps), as mmcv
     ctype = torch.float64 if input.dtype == torch.float64 else torch.float32
     boxes = rois.to(ctype)
-    if num_rois and not bool(torch.isfinite(boxes).all()):
-        # a NaN / Inf box (a diverged head) would size the sample grid
-        bad = int((~torch.isfinite(boxes)).any(1).nonzero()[0])
-        raise ValueError(f'roi_align: RoI {bad} is not finite '
-                         f'({rois[bad].tolist()})')
+    # a NaN / Inf box (a diverged head) would size the sample grid: it is
+    # sampled as an empty box and its output is NaN, so the loss is
+    # non-finite and the step is skipped (kiv.NonFiniteLossHook), as the
+    # deformable sampling does with non-finite locations
+    finite = torch.isfinite(boxes).all(1)
+    all_finite = bool(finite.all())
+    if not all_finite:
+        boxes = torch.where(finite[:, None], boxes, boxes.new_zeros(()))
     offset = 0.5 if aligned else 0.0
     start = boxes[:, 1:3] * spatial_scale - offset  # (R, 2) x, y
     extent = boxes[:, 3:5] * spatial_scale - offset - start
@@ -110,7 +114,7 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
         grid = torch.full_like(extent, sampling_ratio, dtype=torch.long)
     else:
         grid = torch.ceil(extent / out).long()
-    batch = rois[:, 0].long()
+    batch = boxes[:, 0].long()
     # the sample grid is padded to the largest of a group of RoIs: groups
     # of similar grids (sorted), at most _MAX_PADDED padded entries each
     side = grid.max(1).values.clamp(min=1)
@@ -140,6 +144,9 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
                                               channels)
     if order is not None:
         pooled = pooled.index_select(0, torch.argsort(order))
+    if not all_finite:
+        pooled = torch.where(finite[:, None, None, None], pooled,
+                             pooled.new_tensor(float('nan')))
     return pooled.permute(0, 3, 1, 2)
 
 
