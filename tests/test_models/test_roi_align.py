@@ -82,8 +82,9 @@ def test_grouped_sample_grids_match_mmcv(monkeypatch):
     x = torch.randn(2, 3, 32, 32)
     rois = _rois(40, 2, 128.0, seed=5)
     rois[::7, 3:] = rois[::7, 1:3] + 120  # large grids among small ones
-    groups = module._groups(torch.tensor([1, 1, 2, 3, 9]), 4 * 49)
-    assert groups[0] == (0, 3) and groups[-1] == (4, 5)
+    order, groups = module._groups(torch.tensor([3, 1, 9, 1, 2]), 4 * 49)
+    assert order.tolist() == [1, 3, 4, 0, 2]
+    assert groups == [(0, 3), (3, 4), (4, 5)]
     (ref, ref_grad), (out, grad) = _both(x, rois, output_size=7,
                                          spatial_scale=0.25)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -163,14 +164,13 @@ def test_weighted_gather_gradient_and_arguments():
     weights = torch.rand(6, 4, dtype=torch.float64)
     torch.autograd.gradcheck(
         lambda t: weighted_gather(t, index, weights), (table, ))
-    # a flat index with offsets and its entries' bags, one bag empty
+    # a flat index with offsets, one bag empty
     flat, w = index.flatten()[:9], weights.flatten()[:9]
     offsets = torch.tensor([0, 4, 4, 7])
-    bags = torch.tensor([0] * 4 + [2] * 3 + [3] * 2)
     torch.autograd.gradcheck(
-        lambda t: weighted_gather(t, flat, w, offsets, bags), (table, ))
-    with pytest.raises(ValueError, match='offsets and entry_bags'):
-        weighted_gather(table, flat, w, offsets)
+        lambda t: weighted_gather(t, flat, w, offsets), (table, ))
+    with pytest.raises(ValueError, match='a flat index needs offsets'):
+        weighted_gather(table, flat, w)
 
 
 def test_roi_extractor_builds_kiv_layers_in_mmdet():

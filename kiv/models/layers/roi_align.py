@@ -19,6 +19,8 @@ equal mmcv's to float rounding (tested).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from mmcv.ops import RoIAlign as _MMCVRoIAlign
 from torch import Tensor
@@ -117,12 +119,8 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
     batch = boxes[:, 0].long()
     # the sample grid is padded to the largest of a group of RoIs: groups
     # of similar grids (sorted), at most _MAX_PADDED padded entries each
-    side = grid.max(1).values.clamp(min=1)
-    per_roi = 4 * out_h * out_w
-    order = None
-    if num_rois and num_rois * per_roi * int(side.max())**2 > _MAX_PADDED:
-        order = torch.argsort(side, stable=True)
-    groups = _groups(side if order is None else side[order], per_roi)
+    order, groups = _groups(grid.max(1).values.clamp(min=1),
+                            4 * out_h * out_w)
     parts = []
     for lo, hi in groups:
         sel = slice(lo, hi) if order is None else order[lo:hi]
@@ -135,13 +133,10 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
         index = per_bag = torch.zeros(0, dtype=torch.long,
                                       device=input.device)
         weights = torch.zeros(0, dtype=ctype, device=input.device)
-    offsets = per_bag.cumsum(0) - per_bag
-    entry_bags = torch.repeat_interleave(
-        torch.arange(len(per_bag), device=input.device), per_bag)
     table = input.permute(0, 2, 3, 1).reshape(-1, channels)
-    pooled = weighted_gather(table, index, weights.to(input.dtype), offsets,
-                             entry_bags).view(num_rois, out_h, out_w,
-                                              channels)
+    pooled = weighted_gather(table, index, weights.to(input.dtype),
+                             per_bag.cumsum(0) - per_bag).view(
+                                 num_rois, out_h, out_w, channels)
     if order is not None:
         pooled = pooled.index_select(0, torch.argsort(order))
     if not all_finite:
@@ -155,23 +150,33 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int],
 _MAX_PADDED = 2**24
 
 
-def _groups(side: Tensor, per_roi: int) -> list[tuple[int, int]]:
-    """Consecutive ``[lo, hi)`` groups of RoIs whose padded entries
-    (``count * per_roi * max(side)**2``) stay under :data:`_MAX_PADDED`
-    (a RoI alone may exceed it); ``side`` sorted ascending unless all fit.
+def _groups(side: Tensor,
+            per_roi: int) -> tuple[Optional[Tensor], list[tuple[int, int]]]:
+    """Groups of RoIs whose sample grids are padded together.
+
+    Args:
+        side (Tensor): ``(R,)`` long largest grid side of each RoI (>= 1).
+        per_roi (int): entries per RoI and sample (``4 * out_h * out_w``).
+
+    Returns:
+        tuple: ``order`` (None: all RoIs in one group, in their order; else
+        the RoIs sorted by ``side``) and consecutive ``[lo, hi)`` groups of
+        that order, each with at most :data:`_MAX_PADDED` padded entries
+        (``count * per_roi * max(side)**2``; a RoI alone may exceed it).
     """
     n = len(side)
     if n == 0:
-        return []
+        return None, []
     if n * per_roi * int(side.max())**2 <= _MAX_PADDED:
-        return [(0, n)]
+        return None, [(0, n)]
+    order = torch.argsort(side, stable=True)
     groups, lo = [], 0
-    sides = side.tolist()
+    sides = side[order].tolist()
     for hi in range(1, n + 1):
         if hi == n or (hi + 1 - lo) * per_roi * sides[hi]**2 > _MAX_PADDED:
             groups.append((lo, hi))
             lo = hi
-    return groups
+    return order, groups
 
 
 def _bin_entries(start: Tensor, bin_size: Tensor, grid: Tensor,

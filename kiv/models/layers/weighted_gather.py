@@ -28,17 +28,17 @@ __all__ = ['transposed_gather', 'weighted_gather']
 
 def transposed_gather(grad_rows: Tensor, index: Tensor, weights: Tensor,
                       num_rows: int,
-                      entry_bags: Optional[Tensor] = None) -> Tensor:
+                      offsets: Optional[Tensor] = None) -> Tensor:
     """Gradient of a weighted gather with respect to its table.
 
     Args:
         grad_rows (Tensor): ``(M, C)`` gradient of the ``M`` bag outputs.
         index (Tensor): long table rows the bags read: ``(M, K)`` (``K``
-            entries per bag) or flat ``(E,)`` with ``entry_bags``.
+            entries per bag) or flat ``(E,)`` with ``offsets``.
         weights (Tensor): the entries' weights, shaped as ``index``.
         num_rows (int): rows ``T`` of the table.
-        entry_bags (Tensor, optional): ``(E,)`` long bag of each entry of
-            a flat ``index``. Defaults to None: ``index`` is ``(M, K)``.
+        offsets (Tensor, optional): ``(M,)`` long start of each bag in a
+            flat ``index``. Defaults to None: ``index`` is ``(M, K)``.
 
     Returns:
         Tensor: ``(T, C)``, row ``t`` = sum of ``weight * grad_rows[bag]``
@@ -48,10 +48,13 @@ def transposed_gather(grad_rows: Tensor, index: Tensor, weights: Tensor,
     # int32 keys sort faster
     order = torch.argsort(flat.int() if num_rows < 2**31 else flat)
     counts = torch.bincount(flat, minlength=num_rows)
-    if entry_bags is None:
+    if offsets is None:
         bags = torch.div(order, index.shape[1], rounding_mode='floor')
     else:
-        bags = entry_bags.index_select(0, order)
+        sizes = torch.diff(offsets, append=offsets.new_tensor([len(flat)]))
+        bags = torch.repeat_interleave(
+            torch.arange(len(offsets), device=flat.device),
+            sizes).index_select(0, order)
     return F.embedding_bag(
         bags, grad_rows, counts.cumsum(0) - counts,
         per_sample_weights=weights.flatten().index_select(0, order),
@@ -65,9 +68,8 @@ class _WeightedGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, table: Tensor, index: Tensor,
-                weights: Tensor, offsets: Optional[Tensor],
-                entry_bags: Optional[Tensor]) -> Tensor:
-        ctx.save_for_backward(index, weights, entry_bags)
+                weights: Tensor, offsets: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(index, weights, offsets)
         ctx.num_rows = table.shape[0]
         return F.embedding_bag(index, table, offsets,
                                per_sample_weights=weights, mode='sum')
@@ -75,35 +77,32 @@ class _WeightedGather(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple:
-        index, weights, entry_bags = ctx.saved_tensors
+        index, weights, offsets = ctx.saved_tensors
         grad_table = None
         if ctx.needs_input_grad[0]:
             grad_table = transposed_gather(grad_out.contiguous(), index,
-                                           weights, ctx.num_rows, entry_bags)
-        return grad_table, None, None, None, None
+                                           weights, ctx.num_rows, offsets)
+        return grad_table, None, None, None
 
 
 def weighted_gather(table: Tensor, index: Tensor, weights: Tensor,
-                    offsets: Optional[Tensor] = None,
-                    entry_bags: Optional[Tensor] = None) -> Tensor:
+                    offsets: Optional[Tensor] = None) -> Tensor:
     """Sum of weighted table rows per bag, differentiable in the table.
 
     Args:
         table (Tensor): ``(T, C)``.
         index (Tensor): long rows: ``(M, K)``, or flat ``(E,)`` with
-            ``offsets`` and ``entry_bags``.
+            ``offsets``.
         weights (Tensor): shaped as ``index``, the table's dtype; no
             gradient flows to them.
         offsets (Tensor, optional): ``(M,)`` long start of each bag in a
-            flat ``index`` (empty bags give zeros).
-        entry_bags (Tensor, optional): ``(E,)`` long bag of each entry of a
-            flat ``index`` (for the backward).
+            flat ``index``, non-decreasing (empty bags give zeros).
 
     Returns:
         Tensor: ``(M, C)``.
     """
-    if (offsets is None) != (entry_bags is None):
-        raise ValueError('weighted_gather: a flat index needs both offsets '
-                         'and entry_bags; a 2-D index neither')
-    return _WeightedGather.apply(table, index, weights.detach(), offsets,
-                                 entry_bags)
+    if (offsets is None) != (index.dim() == 2):
+        raise ValueError('weighted_gather: a flat index needs offsets, a '
+                         f'2-D one none; got a {index.dim()}-D index and '
+                         f'offsets={offsets is not None}')
+    return _WeightedGather.apply(table, index, weights.detach(), offsets)

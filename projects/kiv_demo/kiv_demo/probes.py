@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os.path as osp
 import re
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -315,20 +315,44 @@ def _folds(n: int, folds: int, seed: int) -> list[tuple[Tensor, Tensor]]:
             for i in range(folds)]
 
 
+def _cross_validated(labels: Tensor, seed: int,
+                     fold_predictions: Callable[[Tensor, Tensor],
+                                                dict[Any, Tensor]]
+                     ) -> dict[Any, float]:
+    """Accuracy of every choice of a hyper-parameter, :data:`CV_FOLDS`-fold
+    cross-validated on the training images.
+
+    Args:
+        labels (Tensor): ``(N,)`` training labels.
+        seed (int): seed of the folds.
+        fold_predictions (callable): ``(fit_idx, hold_idx)`` -> ``{choice:
+            predicted labels of hold_idx}``, fitted on ``fit_idx`` only.
+
+    Returns:
+        dict: choice -> fraction of the ``N`` images predicted right when
+        held out.
+    """
+    correct: dict[Any, int] = {}
+    for fit_idx, hold_idx in _folds(len(labels), CV_FOLDS, seed):
+        for choice, pred in fold_predictions(fit_idx, hold_idx).items():
+            correct[choice] = correct.get(choice, 0) + int(
+                (pred == labels[hold_idx]).sum())
+    return {choice: c / len(labels) for choice, c in correct.items()}
+
+
 def _choose_decay(train_x: Tensor, train_y: Tensor, num_classes: int,
                   seed: int, decays: Sequence[float]
                   ) -> tuple[float, dict[str, float]]:
-    """The L2 penalty of the best cross-validated accuracy
-    (:data:`CV_FOLDS`-fold, over the training images; ties: the stronger
-    penalty)."""
-    correct = dict.fromkeys(decays, 0)
-    for fit_idx, hold_idx in _folds(len(train_x), CV_FOLDS, seed):
-        xs = _standardise(train_x[fit_idx], train_x[hold_idx])
-        for wd in decays:
-            w = fit_logistic(xs[0], train_y[fit_idx], num_classes, wd)
-            pred = logistic_predict(w, xs[1]).argmax(1)
-            correct[wd] += int((pred == train_y[hold_idx]).sum())
-    accuracy = {wd: c / len(train_x) for wd, c in correct.items()}
+    """The L2 penalty of the best cross-validated accuracy (ties: the
+    stronger penalty)."""
+
+    def fold_predictions(fit_idx: Tensor, hold_idx: Tensor) -> dict:
+        fit_x, hold_x = _standardise(train_x[fit_idx], train_x[hold_idx])
+        return {wd: logistic_predict(
+            fit_logistic(fit_x, train_y[fit_idx], num_classes, wd),
+            hold_x).argmax(1) for wd in decays}
+
+    accuracy = _cross_validated(train_y, seed, fold_predictions)
     best = max(decays, key=lambda d: (accuracy[d], d))
     return best, {str(k): v for k, v in accuracy.items()}
 
@@ -380,13 +404,9 @@ def cls_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor,
                                    decays)
     lr_pred = (val_x @ linear['weight'].T + linear['bias']).argmax(1)
 
-    correct = dict.fromkeys(ks, 0)
-    for fit_idx, hold_idx in _folds(len(train_x), CV_FOLDS, seed):
-        for k in ks:
-            pred = knn_predict(train_x[fit_idx], train_y[fit_idx],
-                               train_x[hold_idx], num_classes, k).argmax(1)
-            correct[k] += int((pred == train_y[hold_idx]).sum())
-    cv_knn = {k: c / len(train_x) for k, c in correct.items()}
+    cv_knn = _cross_validated(train_y, seed, lambda fit_idx, hold_idx: {
+        k: knn_predict(train_x[fit_idx], train_y[fit_idx], train_x[hold_idx],
+                       num_classes, k).argmax(1) for k in ks})
     best_k = max(ks, key=lambda k: (cv_knn[k], -k))
     knn_pred = knn_predict(train_x, train_y, val_x, num_classes,
                            best_k).argmax(1)

@@ -101,8 +101,8 @@ def stage_teacher_cls(preset: dict) -> Callable[[StageContext], dict]:
     the teachers' labelled split (logistic regression on its pooled
     features, the L2 penalty chosen by cross-validation on that split),
     written as one EfficientNet checkpoint (``_fc`` = the world
-    classifier). Its
-    top-1 on the validation scenes is the classification ceiling."""
+    classifier). Its top-1 on the validation scenes is the classification
+    ceiling."""
 
     def run(ctx: StageContext) -> dict:
         import torch
