@@ -357,7 +357,7 @@ def test_probe_choices_are_cross_validated_on_every_training_image():
     cross-validation (every training image held out once), not on one
     20 % hold-out (32 of the user's 160 scenes)."""
     from kiv_demo.probes import (CV_FOLDS, DECAYS, _folds, _standardise,
-                                 cls_probe, fit_logistic, knn_predict,
+                                 cls_probe, knn_predict, logistic_path,
                                  logistic_predict)
     folds = _folds(23, CV_FOLDS, seed=0)
     held = torch.cat([h for _, h in folds])
@@ -374,9 +374,8 @@ def test_probe_choices_are_cross_validated_on_every_training_image():
     knn = dict.fromkeys((1, 5, 10, 20, 50), 0)
     for fit, hold in _folds(90, CV_FOLDS, seed=0):
         xs = _standardise(x[fit], x[hold])
-        for wd in DECAYS:
-            pred = logistic_predict(fit_logistic(xs[0], y[fit], 3, wd),
-                                    xs[1]).argmax(1)
+        for wd, w in logistic_path(xs[0], y[fit], 3, DECAYS).items():
+            pred = logistic_predict(w, xs[1]).argmax(1)
             logreg[wd] += int((pred == y[hold]).sum())
         for k in knn:
             pred = knn_predict(x[fit], y[fit], x[hold], 3, k).argmax(1)
@@ -385,6 +384,46 @@ def test_probe_choices_are_cross_validated_on_every_training_image():
     assert out['cv_knn'] == {str(k): c / 90 for k, c in knn.items()}
     assert out['weight_decay'] == max(DECAYS, key=lambda d: (logreg[d], d))
     assert out['k'] == max(knn, key=lambda k: (knn[k], -k))
+
+
+def test_logistic_path_warm_starts_to_the_converged_solutions(monkeypatch):
+    """The regularisation path reaches every penalty's optimum (no entry of
+    the penalised gradient above ``GRAD_TOL``, the cold start's solution)
+    in fewer loss evaluations than cold starts: each fit starts from the
+    previous, stronger penalty's solution."""
+    from kiv_demo import probes
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(120) % 3
+    x = torch.randn(3, 100, generator=g)[y] + \
+        2 * torch.randn(120, 100, generator=g)
+    (xs, ) = probes._standardise(x)
+    evals = [0]
+    cross_entropy = probes.F.cross_entropy
+
+    def counted(*args, **kwargs):
+        evals[0] += 1
+        return cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(probes.F, 'cross_entropy', counted)
+    path = probes.logistic_path(xs, y, 3, probes.DECAYS)
+    warm = evals[0]
+    evals[0] = 0
+    cold = {wd: probes.fit_logistic(xs, y, 3, wd) for wd in probes.DECAYS}
+    assert list(path) == list(probes.DECAYS)
+    assert warm < evals[0], (warm, evals[0])
+    x1 = torch.cat([xs.double(), torch.ones(120, 1).double()], 1)
+
+    def objective(w: torch.Tensor, wd: float) -> torch.Tensor:
+        return cross_entropy(x1 @ w, y) + 0.5 * wd * w[:-1].pow(2).sum()
+
+    for wd, w in path.items():
+        w = w.clone().requires_grad_(True)
+        objective(w, wd).backward()
+        assert w.grad.abs().max() <= probes.GRAD_TOL, wd
+        # the same optimum (a flat one at weak penalties: the weights may
+        # differ where the objective does not)
+        assert abs(objective(w, wd) - objective(cold[wd], wd)) < 1e-6, wd
+        assert torch.equal((x1 @ w).argmax(1), (x1 @ cold[wd]).argmax(1))
 
 
 def test_linear_classifier_is_the_standardised_logistic_regression():
