@@ -233,10 +233,10 @@ DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 #: points on the teachers' split (docs/demo.md, "Probes")
 CV_FOLDS = 5
 #: the logistic regressions stop once no entry of the penalised loss's
-#: gradient exceeds this (float64): on the demo's features every fit gets
-#: there in a few hundred L-BFGS iterations, where the previous 1e-9 ran all
-#: of them into the iteration cap, and their choices and predictions did not
-#: change (docs/demo.md, "Probes")
+#: gradient exceeds this (float64): every fit of the demo gets there in a
+#: few hundred L-BFGS iterations; a 1e-9 tolerance was never reached, and
+#: the weakest penalties stopped at an iteration cap instead (docs/demo.md,
+#: "Runs 12 and 13")
 GRAD_TOL = 1e-6
 
 
