@@ -240,8 +240,16 @@ CV_FOLDS = 5
 GRAD_TOL = 1e-6
 
 
+def _statistics(train: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and standard deviation (at least 1e-6) of the
+    training features ``(N, D)``."""
+    return train.mean(0), train.std(0).clamp_min(1e-6)
+
+
 def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
-    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    """``train`` and ``others`` standardised with ``train``'s
+    :func:`_statistics`."""
+    mean, std = _statistics(train)
     return [(x - mean) / std for x in (train, *others)]
 
 
@@ -418,7 +426,7 @@ def fit_linear_classifier(train_x: Tensor, train_y: Tensor,
     """
     train_x = train_x.float()
     best, cv = _choose_decay(train_x, train_y, num_classes, seed, decays)
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    mean, std = _statistics(train_x)
     w = fit_logistic((train_x - mean) / std, train_y, num_classes, best)
     weight = (w[:-1] / std.double()[:, None]).T
     bias = w[-1] - (mean.double() / std.double()) @ w[:-1]
