@@ -74,6 +74,55 @@ def test_world_layouts_are_read_by_the_toolboxes(tmp_path):
     assert len(cls) == 6 and ((labels >= 0) & (labels < len(CLASSES))).all()
 
 
+def test_world_classification_only_validation_scenes(tmp_path, monkeypatch):
+    """``num_val_cls`` lengthens only the ImageNet layout's val split: its
+    first ``num_val`` images are the COCO / ADE20K validation scenes, and
+    every other split is the one drawn without them (they are drawn
+    last), so the same seed gives the same scenes everywhere else."""
+    from mmpretrain.datasets import ImageNet
+
+    from kiv_demo.probes import world_cls_images, world_images
+    from kiv_demo.recipes import world_labels
+    from kiv_demo.world import CLASSES, WorldConfig, write_world
+    base = dict(num_train=3, num_val=2, num_teachers=3, num_unlabelled=2)
+    plain, extra = str(tmp_path / 'plain'), str(tmp_path / 'extra')
+    write_world(plain, WorldConfig(**base), seed=4)
+    summary = write_world(extra, WorldConfig(**base, num_val_cls=5), seed=4)
+    assert summary['splits']['val']['images'] == 2
+    assert summary['splits']['val']['cls_images'] == 7
+    assert sum(summary['splits']['val']['image_labels']) == 7
+
+    def read(path):
+        with open(path, 'rb') as f:
+            return f.read()
+
+    # every file of the world without them is in the world with them,
+    # byte for byte, except ImageNet's val meta file (5 more lines)
+    for root, _, files in os.walk(plain):
+        for name in files:
+            rel = osp.relpath(osp.join(root, name), plain)
+            if rel in ('imagenet/meta/val.txt', 'world.json'):
+                continue
+            assert read(osp.join(plain, rel)) == read(osp.join(extra, rel))
+    with open(osp.join(plain, 'imagenet/meta/val.txt')) as f:
+        first = f.read()
+    with open(osp.join(extra, 'imagenet/meta/val.txt')) as f:
+        lines = f.read()
+    assert lines.startswith(first) and lines.count('\n') == 7
+    paths = world_cls_images(extra, 'val')
+    assert len(paths) == 7 and len(world_images(extra, 'val')) == 2
+    assert [read(p) for p in paths[:2]] == \
+        [read(p) for p in world_images(extra, 'val')]
+    assert len({read(p) for p in paths}) == 7  # 5 new scenes
+    cls = ImageNet(data_root=osp.join(extra, 'imagenet'),
+                   metainfo=dict(classes=CLASSES), ann_file='meta/val.txt',
+                   data_prefix='val')
+    assert len(cls) == 7
+    os.rename(extra, tmp_path / 'world')
+    monkeypatch.chdir(tmp_path)
+    assert world_labels('val') == cls.get_gt_labels().tolist()
+
+
 def test_world_teachers_split_and_unlabelled_scenes(tmp_path):
     """The teachers' split is a third labelled split in every layout, the
     unlabelled scenes have images only, and every split has its own
@@ -945,7 +994,7 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
     assert list(probes) == ['trivial', 'teachers', *rows]
     train, val = _labels(work_dir, 'train'), _labels(work_dir, 'val')
     n_val = len(val)
-    assert n_val == 6  # the toy world
+    assert n_val == 6 + 3  # the toy world: 3 classification-only scenes
     for row in ('trivial', 'teachers', *rows):
         for key in PROBE_COLUMNS:
             if probes[row][key] is None:
@@ -995,6 +1044,10 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
                                 'features.safetensors'), 'pt') as f:
             shapes[row] = [f.get_slice(f'val.level{lv}').get_shape()
                            for lv in range(4)]
+            # top-1: every classification validation scene
+            assert f.get_slice('val_cls.summary').get_shape()[0] == n_val
+    # det / seg: the COCO / ADE20K validation scenes only
+    assert all(s[0][0] == 6 for s in shapes.values())
     assert [s[1] for s in shapes['inherit']] == [det_fpn.out_channels] * 4
     assert [s[1] for s in shapes['kb_alone']] == [128] * 4
     assert [s[2:] for s in shapes['inherit']] == \

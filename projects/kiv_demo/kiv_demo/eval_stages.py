@@ -31,7 +31,8 @@ __all__ = ['stage_features', 'stage_probe_cls', 'stage_probe',
 
 
 def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
-    """Frozen-backbone features of a row: world train (+ flipped) and val.
+    """Frozen-backbone features of a row: world train (+ flipped), val
+    and the classification validation scenes (summaries).
 
     What the dense maps are is the stage's fingerprinted parameter
     ``dense`` (``'student'`` or a teacher's name, see
@@ -40,13 +41,18 @@ def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
     """
 
     def run(ctx: StageContext) -> dict:
-        from .probes import extract_features, save_features, world_images
+        from .probes import (extract_features, save_features,
+                             world_cls_images, world_images)
         backbone = _probe_backbone(row, preset, ctx.seed,
                                    ctx.stage.params['dense'])
-        sets = [('train', False), ('train_flip', True), ('val', False)]
+        # (name, images, flipped); ``val_cls``: the classification
+        # validation scenes, summaries only
+        sets = [('train', world_images('world', 'train'), False),
+                ('train_flip', world_images('world', 'train'), True),
+                ('val', world_images('world', 'val'), False),
+                ('val_cls', world_cls_images('world', 'val'), False)]
         tensors = {}
-        for i, (name, flip) in enumerate(sets):
-            paths = world_images('world', name.split('_')[0])
+        for i, (name, paths, flip) in enumerate(sets):
 
             def progress(done, total, i=i, name=name):
                 ctx.progress.update((i + done / total) / len(sets),
@@ -55,7 +61,8 @@ def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
             feats = extract_features(backbone, paths, flip=flip,
                                      progress=progress)
             for key, value in feats.items():
-                if name == 'train_flip' and key == 'summary':
+                if (name == 'train_flip' and key == 'summary') or \
+                        (name == 'val_cls' and key != 'summary'):
                     continue
                 tensors[f'{name}.{key}'] = value
         save_features(osp.join(ctx.dir, 'features.safetensors'), tensors)
@@ -129,7 +136,7 @@ def stage_probe_cls(row: str) -> Callable[[StageContext], dict]:
         from .probes import cls_probe, load_tensor
         path = f'features_{row}/features.safetensors'
         train_x, val_x = (load_tensor(path, k)
-                          for k in ('train.summary', 'val.summary'))
+                          for k in ('train.summary', 'val_cls.summary'))
         train_y = torch.tensor(world_labels('train'))
         val_y = world_labels('val')
         probe = cls_probe(train_x, train_y, val_x, len(CLASSES),
@@ -156,17 +163,18 @@ def stage_probe(task: str, row: str,
 
 def stage_effnet_eval(preset: dict) -> Callable[[StageContext], dict]:
     """The classification teacher (EfficientNet-Lite0 + the world
-    classifier) once on the agreement images: the world's validation
-    scenes, new views of the user's images and held-out photo crops
-    (pooled summary, logits), and its head on the mean summary of the
-    cached views."""
+    classifier) once on the agreement images: the world's classification
+    validation scenes (``teacher_cls`` ran it on them), new views of the
+    user's images and held-out photo crops (pooled summary, logits), and
+    its head on the mean summary of the cached views."""
 
     def run(ctx: StageContext) -> dict:
         import cv2
 
         from kiv.datasets.teacher_cache import (ReplayView, load_statistics,
                                                 read_index, view_rng)
-        from .probes import load_rgb, save_features, world_images
+        from .probes import (load_rgb, load_tensor, save_features,
+                             world_cls_images)
         teacher = effnet_teacher(preset)
         with open('world/distill.txt', encoding='utf-8') as f:
             distill = [line.strip() for line in f if line.strip()]
@@ -187,13 +195,16 @@ def stage_effnet_eval(preset: dict) -> Callable[[StageContext], dict]:
             path = osp.join(ctx.dir, 'views', f'{k:05d}.png')
             cv2.imwrite(path, view.apply(img, params))
             view_paths.append(path)
-        sets = dict(val=world_images('world', 'val'), views=view_paths,
+        sets = dict(val=world_cls_images('world', 'val'), views=view_paths,
                     photos=sorted(glob.glob('world/photos/heldout/*.jpg')))
-        total = sum(len(v) for v in sets.values())
+        out = {f'val.{k}': load_tensor('teacher_cls/val_outputs.safetensors',
+                                       f'val.{k}')
+               for k in ('summary', 'logits')}
+        total = len(sets['views']) + len(sets['photos'])
         done = 0
-        out = {}
         with torch.no_grad():
-            for name, paths in sets.items():
+            for name in ('views', 'photos'):
+                paths = sets[name]
                 summaries, logits = [], []
                 for start in range(0, len(paths), 64):
                     x = load_rgb(paths[start:start + 64])
@@ -247,7 +258,8 @@ def stage_agreement(row: str,
                                 inherited_outputs, load_distiller,
                                 seg_agreement, seg_vs_ground_truth,
                                 teacher_sizes, trivial_cls_agreement)
-        from .probes import bootstrap_ci, load_rgb, load_tensor
+        from .probes import (bootstrap_ci, load_rgb, load_tensor,
+                             world_images)
         cfg, ckpt = _row_cfg(row, preset)
         model = load_distiller(cfg, ckpt)
         outputs = 'effnet_eval/outputs.safetensors'
@@ -278,14 +290,16 @@ def stage_agreement(row: str,
         mean_logits = load_tensor(outputs, 'mean.logits')[0]
         # kiv's label-free calibration, measured after the run's last step
         calibrated = model.latent.calibration_ready
+        # ``val``: the classification validation scenes; ``dense_val``:
+        # the detection / segmentation ones (COCO / ADE20K val)
         images = {name: load_rgb(sets[name], 64)
                   for name in ('views', 'val', 'photos')}
-        val = images['val']
-        val_out = inherited(val, [n for n in names if n != 'det'])
+        dense_val = load_rgb(world_images('world', 'val'), 64)
+        cls_out = inherited(images['val'], ['effnet'])['effnet']
         refs, got = {}, {}
         for i, name in enumerate(images):
             refs[name] = load_tensor(outputs, f'{name}.logits')
-            summary = val_out['effnet'][0] if name == 'val' else \
+            summary = cls_out[0] if name == 'val' else \
                 inherited(images[name], ['effnet'])['effnet'][0]
             got[name] = world_head(summary)
             ctx.progress.update((i + 1) / 5, f'classifier agreement {name}')
@@ -303,8 +317,7 @@ def stage_agreement(row: str,
         if calibrated:
             heads.append(('inherited_calibrated', world_head(
                 model.latent.calibrate(FeatureOutput(
-                    val_out['effnet'][0], tuple(val_out['effnet'][1:])),
-                    'effnet').summary)))
+                    cls_out[0], tuple(cls_out[1:])), 'effnet').summary)))
         result['gt'] = {
             f'{who}_top1': bootstrap_ci(
                 [100.0 * (int(p) == y)
@@ -312,9 +325,9 @@ def stage_agreement(row: str,
             for who, logits in heads}
         if 'seg' in model.teachers:
             seg = model.teachers['seg']
-            ref = torch.cat([seg(val[s:s + 64]).features[0]
-                             for s in range(0, len(val), 64)])
-            inh = val_out['seg'][0]
+            ref = torch.cat([seg(dense_val[s:s + 64]).features[0]
+                             for s in range(0, len(dense_val), 64)])
+            inh = inherited(dense_val, ['seg'])['seg'][0]
             result['seg'] = seg_agreement(
                 ref, inh, osp.join(ctx.dir, 'seg_samples.npz'), ctx.seed)
             maps = sorted(glob.glob('world/ade/ADEChallengeData2016/'
@@ -340,7 +353,7 @@ def stage_agreement(row: str,
                 read_state_dict('teacher_det/teacher_det.pth'))
             detector.eval()
             result['det'] = det_agreement(
-                model, detector, val, ctx.dir, CLASSES, seed=ctx.seed,
+                model, detector, dense_val, ctx.dir, CLASSES, seed=ctx.seed,
                 progress=lambda d, t: ctx.progress.update(
                     0.7 + 0.3 * d / t, f'detector agreement {d}/{t}'),
                 gt_file='world/coco/annotations/instances_val2017.json',

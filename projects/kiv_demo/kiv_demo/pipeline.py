@@ -119,8 +119,8 @@ def _core_stages(preset: dict) -> list[Stage]:
               params=dict(effnet=preset['effnet_size']),
               files=_config_files(CONFIGS['knowledge_base'],
                                   CONFIGS['inherit']),
-              cost=3 + (world['num_teachers'] + world['num_val']) *
-              cost['effnet']),
+              cost=3 + (world['num_teachers'] + world['num_val'] +
+                        world['num_val_cls']) * cost['effnet']),
         Stage(CACHE, 'teacher-feature cache of the inheritance: knowledge '
               'base, classifier, detector, segmenter on every view',
               stage_teacher_cache(preset, CACHE),
@@ -177,7 +177,8 @@ def _probe_stages(row: str, title: str, preset: dict,
     """
     space = dense_space(row) if space is None else space
     world = preset['world']
-    n_img = world['num_train'] * 2 + world['num_val']
+    n_img = world['num_train'] * 2 + world['num_val'] * 2 + \
+        world['num_val_cls']
     deps = (row, ) if feature_deps is None else tuple(feature_deps)
     stages = [Stage(f'features_{row}', f'frozen features of: {title}',
                     stage_features(row, preset),
@@ -231,7 +232,7 @@ def build_stages(preset_name: str,
         params=dict(views=preset['agreement_views'],
                     effnet=preset['effnet_size']),
         files=_config_files(CONFIGS['inherit']),
-        cost=3 + (world['num_val'] + preset['agreement_views'] +
+        cost=3 + (preset['agreement_views'] +
                   world['heldout_crops'] * 3) * cost['effnet']))
     rows = ['inherit', *rivals] + (
         ['kb_alone'] if preset['kb_alone_row'] else []) + variants[1:]

@@ -42,7 +42,8 @@ from kiv.utils.atomic import atomic_path
 from .registry import METRICS, TRANSFORMS
 
 __all__ = [
-    'world_images', 'extract_features', 'save_features', 'AttachFeatures',
+    'world_images', 'world_cls_images', 'extract_features', 'save_features',
+    'AttachFeatures',
     'IoUMetricWithSamples', 'fit_logistic', 'fit_linear_classifier',
     'logistic_path', 'knn_predict', 'cls_probe',
     'bootstrap_ci', 'coco_bootstrap', 'miou_bootstrap', 'image_index'
@@ -60,6 +61,18 @@ def world_images(world: str, split: str) -> list[str]:
         images = sorted(json.load(f)['images'], key=lambda im: im['id'])
     return [osp.join(world, 'coco', f'{split}2017', im['file_name'])
             for im in images]
+
+
+def world_cls_images(world: str, split: str) -> list[str]:
+    """The world's images of ``split`` in the ImageNet layout, in the
+    order of their labels (``meta/<split>.txt``, read by
+    :func:`~kiv_demo.recipes.world_labels`): ``val`` has the
+    classification-only validation scenes after the others."""
+    root = osp.join(world, 'imagenet')
+    meta = osp.join(root, 'meta', f'{split}.txt')
+    with open(meta, encoding='utf-8') as f:
+        return [osp.join(root, split, line.split()[0]) for line in f
+                if line.strip()]
 
 
 def load_rgb(paths: Sequence[str], size: Optional[int] = None) -> Tensor:

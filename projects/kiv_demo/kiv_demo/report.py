@@ -601,9 +601,11 @@ def write_report(results: dict, rows: Sequence[str],
     gt = inherited_gt_table(results, distilled)
     mse = mse_table(distilled)
     w = results['world']['splits']
+    n_cls = w['val'].get('cls_images', w['val']['images'])
     md = ('Frozen-backbone probes trained on the user\'s labelled split '
           f'({w["train"]["images"]} scenes), scored on the validation '
-          f'scenes ({w["val"]["images"]} images; value [95 % bootstrap '
+          f'scenes ({w["val"]["images"]} images; top-1 on {n_cls}: these '
+          'and the classification-only ones; value [95 % bootstrap '
           'interval]). The det / seg probes of an inheritance run read its '
           f'maps in the {DENSE_TEACHER!r} teacher\'s space '
           '(`kiv.InheritedBackbone`), every other row its own pyramid; '
@@ -612,11 +614,13 @@ def write_report(results: dict, rows: Sequence[str],
           '\n\nLabels and compute per row (seconds of this run on this '
           'machine):\n\n' + _budget_markdown(budget) +
           '\n\nInherited heads against the ground truth of the validation '
-          'scenes (student -> s2t head -> inverse standardisation -> the '
-          'teacher\'s own head; no downstream labels):\n\n' +
+          f'scenes (top-1 on {n_cls}; student -> s2t head -> inverse '
+          'standardisation -> the teacher\'s own head; no downstream '
+          'labels):\n\n' +
           table_markdown(gt, GT_COLUMNS) +
           '\n\nInherited heads against their teachers (in distribution = '
-          'new views of the user\'s images + validation scenes):\n\n' +
+          'new views of the user\'s images + classification validation '
+          'scenes):\n\n' +
           table_markdown(agreement, AGREEMENT_COLUMNS) +
           '\n\nStandardised MSE per teacher output (1.0 = predicting the '
           'mean target):\n\n' + _mse_markdown(mse))

@@ -35,6 +35,7 @@ def stage_world(preset: dict) -> Callable[[StageContext], dict]:
         summary = write_world(
             ctx.dir, WorldConfig(size=p['size'], num_train=p['num_train'],
                                  num_val=p['num_val'],
+                                 num_val_cls=p['num_val_cls'],
                                  num_teachers=p['num_teachers'],
                                  num_unlabelled=p['num_unlabelled']),
             seed=ctx.seed)
@@ -101,21 +102,23 @@ def stage_teacher_cls(preset: dict) -> Callable[[StageContext], dict]:
     the teachers' labelled split (logistic regression on its pooled
     features, the L2 penalty chosen by cross-validation on that split),
     written as one EfficientNet checkpoint (``_fc`` = the world
-    classifier). Its top-1 on the validation scenes is the classification
-    ceiling."""
+    classifier). Its top-1 on the classification validation scenes is the
+    classification ceiling; its pooled features and logits on them are
+    kept (``val_outputs.safetensors``)."""
 
     def run(ctx: StageContext) -> dict:
         import torch
 
         from kiv.utils.state_dict import read_state_dict
         from .probes import (bootstrap_ci, fit_linear_classifier, load_rgb,
-                             world_images)
+                             save_features, world_cls_images, world_images)
         from .recipes import CLASSES, effnet_teacher, world_labels
         teacher = effnet_teacher(preset, world_head=False)
         pooled = {}
         with torch.no_grad():
             for split in ('teachers', 'val'):
-                paths = world_images('world', split)
+                paths = world_images('world', split) if split == 'teachers' \
+                    else world_cls_images('world', split)
                 out = []
                 for start in range(0, len(paths), 64):
                     out.append(teacher(load_rgb(paths[start:start + 64]))
@@ -132,9 +135,13 @@ def stage_teacher_cls(preset: dict) -> Callable[[StageContext], dict]:
         state['_fc.weight'], state['_fc.bias'] = linear['weight'], \
             linear['bias']
         _save_weights(state, osp.join(ctx.dir, 'effnet_world.pth'))
-        pred = (pooled['val'] @ linear['weight'].T + linear['bias']).argmax(1)
+        logits = pooled['val'] @ linear['weight'].T + linear['bias']
+        # the teacher's outputs on the classification validation scenes
+        # (``effnet_eval`` takes them from here)
+        save_features(osp.join(ctx.dir, 'val_outputs.safetensors'),
+                      {'val.summary': pooled['val'], 'val.logits': logits})
         correct = [100.0 * (int(p) == y)
-                   for p, y in zip(pred, world_labels('val'))]
+                   for p, y in zip(logits.argmax(1), world_labels('val'))]
         return dict(table=dict(top1=bootstrap_ci(correct, seed=ctx.seed)),
                     weight_decay=linear['weight_decay'],
                     cv=linear['cv'])

@@ -25,7 +25,9 @@ written once into three real dataset layouts::
 so mmdet's ``CocoDataset``, mmseg's segmentation datasets and mmpretrain's
 ``ImageNet`` read them as they are. Image ``i`` of a split is the same scene
 in every layout (COCO id ``i + 1``, ADE index ``i``, line ``i`` of the
-ImageNet meta file).
+ImageNet meta file); ImageNet's ``val`` split may go on with
+classification-only scenes (``WorldConfig.num_val_cls``), as ImageNet's
+validation set is larger than COCO's.
 
 The real-photo set (:func:`write_photo_crops`) takes the photos shipped in
 scikit-image and matplotlib; some are held out (:data:`HELDOUT_PHOTOS`) and
@@ -75,6 +77,12 @@ class WorldConfig:
         num_train (int): labelled training scenes (split ``train``: in
             the demo, the user's small labelled split). Defaults to 600.
         num_val (int): validation scenes. Defaults to 120.
+        num_val_cls (int): classification-only validation scenes: the
+            ImageNet layout's ``val`` split holds the ``num_val``
+            validation scenes followed by these (as ImageNet's validation
+            set is larger than COCO's); COCO and ADE20K hold the first
+            ``num_val``. Drawn after every other split, so no other split
+            depends on their number. Defaults to 0.
         num_teachers (int): labelled scenes of split ``teachers`` (the
             teachers' own training data, never given to the user).
             Defaults to 0.
@@ -91,6 +99,7 @@ class WorldConfig:
     size: int = 64
     num_train: int = 600
     num_val: int = 120
+    num_val_cls: int = 0
     num_teachers: int = 0
     num_unlabelled: int = 0
     max_objects: int = 4
@@ -309,7 +318,8 @@ def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
     layouts under ``root`` (``coco/``, ``ade/``, ``imagenet/``).
 
     Splits: ``train`` and ``val`` (COCO ``{train,val}2017``, ADE20K
-    ``training`` / ``validation``), ``teachers`` if ``cfg.num_teachers``
+    ``training`` / ``validation``; ImageNet's ``val`` has
+    ``cfg.num_val_cls`` more scenes), ``teachers`` if ``cfg.num_teachers``
     (COCO ``teachers2017``, ADE20K ``teachers``, ImageNet ``teachers``),
     and ``cfg.num_unlabelled`` label-free scenes as
     ``unlabelled/<i>.jpg``. Every split is drawn from the same
@@ -321,7 +331,8 @@ def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
         seed (int): random seed: the same seed writes the same files.
 
     Returns:
-        dict: ``classes``, image counts per split, per-class image-label
+        dict: ``classes``, image counts per split (``val``'s
+        ``cls_images``: the ImageNet layout's), per-class image-label
         counts and per-class object counts (JSON-safe), also written to
         ``root/world.json``.
     """
@@ -331,16 +342,14 @@ def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
     splits = [('train', cfg.num_train), ('val', cfg.num_val)]
     if cfg.num_teachers:
         splits.append(('teachers', cfg.num_teachers))
+    drawn = {}
     for split, n in splits:
-        scenes = [draw_scene(rng, cfg, backgrounds) for _ in range(n)]
-        objects = write_coco_split(osp.join(root, 'coco'), split, scenes,
-                                   CLASSES)
-        write_ade20k_split(osp.join(root, 'ade'), split, scenes)
-        counts = write_imagenet_split(osp.join(root, 'imagenet'), split,
-                                      scenes, CLASSES)
-        write_label_maps(root, split, scenes)
-        summary['splits'][split] = dict(images=n, objects=objects,
-                                        image_labels=counts)
+        drawn[split] = [draw_scene(rng, cfg, backgrounds) for _ in range(n)]
+        objects = write_coco_split(osp.join(root, 'coco'), split,
+                                   drawn[split], CLASSES)
+        write_ade20k_split(osp.join(root, 'ade'), split, drawn[split])
+        write_label_maps(root, split, drawn[split])
+        summary['splits'][split] = dict(images=n, objects=objects)
     if cfg.num_unlabelled:
         os.makedirs(osp.join(root, 'unlabelled'), exist_ok=True)
         for i in range(cfg.num_unlabelled):
@@ -348,6 +357,13 @@ def write_world(root: str, cfg: WorldConfig, seed: int = 0) -> dict:
                         draw_scene(rng, cfg, backgrounds).image,
                         [cv2.IMWRITE_JPEG_QUALITY, 95])
         summary['splits']['unlabelled'] = dict(images=cfg.num_unlabelled)
+    # classification-only validation scenes, drawn last
+    drawn['val'] += [draw_scene(rng, cfg, backgrounds)
+                     for _ in range(cfg.num_val_cls)]
+    summary['splits']['val']['cls_images'] = len(drawn['val'])
+    for split, _ in splits:
+        summary['splits'][split]['image_labels'] = write_imagenet_split(
+            osp.join(root, 'imagenet'), split, drawn[split], CLASSES)
     write_json(osp.join(root, 'world.json'), summary)
     return summary
 
