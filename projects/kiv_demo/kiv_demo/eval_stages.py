@@ -45,12 +45,15 @@ def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
                              world_cls_images, world_images)
         backbone = _probe_backbone(row, preset, ctx.seed,
                                    ctx.stage.params['dense'])
-        # (name, images, flipped); ``val_cls``: the classification
-        # validation scenes, summaries only
+        # (name, images, flipped); ``val_cls``: the classification-only
+        # validation scenes (the ImageNet layout's val after the scenes of
+        # ``val``, its first images), summaries only
+        val = world_images('world', 'val')
+        extra = world_cls_images('world', 'val')[len(val):]
         sets = [('train', world_images('world', 'train'), False),
                 ('train_flip', world_images('world', 'train'), True),
-                ('val', world_images('world', 'val'), False),
-                ('val_cls', world_cls_images('world', 'val'), False)]
+                ('val', val, False)] + ([('val_cls', extra, False)]
+                                        if extra else [])
         tensors = {}
         for i, (name, paths, flip) in enumerate(sets):
 
@@ -65,6 +68,10 @@ def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
                         (name == 'val_cls' and key != 'summary'):
                     continue
                 tensors[f'{name}.{key}'] = value
+        # every classification validation scene: those of ``val`` first
+        tensors['val_cls.summary'] = torch.cat(
+            [tensors['val.summary']] +
+            ([tensors['val_cls.summary']] if extra else []))
         save_features(osp.join(ctx.dir, 'features.safetensors'), tensors)
         return dict(keys=len(tensors))
 

@@ -177,8 +177,7 @@ def _probe_stages(row: str, title: str, preset: dict,
     """
     space = dense_space(row) if space is None else space
     world = preset['world']
-    n_img = world['num_train'] * 2 + world['num_val'] * 2 + \
-        world['num_val_cls']
+    n_img = world['num_train'] * 2 + world['num_val'] + world['num_val_cls']
     deps = (row, ) if feature_deps is None else tuple(feature_deps)
     stages = [Stage(f'features_{row}', f'frozen features of: {title}',
                     stage_features(row, preset),
