@@ -119,8 +119,9 @@ def _core_stages(preset: dict) -> list[Stage]:
               params=dict(effnet=preset['effnet_size']),
               files=_config_files(CONFIGS['knowledge_base'],
                                   CONFIGS['inherit']),
-              cost=3 + (world['num_teachers'] + world['num_val'] +
-                        world['num_val_cls']) * cost['effnet']),
+              cost=3 + cost['cls_fit'] + (
+                  world['num_teachers'] + world['num_val'] +
+                  world['num_val_cls']) * cost['effnet']),
         Stage(CACHE, 'teacher-feature cache of the inheritance: knowledge '
               'base, classifier, detector, segmenter on every view',
               stage_teacher_cache(preset, CACHE),
@@ -238,6 +239,10 @@ def build_stages(preset_name: str,
     for row in rows:
         stages += _probe_stages(row, ROWS[row], preset)
     distilled = ['knowledge_base'] + variants
+    # the classifier's agreement images: validation scenes, new views of
+    # the user's images, held-out photo crops
+    cls_images = world['num_val'] + world['num_val_cls'] + \
+        preset['agreement_views'] + world['heldout_crops'] * 3
     for row in distilled:
         stages.append(Stage(
             f'agreement_{row}', f'inherited heads vs their teachers and the '
@@ -248,7 +253,9 @@ def build_stages(preset_name: str,
             params=dict(effnet=preset['effnet_size']),
             files=_config_files(CONFIGS['inherit'],
                                 CONFIGS['knowledge_base']),
-            cost=15))
+            cost=8 + cls_images * cost['features'] +
+            (world['num_val'] * cost['agreement_dense']
+             if row != 'knowledge_base' else 0)))
     if preset.get('probe_check'):
         # the det / seg probes of the main rows again with twice the
         # steps: does any row change rank? (reported in report/verdict.md)

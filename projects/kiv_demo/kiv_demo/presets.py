@@ -58,12 +58,18 @@ _DEFAULT = dict(
     rival_teachers_row=True,
     ablations=False,
     pca_images=4,
-    # seconds per sample of one stage on one core (first run's ETA only)
-    # (teachers: the knowledge base, detector and segmenter together)
-    cost=dict(det_train=0.11, seg_train=0.012, effnet=0.009, load=0.002,
-              teachers=0.006,
-              kb_train=0.017, inherit_train=0.05, rival_train=0.12,
-              features=0.006, det_probe=0.045, seg_probe=0.005),
+    # seconds per sample of one stage on one core, measured on the AMD EPYC
+    # machine (run 15, docs/demo.md): the first run's ETA and its schedule
+    # (the longest chain of expected times first); later runs use their
+    # measured times. (teachers: the knowledge base, detector and segmenter
+    # together; cls_fit: seconds of the classifier's cross-validated fit;
+    # agreement_dense: an inherited detector and segmenter against theirs,
+    # per validation scene)
+    cost=dict(det_train=0.07, seg_train=0.017, effnet=0.017, load=0.002,
+              teachers=0.009, cls_fit=30,
+              kb_train=0.012, inherit_train=0.039, rival_train=0.11,
+              features=0.008, det_probe=0.059, seg_probe=0.005,
+              agreement_dense=0.12),
 )
 
 PRESETS: dict[str, dict] = {'default': _DEFAULT}
