@@ -81,7 +81,8 @@ def test_world_classification_only_validation_scenes(tmp_path, monkeypatch):
     last), so the same seed gives the same scenes everywhere else."""
     from mmpretrain.datasets import ImageNet
 
-    from kiv_demo.probes import world_cls_images, world_images
+    from kiv_demo.probes import (world_cls_images, world_cls_only_images,
+                                 world_images)
     from kiv_demo.recipes import world_labels
     from kiv_demo.world import CLASSES, WorldConfig, write_world
     base = dict(num_train=3, num_val=2, num_teachers=3, num_unlabelled=2)
@@ -114,6 +115,8 @@ def test_world_classification_only_validation_scenes(tmp_path, monkeypatch):
     assert [read(p) for p in paths[:2]] == \
         [read(p) for p in world_images(extra, 'val')]
     assert len({read(p) for p in paths}) == 7  # 5 new scenes
+    assert world_cls_only_images(extra) == paths[2:]
+    assert world_cls_only_images(plain) == []
     cls = ImageNet(data_root=osp.join(extra, 'imagenet'),
                    metainfo=dict(classes=CLASSES), ann_file='meta/val.txt',
                    data_prefix='val')
@@ -1044,8 +1047,11 @@ def test_toy_demo_end_to_end_then_fully_cached(tmp_path):
                                 'features.safetensors'), 'pt') as f:
             shapes[row] = [f.get_slice(f'val.level{lv}').get_shape()
                            for lv in range(4)]
-            # top-1: every classification validation scene
-            assert f.get_slice('val_cls.summary').get_shape()[0] == n_val
+            # top-1: every classification validation scene, in the labels'
+            # order (the COCO val scenes first)
+            cls_summary = f.get_tensor('val_cls.summary')
+            assert len(cls_summary) == n_val
+            assert torch.equal(cls_summary[:6], f.get_tensor('val.summary'))
     # det / seg: the COCO / ADE20K validation scenes only
     assert all(s[0][0] == 6 for s in shapes.values())
     assert [s[1] for s in shapes['inherit']] == [det_fpn.out_channels] * 4

@@ -42,36 +42,32 @@ def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
 
     def run(ctx: StageContext) -> dict:
         from .probes import (extract_features, save_features,
-                             world_cls_images, world_images)
+                             world_cls_only_images, world_images)
         backbone = _probe_backbone(row, preset, ctx.seed,
                                    ctx.stage.params['dense'])
-        # (name, images, flipped); ``val_cls``: the classification-only
-        # validation scenes (the ImageNet layout's val after the scenes of
-        # ``val``, its first images), summaries only
-        val = world_images('world', 'val')
-        extra = world_cls_images('world', 'val')[len(val):]
-        sets = [('train', world_images('world', 'train'), False),
-                ('train_flip', world_images('world', 'train'), True),
-                ('val', val, False)] + ([('val_cls', extra, False)]
-                                        if extra else [])
+        # (name, images, flipped, pyramid levels kept); ``val_cls``: the
+        # classification-only validation scenes, summaries only
+        train = world_images('world', 'train')
+        sets = [('train', train, False, 4), ('train_flip', train, True, 4),
+                ('val', world_images('world', 'val'), False, 4),
+                ('val_cls', world_cls_only_images('world'), False, 0)]
         tensors = {}
-        for i, (name, paths, flip) in enumerate(sets):
+        for i, (name, paths, flip, levels) in enumerate(sets):
 
             def progress(done, total, i=i, name=name):
                 ctx.progress.update((i + done / total) / len(sets),
                                     f'features {name} {done}/{total}')
 
             feats = extract_features(backbone, paths, flip=flip,
-                                     progress=progress)
+                                     levels=levels, progress=progress)
             for key, value in feats.items():
-                if (name == 'train_flip' and key == 'summary') or \
-                        (name == 'val_cls' and key != 'summary'):
-                    continue
-                tensors[f'{name}.{key}'] = value
-        # every classification validation scene: those of ``val`` first
+                if not (name == 'train_flip' and key == 'summary'):
+                    tensors[f'{name}.{key}'] = value
+        # every classification validation scene, in the labels' order:
+        # those of ``val`` first
         tensors['val_cls.summary'] = torch.cat(
-            [tensors['val.summary']] +
-            ([tensors['val_cls.summary']] if extra else []))
+            [tensors['val.summary'], tensors.get(
+                'val_cls.summary', tensors['val.summary'][:0])])
         save_features(osp.join(ctx.dir, 'features.safetensors'), tensors)
         return dict(keys=len(tensors))
 
@@ -266,7 +262,7 @@ def stage_agreement(row: str,
                                 seg_agreement, seg_vs_ground_truth,
                                 teacher_sizes, trivial_cls_agreement)
         from .probes import (bootstrap_ci, load_rgb, load_tensor,
-                             world_images)
+                             world_cls_only_images, world_images)
         cfg, ckpt = _row_cfg(row, preset)
         model = load_distiller(cfg, ckpt)
         outputs = 'effnet_eval/outputs.safetensors'
@@ -297,14 +293,21 @@ def stage_agreement(row: str,
         mean_logits = load_tensor(outputs, 'mean.logits')[0]
         # kiv's label-free calibration, measured after the run's last step
         calibrated = model.latent.calibration_ready
-        # ``val``: the classification validation scenes; ``dense_val``:
-        # the detection / segmentation ones (COCO / ADE20K val)
+        # ``dense_val``: the detection / segmentation validation scenes
+        # (COCO / ADE20K val), the first classification ones; the student
+        # runs once on them for the classifier and the segmenter, and on
+        # the classification-only scenes for the classifier alone
         images = {name: load_rgb(sets[name], 64)
-                  for name in ('views', 'val', 'photos')}
+                  for name in ('views', 'photos')}
         dense_val = load_rgb(world_images('world', 'val'), 64)
-        cls_out = inherited(images['val'], ['effnet'])['effnet']
+        val_out = inherited(dense_val, [n for n in names if n != 'det'])
+        cls_out = val_out['effnet']
+        extra = world_cls_only_images('world')
+        if extra:
+            cls_out = [torch.cat(parts) for parts in zip(cls_out, inherited(
+                load_rgb(extra, 64), ['effnet'])['effnet'])]
         refs, got = {}, {}
-        for i, name in enumerate(images):
+        for i, name in enumerate(('views', 'val', 'photos')):
             refs[name] = load_tensor(outputs, f'{name}.logits')
             summary = cls_out[0] if name == 'val' else \
                 inherited(images[name], ['effnet'])['effnet'][0]
@@ -334,7 +337,7 @@ def stage_agreement(row: str,
             seg = model.teachers['seg']
             ref = torch.cat([seg(dense_val[s:s + 64]).features[0]
                              for s in range(0, len(dense_val), 64)])
-            inh = inherited(dense_val, ['seg'])['seg'][0]
+            inh = val_out['seg'][0]
             result['seg'] = seg_agreement(
                 ref, inh, osp.join(ctx.dir, 'seg_samples.npz'), ctx.seed)
             maps = sorted(glob.glob('world/ade/ADEChallengeData2016/'

@@ -83,8 +83,8 @@ RIVAL_SPLITS = {'rival_user': 'train', 'rival_teachers': 'teachers'}
 
 def world_labels(split: str) -> list[int]:
     """Image labels of a world split, in index order (ImageNet meta)."""
-    with open(f'world/imagenet/meta/{split}.txt', encoding='utf-8') as f:
-        return [int(line.split()[1]) for line in f if line.strip()]
+    from .probes import imagenet_meta
+    return [label for _, label in imagenet_meta('world', split)]
 
 
 _run_counter = 0

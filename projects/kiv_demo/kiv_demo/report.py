@@ -601,7 +601,7 @@ def write_report(results: dict, rows: Sequence[str],
     gt = inherited_gt_table(results, distilled)
     mse = mse_table(distilled)
     w = results['world']['splits']
-    n_cls = w['val'].get('cls_images', w['val']['images'])
+    n_cls = w['val']['cls_images']
     md = ('Frozen-backbone probes trained on the user\'s labelled split '
           f'({w["train"]["images"]} scenes), scored on the validation '
           f'scenes ({w["val"]["images"]} images; top-1 on {n_cls}: these '
