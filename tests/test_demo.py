@@ -1275,6 +1275,38 @@ def test_ready_stages_start_by_their_critical_path(tmp_path):
     assert started.index('short') > started.index('feeds_long')
 
 
+def test_long_preset_changes_only_what_the_inheritance_length_reaches():
+    """``--long`` gives the inheritance 10x the first protocol's samples
+    (120 x 32) and changes nothing else: every stage that does not need
+    the inheritance's steps (the rivals get the same steps) keeps the
+    default run's fingerprint, so a long run reuses a default run's stages
+    and its rows measure what the length buys."""
+    from kiv_demo.pipeline import build_stages
+    from kiv_demo.presets import get_preset
+    from kiv_demo.stages import fingerprint
+    default, long = get_preset('default'), get_preset('long')
+    assert long['inherit']['iters'] * long['inherit']['batch'] >= \
+        10 * 120 * 32
+    long['inherit']['iters'] = default['inherit']['iters']
+    assert long == default
+
+    def prints(name):
+        out = {}
+        for s in build_stages(name):
+            out[s.name] = fingerprint(s, 0, out)
+        return out, {s.name: s.deps for s in build_stages(name)}
+
+    (a, deps), (b, _) = prints('default'), prints('long')
+    assert a.keys() == b.keys()
+    reached = {'inherit', 'rival_user', 'rival_teachers'}
+    for name in a:  # stages are listed after their dependencies
+        if reached & set(deps[name]):
+            reached.add(name)
+    assert {n for n in a if a[n] != b[n]} == reached
+    assert {'world', 'teacher_cache', 'knowledge_base', 'features_kb_alone',
+            'probe_det_kb_alone'}.isdisjoint(reached)
+
+
 def test_sweep_runs_are_probed_as_their_rows():
     """The learning-rate sweep's runs are probed as the rows they tune: an
     inheritance run in the detection teacher's space, the rival on its own
