@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
                       help='default run plus the ablation rows')
     size.add_argument('--long', action='store_true',
                       help='default run with a 4.8x longer inheritance '
-                      '(38,400 samples; about 33 minutes on 2 cores, 27 '
+                      '(38,400 samples; about 35 minutes on 2 cores, 27 '
                       'after a default run in the same work dir)')
     size.add_argument('--toy', action='store_true',
                       help='a few images, 2 iterations per stage (tests)')

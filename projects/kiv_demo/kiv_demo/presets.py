@@ -85,7 +85,7 @@ PRESETS['full']['ablations'] = True
 # rivals and learning rate, tuned at the default's length): its stages
 # before the inheritance are the default run's (reused from a default run's
 # work dir), so its rows measure what the length buys. About 27 more
-# minutes on 2 cores, 33 from a fresh work dir (the student's forward and
+# minutes on 2 cores, 35 from a fresh work dir (the student's forward and
 # backward are the step's cost: docs/demo.md, "Run 19")
 PRESETS['long'] = copy.deepcopy(_DEFAULT)
 PRESETS['long']['inherit']['iters'] = 2400
