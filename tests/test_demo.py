@@ -1307,6 +1307,25 @@ def test_long_preset_changes_only_what_the_inheritance_length_reaches():
             'probe_det_kb_alone'}.isdisjoint(reached)
 
 
+def test_every_preset_has_its_flag_in_tools_demo():
+    """``tools/demo.py``'s size flags name the presets: no flag runs the
+    default, ``--<name>`` runs preset ``<name>`` (``--long`` the long
+    one), every preset is reachable and two sizes at once are refused."""
+    import importlib.util
+
+    from kiv_demo.presets import PRESETS
+    spec = importlib.util.spec_from_file_location(
+        'kiv_tools_demo', osp.join(REPO, 'tools', 'demo.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.parse_args([]).preset == 'default'
+    flagged = {name for name in PRESETS if name != 'default'}
+    for name in flagged:
+        assert tool.parse_args([f'--{name}']).preset == name
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--long', '--quick'])
+
+
 def test_sweep_runs_are_probed_as_their_rows():
     """The learning-rate sweep's runs are probed as the rows they tune: an
     inheritance run in the detection teacher's space, the rival on its own

@@ -53,21 +53,26 @@ def use_demo_project() -> None:
             [DEMO_PROJECT] + [p for p in paths if p])
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's options (``argv``: default ``sys.argv[1:]``); the size
+    flags set ``preset`` to a name of ``kiv_demo.presets.PRESETS``."""
     parser = argparse.ArgumentParser(
         description='Knowledge inheritance demo on CPU (cached stages)')
     size = parser.add_mutually_exclusive_group()
-    size.add_argument('--quick', action='store_true',
-                      help='smoke run of every stage (about 4.5 minutes '
-                      'on 2 cores; too short to compare rows)')
-    size.add_argument('--full', action='store_true',
-                      help='default run plus the ablation rows')
-    size.add_argument('--long', action='store_true',
-                      help='default run with a 4.8x longer inheritance '
-                      '(38,400 samples; about 35 minutes on 2 cores, 27 '
-                      'after a default run in the same work dir)')
-    size.add_argument('--toy', action='store_true',
-                      help='a few images, 2 iterations per stage (tests)')
+    parser.set_defaults(preset='default')
+
+    def preset_flag(name: str, help: str) -> None:
+        size.add_argument(f'--{name}', dest='preset', action='store_const',
+                          const=name, help=help)
+
+    preset_flag('quick',
+                'smoke run of every stage (about 4.5 minutes on 2 cores; too '
+                'short to compare rows)')
+    preset_flag('full', 'default run plus the ablation rows')
+    preset_flag('long', 'default run with a 4.8x longer inheritance (38,400 '
+                'samples; about 35 minutes on 2 cores, 27 after a default '
+                'run in the same work dir)')
+    preset_flag('toy', 'a few images, 2 iterations per stage (tests)')
     parser.add_argument('--tune', action='store_true',
                         help='learning-rate sweep of the inherited student '
                         'and the rival (same grid, same rule) on a world '
@@ -95,7 +100,7 @@ def parse_args() -> argparse.Namespace:
                         help="use this CPU's fastest kernels (AVX-512 ...) "
                         'instead of the AVX2 ones pinned by default; the '
                         'numbers then depend on the CPU model')
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def main() -> None:
@@ -107,8 +112,7 @@ def main() -> None:
                  f'got {args.jobs}')
     # the torch threads of each stage: part of every stage's fingerprint
     stage_threads = args.threads // args.jobs
-    preset = ('quick' if args.quick else 'full' if args.full else
-              'long' if args.long else 'toy' if args.toy else 'default')
+    preset = args.preset
     os.environ.setdefault('OMP_NUM_THREADS', str(stage_threads))
     # busy-waiting OpenMP threads make a shared 2-core machine ~10x slower
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')

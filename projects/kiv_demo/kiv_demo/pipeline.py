@@ -52,6 +52,7 @@ from .recipes import (CACHE, CONFIG_DIR, CONFIGS, KB_CACHE, ROWS, VARIANTS,
                       _config_files, dense_space, inherit_cfg,
                       probe_backbone_cfg)
 from .stages import Stage, StageContext, run_stages
+from .world import HELDOUT_PHOTOS, TRAIN_PHOTOS
 from .train_stages import (stage_inherit, stage_kb_alone,
                            stage_knowledge_base, stage_rival, stage_teacher,
                            stage_teacher_cache, stage_teacher_cls,
@@ -69,8 +70,15 @@ def _units(preset: dict, key: str) -> int:
 def _views(preset: dict) -> int:
     world = preset['world']
     distill = world['num_train'] + world['num_unlabelled'] + \
-        world['photo_crops'] * 16
+        world['photo_crops'] * len(TRAIN_PHOTOS)
     return distill * preset['cache']['views']
+
+
+def _agreement_images(preset: dict) -> int:
+    """The classification teacher's agreement images (``effnet_eval``):
+    new views of the user's images and the held-out photo crops."""
+    return preset['agreement_views'] + \
+        preset['world']['heldout_crops'] * len(HELDOUT_PHOTOS)
 
 
 def _core_stages(preset: dict) -> list[Stage]:
@@ -206,9 +214,10 @@ def _probe_stages(row: str, title: str, preset: dict,
 
 def build_stages(preset_name: str,
                  probe_check: bool = False) -> list[Stage]:
-    """The demo's stages for a preset (``toy``, ``quick``, ``default``,
-    ``full``); ``probe_check`` adds the probes at twice the steps and the
-    probe check (the det / seg probes on a strong and a weak backbone)."""
+    """The demo's stages for a preset (a name of
+    :data:`~kiv_demo.presets.PRESETS`); ``probe_check`` adds the probes at
+    twice the steps and the probe check (the det / seg probes on a strong
+    and a weak backbone)."""
     preset = get_preset(preset_name)
     preset['probe_check'] = probe_check
     cost = preset['cost']
@@ -232,8 +241,7 @@ def build_stages(preset_name: str,
         params=dict(views=preset['agreement_views'],
                     effnet=preset['effnet_size']),
         files=_config_files(CONFIGS['inherit']),
-        cost=3 + (preset['agreement_views'] +
-                  world['heldout_crops'] * 3) * cost['effnet']))
+        cost=3 + _agreement_images(preset) * cost['effnet']))
     rows = ['inherit', *rivals] + (
         ['kb_alone'] if preset['kb_alone_row'] else []) + variants[1:]
     for row in rows:
@@ -242,7 +250,7 @@ def build_stages(preset_name: str,
     # the classifier's agreement images: validation scenes, new views of
     # the user's images, held-out photo crops
     cls_images = world['num_val'] + world['num_val_cls'] + \
-        preset['agreement_views'] + world['heldout_crops'] * 3
+        _agreement_images(preset)
     for row in distilled:
         stages.append(Stage(
             f'agreement_{row}', f'inherited heads vs their teachers and the '
