@@ -1399,6 +1399,60 @@ def test_features_stage_extracts_in_the_space_of_its_params(monkeypatch):
                      ('inherit_lr0.001', 'det')]
 
 
+@pytest.mark.parametrize('num_val_cls', [0, 3])
+def test_features_stage_summaries_of_every_classification_scene(
+        tmp_path, monkeypatch, num_val_cls):
+    """The features stage's ``val_cls.summary`` is every classification
+    validation scene's summary in the labels' order: the detection /
+    segmentation validation scenes first, then the classification-only
+    ones; a world without the latter (``--quick``) gives ``val``'s alone.
+    Only summaries are kept for the classification-only scenes."""
+    import torch.nn.functional as F
+    from kiv_demo import eval_stages
+    from kiv_demo.pipeline import _probe_stages
+    from kiv_demo.presets import get_preset
+    from kiv_demo.probes import (IMAGENET_MEAN, IMAGENET_STD, load_rgb,
+                                 world_cls_images)
+    from kiv_demo.recipes import world_labels
+    from kiv_demo.stages import ProgressDisplay, StageContext
+    from kiv_demo.world import WorldConfig, write_world
+    from safetensors.torch import load_file
+
+    from kiv.structures import FeatureOutput
+
+    class Backbone(torch.nn.Module):
+        """Summary: each image's mean colour; maps at strides 4-32."""
+
+        def forward_features(self, x):
+            levels = tuple(F.avg_pool2d(x, s) for s in (4, 8, 16, 32))
+            return FeatureOutput(summary=x.mean((2, 3)), features=levels)
+
+    write_world(str(tmp_path / 'world'),
+                WorldConfig(num_train=2, num_val=2, num_teachers=2,
+                            num_unlabelled=2, num_val_cls=num_val_cls),
+                seed=3)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(eval_stages, '_probe_backbone',
+                        lambda row, preset, seed, space=None: Backbone())
+    preset = get_preset('toy')
+    preset['world']['num_val_cls'] = num_val_cls
+    stage, = [s for s in _probe_stages('inherit', 'inherited', preset,
+                                       tasks=())]
+    os.makedirs(stage.name)
+    stage.run(StageContext(stage, stage.name, 0, {}, ProgressDisplay(
+        {stage.name: 1.0}, io.StringIO())))
+    feats = load_file(osp.join(stage.name, 'features.safetensors'))
+    paths = world_cls_images('world', 'val')
+    assert len(paths) == 2 + num_val_cls == len(world_labels('val'))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
+    expected = ((load_rgb(paths, 64) - mean) / std).mean((2, 3))
+    torch.testing.assert_close(feats['val_cls.summary'], expected)
+    torch.testing.assert_close(feats['val.summary'], expected[:2])
+    assert not [k for k in feats if k.startswith('val_cls.level')]
+    assert feats['val.level0'].shape == (2, 3, 16, 16)
+
+
 def test_curves_keep_each_gradient_share_measurement_once(
         tmp_path, monkeypatch):
     """mmengine's logger writes a scalar's latest value at every logging
