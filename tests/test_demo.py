@@ -81,10 +81,9 @@ def test_world_classification_only_validation_scenes(tmp_path, monkeypatch):
     last), so the same seed gives the same scenes everywhere else."""
     from mmpretrain.datasets import ImageNet
 
-    from kiv_demo.probes import (world_cls_images, world_cls_only_images,
-                                 world_images)
-    from kiv_demo.recipes import world_labels
-    from kiv_demo.world import CLASSES, WorldConfig, write_world
+    from kiv_demo.world import (CLASSES, WorldConfig, world_cls_images,
+                                world_cls_only_images, world_images,
+                                world_labels, write_world)
     base = dict(num_train=3, num_val=2, num_teachers=3, num_unlabelled=2)
     plain, extra = str(tmp_path / 'plain'), str(tmp_path / 'extra')
     write_world(plain, WorldConfig(**base), seed=4)
@@ -123,7 +122,7 @@ def test_world_classification_only_validation_scenes(tmp_path, monkeypatch):
     assert len(cls) == 7
     os.rename(extra, tmp_path / 'world')
     monkeypatch.chdir(tmp_path)
-    assert world_labels('val') == cls.get_gt_labels().tolist()
+    assert world_labels('world', 'val') == cls.get_gt_labels().tolist()
 
 
 def test_world_teachers_split_and_unlabelled_scenes(tmp_path):
@@ -1291,10 +1290,11 @@ def test_long_preset_changes_only_what_the_inheritance_length_reaches():
     assert long == default
 
     def prints(name):
-        out = {}
+        out, deps = {}, {}
         for s in build_stages(name):
             out[s.name] = fingerprint(s, 0, out)
-        return out, {s.name: s.deps for s in build_stages(name)}
+            deps[s.name] = s.deps
+        return out, deps
 
     (a, deps), (b, _) = prints('default'), prints('long')
     assert a.keys() == b.keys()
@@ -1411,11 +1411,10 @@ def test_features_stage_summaries_of_every_classification_scene(
     from kiv_demo import eval_stages
     from kiv_demo.pipeline import _probe_stages
     from kiv_demo.presets import get_preset
-    from kiv_demo.probes import (IMAGENET_MEAN, IMAGENET_STD, load_rgb,
-                                 world_cls_images)
-    from kiv_demo.recipes import world_labels
+    from kiv_demo.probes import IMAGENET_MEAN, IMAGENET_STD, load_rgb
     from kiv_demo.stages import ProgressDisplay, StageContext
-    from kiv_demo.world import WorldConfig, write_world
+    from kiv_demo.world import (WorldConfig, world_cls_images, world_labels,
+                                write_world)
     from safetensors.torch import load_file
 
     from kiv.structures import FeatureOutput
@@ -1443,7 +1442,7 @@ def test_features_stage_summaries_of_every_classification_scene(
         {stage.name: 1.0}, io.StringIO())))
     feats = load_file(osp.join(stage.name, 'features.safetensors'))
     paths = world_cls_images('world', 'val')
-    assert len(paths) == 2 + num_val_cls == len(world_labels('val'))
+    assert len(paths) == 2 + num_val_cls == len(world_labels('world', 'val'))
     mean, std = (torch.tensor(v).view(1, 3, 1, 1)
                  for v in (IMAGENET_MEAN, IMAGENET_STD))
     expected = ((load_rgb(paths, 64) - mean) / std).mean((2, 3))

@@ -22,8 +22,9 @@ from kiv.structures import FeatureOutput
 from .recipes import (CACHE, CLASSES, _last_checkpoint, effnet_teacher,
                       inherit_cfg, interval_table, keep_test_outputs,
                       knowledge_base_cfg, probe_backbone_cfg, probe_cfg,
-                      run_runner, world_labels)
+                      run_runner)
 from .stages import StageContext
+from .world import world_labels
 
 __all__ = ['stage_features', 'stage_probe_cls', 'stage_probe',
            'stage_effnet_eval', 'stage_agreement', 'stage_trivial',
@@ -41,8 +42,8 @@ def stage_features(row: str, preset: dict) -> Callable[[StageContext], dict]:
     """
 
     def run(ctx: StageContext) -> dict:
-        from .probes import (extract_features, save_features,
-                             world_cls_only_images, world_images)
+        from .probes import extract_features, save_features
+        from .world import world_cls_only_images, world_images
         backbone = _probe_backbone(row, preset, ctx.seed,
                                    ctx.stage.params['dense'])
         # (name, images, flipped, pyramid levels kept); ``val_cls``: the
@@ -140,8 +141,8 @@ def stage_probe_cls(row: str) -> Callable[[StageContext], dict]:
         path = f'features_{row}/features.safetensors'
         train_x, val_x = (load_tensor(path, k)
                           for k in ('train.summary', 'val_cls.summary'))
-        train_y = torch.tensor(world_labels('train'))
-        val_y = world_labels('val')
+        train_y = torch.tensor(world_labels('world', 'train'))
+        val_y = world_labels('world', 'val')
         probe = cls_probe(train_x, train_y, val_x, len(CLASSES),
                           seed=ctx.seed)
         return dict(table=_cls_table(probe, val_y, ctx.seed),
@@ -176,8 +177,8 @@ def stage_effnet_eval(preset: dict) -> Callable[[StageContext], dict]:
 
         from kiv.datasets.teacher_cache import (ReplayView, load_statistics,
                                                 read_index, view_rng)
-        from .probes import (load_rgb, load_tensor, save_features,
-                             world_cls_images)
+        from .probes import load_rgb, load_tensor, save_features
+        from .world import world_cls_images
         teacher = effnet_teacher(preset)
         with open('world/distill.txt', encoding='utf-8') as f:
             distill = [line.strip() for line in f if line.strip()]
@@ -261,8 +262,8 @@ def stage_agreement(row: str,
                                 inherited_outputs, load_distiller,
                                 seg_agreement, seg_vs_ground_truth,
                                 teacher_sizes, trivial_cls_agreement)
-        from .probes import (bootstrap_ci, load_rgb, load_tensor,
-                             world_cls_only_images, world_images)
+        from .probes import bootstrap_ci, load_rgb, load_tensor
+        from .world import world_cls_only_images, world_images
         cfg, ckpt = _row_cfg(row, preset)
         model = load_distiller(cfg, ckpt)
         outputs = 'effnet_eval/outputs.safetensors'
@@ -322,7 +323,7 @@ def stage_agreement(row: str,
                      for k in refs})
         # against the ground truth: the inherited classifier (plain and
         # calibrated) and its teacher
-        labels = world_labels('val')
+        labels = world_labels('world', 'val')
         heads = [('inherited', got['val']), ('teacher', refs['val'])]
         if calibrated:
             heads.append(('inherited_calibrated', world_head(
@@ -385,9 +386,9 @@ def stage_trivial(preset: dict) -> Callable[[StageContext], dict]:
         from pycocotools import mask as mask_utils
 
         from .probes import bootstrap_ci, coco_bootstrap, miou_bootstrap
-        train = world_labels('train')
+        train = world_labels('world', 'train')
         majority = int(np.bincount(train, minlength=len(CLASSES)).argmax())
-        val = world_labels('val')
+        val = world_labels('world', 'val')
         top1 = bootstrap_ci([100.0 * (y == majority) for y in val],
                             seed=ctx.seed)
         # the most frequent foreground class of the training pixels

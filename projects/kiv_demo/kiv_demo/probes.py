@@ -42,8 +42,7 @@ from kiv.utils.atomic import atomic_path
 from .registry import METRICS, TRANSFORMS
 
 __all__ = [
-    'world_images', 'world_cls_images', 'world_cls_only_images',
-    'imagenet_meta', 'extract_features', 'save_features', 'AttachFeatures',
+    'extract_features', 'save_features', 'AttachFeatures',
     'IoUMetricWithSamples', 'fit_logistic', 'fit_linear_classifier',
     'logistic_path', 'knn_predict', 'cls_probe',
     'bootstrap_ci', 'coco_bootstrap', 'miou_bootstrap', 'image_index'
@@ -54,42 +53,6 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 # ------------------------------------------------------------- features ---
-def world_images(world: str, split: str) -> list[str]:
-    """The world's images of ``split`` in index order (COCO layout)."""
-    with open(osp.join(world, 'coco', 'annotations',
-                       f'instances_{split}2017.json'), encoding='utf-8') as f:
-        images = sorted(json.load(f)['images'], key=lambda im: im['id'])
-    return [osp.join(world, 'coco', f'{split}2017', im['file_name'])
-            for im in images]
-
-
-def imagenet_meta(world: str, split: str) -> list[tuple[str, int]]:
-    """``(image path, label)`` of every line of the world's ImageNet meta
-    file ``imagenet/meta/<split>.txt``, in its order."""
-    root = osp.join(world, 'imagenet')
-    with open(osp.join(root, 'meta', f'{split}.txt'), encoding='utf-8') as f:
-        entries = [line.split() for line in f if line.strip()]
-    return [(osp.join(root, split, rel), int(label)) for rel, label in entries]
-
-
-def world_cls_images(world: str, split: str) -> list[str]:
-    """The world's images of ``split`` in the ImageNet layout, in the
-    order of their labels (:func:`~kiv_demo.recipes.world_labels`):
-    ``val`` has the classification-only validation scenes after the
-    others."""
-    return [path for path, _ in imagenet_meta(world, split)]
-
-
-def world_cls_only_images(world: str) -> list[str]:
-    """The classification-only validation scenes
-    (``WorldConfig.num_val_cls``): the ImageNet layout's val images after
-    its first ones, which are :func:`world_images`' val scenes (the same
-    files, byte for byte), so a row's outputs on ``world_images(world,
-    'val')`` followed by its outputs on these are in the order of the
-    classification labels."""
-    return world_cls_images(world, 'val')[len(world_images(world, 'val')):]
-
-
 def load_rgb(paths: Sequence[str], size: Optional[int] = None) -> Tensor:
     """Images as a contiguous ``(N, 3, H, W)`` float RGB tensor in
     [0, 255] (contiguous: a channels-last batch keeps that layout through

@@ -24,7 +24,7 @@ from .stages import ProgressHook, StageContext
 
 __all__ = ['PROJECT', 'REPO', 'CONFIG_DIR', 'CONFIGS', 'CACHE', 'KB_CACHE',
            'CACHED_TEACHERS', 'ROWS', 'VARIANTS', 'CLASSES', 'RIVAL_SPLITS',
-           'world_labels', 'load_cfg',
+           'load_cfg',
            'run_runner', 'use_cache', 'knowledge_base_cfg', 'cache_cfg',
            'inherit_cfg', 'rival_cfg', 'DENSE_TEACHER', 'dense_space',
            'probe_backbone_cfg', 'probe_cfg',
@@ -79,12 +79,6 @@ VARIANTS = ('inherit', 'inherit_nolatent', 'inherit_cosine', 'inherit_nokb',
 CLASSES = ('disc', 'square', 'triangle', 'star', 'ring', 'cross')
 #: the labelled split each data-centric row trains on (world COCO split)
 RIVAL_SPLITS = {'rival_user': 'train', 'rival_teachers': 'teachers'}
-
-
-def world_labels(split: str) -> list[int]:
-    """Image labels of a world split, in index order (ImageNet meta)."""
-    from .probes import imagenet_meta
-    return [label for _, label in imagenet_meta('world', split)]
 
 
 _run_counter = 0

@@ -502,8 +502,8 @@ def plot_pca(preset: dict, out: str, size: int = 128) -> None:
 
     from kiv.registry import MODELS
     from .recipes import dense_space, effnet_teacher, probe_backbone_cfg
-    from .probes import IMAGENET_MEAN, IMAGENET_STD, world_images
-    from .world import HELDOUT_PHOTOS, load_photo
+    from .probes import IMAGENET_MEAN, IMAGENET_STD
+    from .world import HELDOUT_PHOTOS, load_photo, world_images
     plt = _pyplot()
     imgs = []
     for name in HELDOUT_PHOTOS + ('astronaut', ):

@@ -111,8 +111,9 @@ def stage_teacher_cls(preset: dict) -> Callable[[StageContext], dict]:
 
         from kiv.utils.state_dict import read_state_dict
         from .probes import (bootstrap_ci, fit_linear_classifier, load_rgb,
-                             save_features, world_cls_images, world_images)
-        from .recipes import CLASSES, effnet_teacher, world_labels
+                             save_features)
+        from .recipes import CLASSES, effnet_teacher
+        from .world import world_cls_images, world_images, world_labels
         teacher = effnet_teacher(preset, world_head=False)
         pooled = {}
         with torch.no_grad():
@@ -129,8 +130,9 @@ def stage_teacher_cls(preset: dict) -> Callable[[StageContext], dict]:
                         f'EfficientNet-Lite0 on {split}')
                 pooled[split] = torch.cat(out)
         linear = fit_linear_classifier(
-            pooled['teachers'], torch.tensor(world_labels('teachers')),
-            len(CLASSES), seed=ctx.seed)
+            pooled['teachers'],
+            torch.tensor(world_labels('world', 'teachers')), len(CLASSES),
+            seed=ctx.seed)
         state = read_state_dict('world/teachers/efficientnet_lite0.pth')
         state['_fc.weight'], state['_fc.bias'] = linear['weight'], \
             linear['bias']
@@ -140,8 +142,9 @@ def stage_teacher_cls(preset: dict) -> Callable[[StageContext], dict]:
         # (``effnet_eval`` takes them from here)
         save_features(osp.join(ctx.dir, 'val_outputs.safetensors'),
                       {'val.summary': pooled['val'], 'val.logits': logits})
+        labels = world_labels('world', 'val')
         correct = [100.0 * (int(p) == y)
-                   for p, y in zip(logits.argmax(1), world_labels('val'))]
+                   for p, y in zip(logits.argmax(1), labels)]
         return dict(table=dict(top1=bootstrap_ci(correct, seed=ctx.seed)),
                     weight_decay=linear['weight_decay'],
                     cv=linear['cv'])

@@ -35,6 +35,7 @@ only their random crops are used to measure inherited-head agreement.
 """
 from __future__ import annotations
 
+import json
 import os
 import os.path as osp
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ from kiv.testing.layouts import (write_ade20k_split, write_coco_split,
 __all__ = [
     'CLASSES', 'TRAIN_PHOTOS', 'HELDOUT_PHOTOS', 'Scene', 'WorldConfig',
     'draw_scene', 'write_world', 'write_label_maps', 'label_map_path',
-    'load_photo', 'write_photo_crops'
+    'load_photo', 'write_photo_crops', 'world_images', 'imagenet_meta',
+    'world_cls_images', 'world_cls_only_images', 'world_labels'
 ]
 
 #: object classes; a class is a shape.
@@ -438,3 +440,46 @@ def write_photo_crops(out_dir: str, photos: Sequence[str], crops: int,
                         [cv2.IMWRITE_JPEG_QUALITY, 95])
             names.append(name)
     return sorted(names)
+
+
+# ------------------------------------------- reading the world's layouts ---
+def world_images(world: str, split: str) -> list[str]:
+    """The world's images of ``split`` in index order (COCO layout)."""
+    with open(osp.join(world, 'coco', 'annotations',
+                       f'instances_{split}2017.json'), encoding='utf-8') as f:
+        images = sorted(json.load(f)['images'], key=lambda im: im['id'])
+    return [osp.join(world, 'coco', f'{split}2017', im['file_name'])
+            for im in images]
+
+
+def imagenet_meta(world: str, split: str) -> list[tuple[str, int]]:
+    """``(image path, label)`` of every line of the world's ImageNet meta
+    file ``imagenet/meta/<split>.txt``, in its order."""
+    root = osp.join(world, 'imagenet')
+    with open(osp.join(root, 'meta', f'{split}.txt'), encoding='utf-8') as f:
+        entries = [line.split() for line in f if line.strip()]
+    return [(osp.join(root, split, rel), int(label)) for rel, label in entries]
+
+
+def world_cls_images(world: str, split: str) -> list[str]:
+    """The world's images of ``split`` in the ImageNet layout, in the
+    order of their labels (:func:`world_labels`):
+    ``val`` has the classification-only validation scenes after the
+    others."""
+    return [path for path, _ in imagenet_meta(world, split)]
+
+
+def world_cls_only_images(world: str) -> list[str]:
+    """The classification-only validation scenes
+    (``WorldConfig.num_val_cls``): the ImageNet layout's val images after
+    its first ones, which are :func:`world_images`' val scenes (the same
+    files, byte for byte), so a row's outputs on ``world_images(world,
+    'val')`` followed by its outputs on these are in the order of the
+    classification labels."""
+    return world_cls_images(world, 'val')[len(world_images(world, 'val')):]
+
+
+def world_labels(world: str, split: str) -> list[int]:
+    """Image labels of a world split, in the order of
+    :func:`world_cls_images` (the ImageNet layout's meta file)."""
+    return [label for _, label in imagenet_meta(world, split)]
